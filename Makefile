@@ -1,0 +1,39 @@
+# Stage graph: data -> folds -> [pretrain] -> train -> features -> stack -> submit (+ lb).
+# Every stage skips itself when its outputs are up to date, so `make submit` reruns only what changed.
+#   make demo                              set up and run the whole chain on the bundled demo data
+#   make test                              unit tests + end-to-end chain
+#   make train CONFIG=configs/x.yaml ARGS="train.epochs=3" FOLDS=0,2
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+CONFIG ?= configs/demo.yaml
+ARGS ?=
+FOLDS ?=
+FORCE ?=
+RUN = $(PY) -m pipeline
+FLAGS = -c $(CONFIG) $(if $(FORCE),--force) $(ARGS)
+
+.PHONY: setup demo data folds pretrain train features stack postprocess submit lb lb-plot lr-find test clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: requirements.txt pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install -q -r requirements.txt
+	$(VENV)/bin/pip install -q --no-deps -e .
+	touch $@
+
+data: setup
+	$(RUN) data $(FLAGS)
+
+folds: data
+	$(RUN) folds $(FLAGS)
+
+demo: folds
+
+test: setup
+	$(PY) -m pytest -q tests
+
+clean:
+	rm -rf folds/*.csv folds/*.json folds/*.yaml folds/*.png folds/*.txt models features/*/ submissions/*.csv

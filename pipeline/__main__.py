@@ -1,0 +1,36 @@
+"""Command line: ``python -m pipeline <stage> -c configs/x.yaml [key=value ...]``."""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from .competition import InputError
+from .config import ConfigError, load_config
+
+# stage name -> module holding its ``run(cfg, force=...)`` entry point
+STAGES = {
+    "data": "demo",
+    "folds": "folds",
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m pipeline", description=__doc__)
+    parser.add_argument("stage", choices=sorted(STAGES), help="stage to run")
+    parser.add_argument("-c", "--config", help="experiment YAML under configs/")
+    parser.add_argument("--force", action="store_true", help="rerun even when the outputs are up to date")
+    parser.add_argument("overrides", nargs="*", help="config overrides, e.g. train.epochs=3 folds.n_splits=4")
+    args = parser.parse_intermixed_args(argv)
+    try:
+        cfg = load_config(args.config, args.overrides)
+        module = importlib.import_module(f"pipeline.{STAGES[args.stage]}")
+        module.run(cfg, force=args.force)
+    except (InputError, ConfigError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

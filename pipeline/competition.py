@@ -1,0 +1,135 @@
+"""The competition as files: train/test/sample submission tables and the images they name.
+
+Every loader validates what it reads and raises ``InputError`` naming the file, the column or the
+rows at fault, and what to do about it.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from .config import targets
+
+
+class InputError(ValueError):
+    """Bad competition input; the message names the file/column/row and the fix."""
+
+
+def root(cfg: dict) -> Path:
+    return Path(cfg["competition"]["root"])
+
+
+def table_path(cfg: dict, which: str) -> Path:
+    return root(cfg) / cfg["competition"][which]
+
+
+def image_path(cfg: dict, row_id) -> Path:
+    return root(cfg) / cfg["competition"]["image"].format(id=row_id)
+
+
+def image_paths(cfg: dict, ids) -> list[Path]:
+    return [image_path(cfg, i) for i in ids]
+
+
+def _rows(index, limit: int = 5) -> str:
+    """Spreadsheet-style row numbers (header = line 1) of the first few offending rows."""
+    idx = list(index)
+    shown = ", ".join(str(i + 2) for i in idx[:limit])
+    more = f" and {len(idx) - limit} more" if len(idx) > limit else ""
+    return f"line(s) {shown}{more}"
+
+
+def read_table(path: Path, what: str, id_col: str) -> pd.DataFrame:
+    if not path.exists():
+        raise InputError(f"{path}: {what} file not found; check competition.root and competition.{what} in the config"
+                         " (run `make data` for the demo competition).")
+    try:
+        df = pd.read_csv(path, dtype={id_col: str})
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
+        raise InputError(f"{path}: cannot be read as CSV ({exc}); fix the file.") from exc
+    if id_col not in df.columns:
+        raise InputError(f"{path}: id column '{id_col}' is missing (columns: {', '.join(df.columns)}); "
+                         "set competition.id to the right column.")
+    dup = df[id_col].duplicated(keep=False)
+    if dup.any():
+        first = df.loc[dup, id_col].iloc[0]
+        raise InputError(f"{path}: id column '{id_col}' has duplicate ids (e.g. '{first}' at "
+                         f"{_rows(np.flatnonzero(df[id_col].to_numpy() == first))}); ids must be unique.")
+    if df[id_col].isna().any():
+        raise InputError(f"{path}: id column '{id_col}' is empty at {_rows(np.flatnonzero(df[id_col].isna()))}.")
+    return df
+
+
+def require_columns(df: pd.DataFrame, path: Path, columns: list[str], key: str) -> None:
+    missing = [c for c in columns if c not in df.columns]
+    if missing:
+        raise InputError(f"{path}: column(s) {', '.join(repr(c) for c in missing)} named by {key} are missing "
+                         f"(columns: {', '.join(df.columns)}); fix {key} in the config or the file.")
+
+
+def load_train(cfg: dict, check_images: bool | None = None) -> pd.DataFrame:
+    comp = cfg["competition"]
+    path = table_path(cfg, "train")
+    df = read_table(path, "train", comp["id"])
+    tgt = targets(cfg)
+    require_columns(df, path, tgt, "competition.target")
+    require_columns(df, path, list(comp["aux_targets"]), "competition.aux_targets")
+    require_columns(df, path, list(comp["tabular"]), "competition.tabular")
+    for col in tgt:
+        bad = df[col].isna()
+        if bad.any():
+            raise InputError(f"{path}: target column '{col}' is empty (NaN) at {_rows(np.flatnonzero(bad))}; "
+                             "drop or fill those rows before training.")
+    if comp["task"] in ("binary", "multiclass", "ordinal"):
+        for col in tgt:
+            vals = df[col]
+            nonint = ~np.isclose(vals.astype(float), np.round(vals.astype(float)))
+            if nonint.any():
+                raise InputError(f"{path}: target column '{col}' must hold integer class labels for task "
+                                 f"'{comp['task']}', but has {vals[nonint].iloc[0]!r} at {_rows(np.flatnonzero(nonint))}.")
+            n_classes = comp["num_classes"]
+            if n_classes is not None:
+                out = (vals < 0) | (vals >= n_classes)
+                if out.any():
+                    raise InputError(f"{path}: target column '{col}' has {vals[out].iloc[0]!r} at "
+                                     f"{_rows(np.flatnonzero(out))}, outside the declared classes 0..{n_classes - 1} "
+                                     "(competition.num_classes).")
+    group = comp["group"]
+    if group:
+        require_columns(df, path, [group], "competition.group")
+        bad = df[group].isna()
+        if bad.any():
+            raise InputError(f"{path}: group column '{group}' is empty (NaN) at {_rows(np.flatnonzero(bad))}; "
+                             "give every row a group (e.g. its own id) so folds can keep groups together.")
+    if comp["check_images"] if check_images is None else check_images:
+        check_image_files(cfg, df[comp["id"]], path)
+    return df
+
+
+def load_test(cfg: dict, check_images: bool | None = None) -> pd.DataFrame:
+    comp = cfg["competition"]
+    path = table_path(cfg, "test")
+    df = read_table(path, "test", comp["id"])
+    require_columns(df, path, list(comp["tabular"]), "competition.tabular")
+    if comp["check_images"] if check_images is None else check_images:
+        check_image_files(cfg, df[comp["id"]], path)
+    return df
+
+
+def check_image_files(cfg: dict, ids, table: Path) -> None:
+    missing = [i for i in ids if not image_path(cfg, i).exists()]
+    if missing:
+        example = image_path(cfg, missing[0])
+        raise InputError(f"{table}: {len(missing)} id(s) have no image file, e.g. id '{missing[0]}' -> {example} "
+                         f"(first: {', '.join(map(str, missing[:5]))}); check competition.image "
+                         f"('{cfg['competition']['image']}') or add the images.")
+
+
+def num_classes(cfg: dict, train: pd.DataFrame, column: str | None = None) -> int:
+    comp = cfg["competition"]
+    if comp["num_classes"] is not None:
+        return int(comp["num_classes"])
+    column = column or targets(cfg)[0]
+    return int(train[column].max()) + 1

@@ -1,0 +1,273 @@
+"""``make folds``: assign every train row to a validation fold.
+
+Splitters: StratifiedGroupKFold (a group column is set), StratifiedKFold, GroupKFold, KFold.
+Continuous targets are binned into quantiles for stratification. Optional balancing moves whole
+groups (or single rows when there are no groups) between folds until the fold sizes match, never
+splitting a group. Writes ``folds/<name>.csv`` (id, fold) plus a report (table, PNG, leakage check).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from .competition import InputError, load_train, table_path
+from .config import config_hash, targets
+from .config import load_config  # noqa: F401  (re-exported for notebooks)
+from .io import (file_hash, read_json, is_up_to_date, log, provenance, save_figure, write_csv, write_json,
+                 write_resolved_config, write_text)
+
+CLASSIFICATION = ("binary", "multiclass", "ordinal")
+
+
+def folds_path(cfg: dict) -> Path:
+    return Path(cfg["folds"]["file"].format(competition=cfg["competition"]["name"], name=cfg["name"]))
+
+
+def sidecar(path: Path, suffix: str) -> Path:
+    return path.with_name(path.stem + suffix)
+
+
+def resolve_method(cfg: dict) -> str:
+    method = cfg["folds"]["method"]
+    if method != "auto":
+        return method
+    return "stratified_group" if cfg["competition"]["group"] else "stratified"
+
+
+def stratify_labels(cfg: dict, df: pd.DataFrame) -> np.ndarray:
+    """Labels used for stratification: the class, or the quantile bin of a continuous target."""
+    y = df[targets(cfg)[0]]
+    if cfg["competition"]["task"] in CLASSIFICATION:
+        return y.astype(int).to_numpy()
+    bins = pd.qcut(y.rank(method="first"), q=min(cfg["folds"]["bins"], len(y)), labels=False, duplicates="drop")
+    return np.asarray(bins, dtype=int)
+
+
+def _check_splittable(cfg: dict, method: str, labels: np.ndarray | None, groups: np.ndarray | None, path) -> None:
+    k = cfg["folds"]["n_splits"]
+    comp = cfg["competition"]
+    if method in ("stratified_group", "group"):
+        if groups is None:
+            raise InputError(f"folds.method '{method}' needs competition.group (a column of {path}); "
+                             "set it or use folds.method=stratified.")
+        n_groups = len(np.unique(groups))
+        if n_groups < k:
+            raise InputError(f"{path}: group column '{comp['group']}' has only {n_groups} groups, fewer than "
+                             f"folds.n_splits={k}; lower n_splits or choose a finer group.")
+    if method in ("stratified", "stratified_group") and labels is not None:
+        values, counts = np.unique(labels, return_counts=True)
+        what = "class" if comp["task"] in CLASSIFICATION else "target bin"
+        small = [(v, c) for v, c in zip(values, counts) if c < k]
+        if small:
+            desc = ", ".join(f"{v} ({c} rows)" for v, c in small)
+            raise InputError(f"{path}: column '{targets(cfg)[0]}' has {what}(es) with fewer members than "
+                             f"folds.n_splits={k}: {desc}; lower n_splits, merge rare classes, or use folds.method=kfold.")
+        if method == "stratified_group":
+            n_groups_per = {v: len(np.unique(groups[labels == v])) for v in values}
+            small = [(v, g) for v, g in n_groups_per.items() if g < k]
+            if small:
+                log("[folds] warning: " + ", ".join(f"{what} {v} occurs in only {g} group(s)" for v, g in small)
+                    + f"; it cannot appear in all {k} folds")
+
+
+def split(method: str, n_splits: int, seed: int, labels: np.ndarray | None, groups: np.ndarray | None) -> np.ndarray:
+    from sklearn.model_selection import GroupKFold, KFold, StratifiedGroupKFold, StratifiedKFold
+
+    n = len(labels) if labels is not None else len(groups)
+    X = np.zeros(n)
+    if method == "stratified_group":
+        splitter, args = StratifiedGroupKFold(n_splits, shuffle=True, random_state=seed), (X, labels, groups)
+    elif method == "stratified":
+        splitter, args = StratifiedKFold(n_splits, shuffle=True, random_state=seed), (X, labels)
+    elif method == "group":
+        # GroupKFold is deterministic; shuffle the group ids by seed so seeds give different splits
+        uniq = np.unique(groups)
+        perm = dict(zip(uniq, np.random.default_rng(seed).permutation(len(uniq))))
+        splitter, args = GroupKFold(n_splits), (X, None, np.array([perm[g] for g in groups]))
+    else:
+        splitter, args = KFold(n_splits, shuffle=True, random_state=seed), (X,)
+    fold = np.full(n, -1, dtype=int)
+    for k, (_, valid) in enumerate(splitter.split(*args)):
+        fold[valid] = k
+    return fold
+
+
+def balance(fold: np.ndarray, groups: np.ndarray | None, labels: np.ndarray | None, n_splits: int,
+            max_moves: int = 100_000) -> np.ndarray:
+    """Move whole groups (or single rows) from the largest to the smallest fold while that narrows
+    the gap. A group is never split. Without groups, the moved row is of the class most
+    over-represented in the large fold relative to the small one, to keep stratification."""
+    fold = fold.copy()
+    units = groups if groups is not None else np.arange(len(fold))
+    uniq, unit_idx = np.unique(units, return_inverse=True)
+    unit_size = np.bincount(unit_idx)
+    unit_fold = np.zeros(len(uniq), dtype=int)
+    unit_fold[unit_idx] = fold
+    for _ in range(max_moves):
+        sizes = np.bincount(unit_fold, weights=unit_size, minlength=n_splits)
+        big, small = int(sizes.argmax()), int(sizes.argmin())
+        gap = sizes[big] - sizes[small]
+        candidates = np.flatnonzero((unit_fold == big) & (unit_size < gap))
+        if gap <= 1 or len(candidates) == 0:
+            break
+        if groups is None and labels is not None:
+            share_big = np.bincount(labels[fold == big], minlength=labels.max() + 1) / max(sizes[big], 1)
+            share_small = np.bincount(labels[fold == small], minlength=labels.max() + 1) / max(sizes[small], 1)
+            excess = (share_big - share_small)[labels[candidates]]
+            pick = candidates[int(np.argmax(excess))]
+        else:
+            pick = candidates[int(np.argmin(np.abs(unit_size[candidates] - gap / 2)))]
+        unit_fold[pick] = small
+        fold[unit_idx == pick] = small
+    return fold
+
+
+def stratification_error(fold: np.ndarray, labels: np.ndarray | None) -> float:
+    """Largest gap, in percentage points, between a class's share in a fold and overall."""
+    if labels is None:
+        return 0.0
+    n_cls = labels.max() + 1
+    overall = np.bincount(labels, minlength=n_cls) / len(labels)
+    worst = 0.0
+    for k in np.unique(fold):
+        share = np.bincount(labels[fold == k], minlength=n_cls) / max((fold == k).sum(), 1)
+        worst = max(worst, float(np.abs(share - overall).max()))
+    return 100 * worst
+
+
+def make_folds(cfg: dict, df: pd.DataFrame, path="train.csv") -> np.ndarray:
+    """Fold index per row of ``df`` (validated train table), per the ``folds`` config."""
+    fc = cfg["folds"]
+    method = resolve_method(cfg)
+    group_col = cfg["competition"]["group"]
+    groups = df[group_col].astype(str).to_numpy() if group_col else None
+    labels = stratify_labels(cfg, df)
+    strat = labels if method in ("stratified", "stratified_group") else None
+    _check_splittable(cfg, method, strat, groups if method in ("stratified_group", "group") else None, path)
+    use_groups = groups if method in ("stratified_group", "group") else None
+    best, best_err = None, None
+    for trial in range(max(1, int(fc["search"]))):
+        fold = split(method, fc["n_splits"], fc["seed"] + trial, strat, use_groups)
+        if fc["balance"]:
+            fold = balance(fold, use_groups, strat, fc["n_splits"])
+        err = stratification_error(fold, strat)
+        if best is None or err < best_err:
+            best, best_err = fold, err
+    return best
+
+
+def report(cfg: dict, df: pd.DataFrame, fold: np.ndarray) -> tuple[pd.DataFrame, dict]:
+    """Per-fold table (rows, groups, target distribution) and summary checks."""
+    comp = cfg["competition"]
+    target = targets(cfg)[0]
+    table = pd.DataFrame({"fold": range(cfg["folds"]["n_splits"])}).set_index("fold")
+    table["rows"] = pd.Series(fold).value_counts().sort_index()
+    summary = {"method": resolve_method(cfg), "n_splits": cfg["folds"]["n_splits"], "rows": int(len(df))}
+    if comp["group"]:
+        g = df[comp["group"]].astype(str).to_numpy()
+        table["groups"] = pd.Series(g).groupby(fold).nunique()
+        per_group = pd.Series(fold).groupby(g).nunique()
+        summary["groups"] = int(len(per_group))
+        summary["groups_in_several_folds"] = int((per_group > 1).sum())
+    if comp["task"] in CLASSIFICATION:
+        y = df[target].astype(int).to_numpy()
+        shares = pd.crosstab(fold, y, normalize="index") * 100
+        overall = pd.Series(y).value_counts(normalize=True).sort_index() * 100
+        for c in shares.columns:
+            table[f"{target}={c} %"] = shares[c].round(2)
+        summary["max_share_deviation_pp"] = round(float((shares - overall).abs().to_numpy().max()), 3)
+        summary["overall_share_pct"] = {str(k): round(float(v), 2) for k, v in overall.items()}
+    else:
+        y = df[target].astype(float)
+        grouped = y.groupby(fold)
+        table[f"{target} mean"] = grouped.mean().round(4)
+        table[f"{target} std"] = grouped.std().round(4)
+        summary["max_mean_deviation"] = round(float((grouped.mean() - y.mean()).abs().max()), 4)
+    summary["size_range"] = [int(table["rows"].min()), int(table["rows"].max())]
+    return table, summary
+
+
+def report_text(table: pd.DataFrame, summary: dict) -> str:
+    lines = [table.to_string(), ""]
+    lines.append(f"method={summary['method']} n_splits={summary['n_splits']} rows={summary['rows']} "
+                 f"fold sizes {summary['size_range'][0]}..{summary['size_range'][1]}")
+    if "groups" in summary:
+        leak = summary["groups_in_several_folds"]
+        lines.append(f"leakage check: {summary['groups']} groups, {leak} in more than one fold "
+                     + ("(OK)" if leak == 0 else "(LEAK!)"))
+    if "max_share_deviation_pp" in summary:
+        lines.append(f"stratification: largest class-share deviation from overall = "
+                     f"{summary['max_share_deviation_pp']:.3f} pp")
+    if "max_mean_deviation" in summary:
+        lines.append(f"stratification: largest fold-mean deviation from overall = {summary['max_mean_deviation']}")
+    return "\n".join(lines) + "\n"
+
+
+def plot(cfg: dict, df: pd.DataFrame, fold: np.ndarray):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    target = targets(cfg)[0]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
+    sizes = pd.Series(fold).value_counts().sort_index()
+    axes[0].bar(sizes.index.astype(str), sizes.to_numpy(), color="tab:blue")
+    axes[0].set(title="rows per fold", xlabel="fold", ylabel="rows")
+    if cfg["competition"]["task"] in CLASSIFICATION:
+        shares = pd.crosstab(fold, df[target].astype(int), normalize="index") * 100
+        bottom = np.zeros(len(shares))
+        for c in shares.columns:
+            axes[1].bar(shares.index.astype(str), shares[c], bottom=bottom, label=str(c))
+            bottom += shares[c].to_numpy()
+        axes[1].set(title=f"'{target}' share per fold (%)", xlabel="fold", ylabel="%")
+        axes[1].legend(title=target, fontsize=7, ncol=2, bbox_to_anchor=(1.01, 1), loc="upper left")
+    else:
+        data = [df[target].to_numpy()[fold == k] for k in sorted(np.unique(fold))]
+        axes[1].boxplot(data)
+        axes[1].set_xticks(range(1, len(data) + 1), [str(k) for k in sorted(np.unique(fold))])
+        axes[1].set(title=f"'{target}' per fold", xlabel="fold")
+    fig.tight_layout()
+    return fig
+
+
+def run(cfg: dict, force: bool = False) -> Path:
+    """Stage entry point: validate train.csv, split, write folds CSV + report; skip when up to date."""
+    out = folds_path(cfg)
+    meta_path = sidecar(out, ".meta.json")
+    train_file = table_path(cfg, "train")
+    key_inputs = {"competition": cfg["competition"], "folds": cfg["folds"]}
+    key = config_hash([key_inputs, file_hash(train_file) if train_file.exists() else None])
+    if not force and is_up_to_date(meta_path, key, [out]):
+        log(f"[folds] up to date: {out} (change the config or train.csv, or pass --force, to rerun)")
+        return out
+    df = load_train(cfg)
+    fold = make_folds(cfg, df, train_file)
+    table, summary = report(cfg, df, fold)
+    if summary.get("groups_in_several_folds", 0):
+        raise RuntimeError(f"internal error: {summary['groups_in_several_folds']} groups span several folds")
+    text = report_text(table, summary)
+    id_col = cfg["competition"]["id"]
+    folds_df = pd.DataFrame({id_col: df[id_col], "fold": fold})
+    fig = plot(cfg, df, fold)
+    # everything is computed; now write, the meta file last (it marks the stage complete)
+    write_csv(out, folds_df)
+    save_figure(sidecar(out, ".report.png"), fig)
+    write_text(sidecar(out, ".report.txt"), text)
+    write_resolved_config(sidecar(out, ".config.yaml"), cfg)
+    write_json(meta_path, provenance(cfg, "folds", key, folds_hash=file_hash(out), train_hash=file_hash(train_file),
+                                     report=summary, stage_config_hash=config_hash(key_inputs)))
+    log(text.rstrip())
+    log(f"[folds] wrote {out} ({len(folds_df)} rows) and its report {sidecar(out, '.report.png')}")
+    return out
+
+
+def load_folds(cfg: dict) -> tuple[pd.DataFrame, str]:
+    """The folds table of this competition and its content hash (later stages record it)."""
+    path = folds_path(cfg)
+    if not path.exists():
+        raise InputError(f"{path}: folds file not found; run `make folds` (python -m pipeline folds -c <config>) first.")
+    id_col = cfg["competition"]["id"]
+    return pd.read_csv(path, dtype={id_col: str}), file_hash(path)

@@ -1,0 +1,134 @@
+"""Files on disk: atomic writes, provenance (config hash, git commit), up-to-date checks."""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import subprocess
+import tempfile
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+from .config import config_hash, dump_yaml
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; rename it into place only if the block succeeds."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        os.replace(tmp_path, path)
+    finally:
+        if tmp_path.exists():
+            tmp_path.unlink()
+
+
+def write_text(path: str | Path, text: str) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
+
+
+def write_json(path: str | Path, obj: Any) -> None:
+    write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
+
+
+def read_json(path: str | Path) -> dict:
+    return json.loads(Path(path).read_text())
+
+
+def write_csv(path: str | Path, df, **kwargs) -> None:
+    with atomic_path(path) as tmp:
+        df.to_csv(tmp, index=False, **kwargs)
+
+
+def write_parquet(path: str | Path, df, metadata: dict | None = None) -> None:
+    """Write a parquet file whose schema metadata carries ``metadata`` (provenance) as JSON."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    table = pa.Table.from_pandas(df, preserve_index=False)
+    if metadata:
+        meta = dict(table.schema.metadata or {})
+        meta[b"pipeline"] = json.dumps(metadata, default=str).encode()
+        table = table.replace_schema_metadata(meta)
+    with atomic_path(path) as tmp:
+        pq.write_table(table, tmp)
+
+
+def read_parquet_meta(path: str | Path) -> dict:
+    import pyarrow.parquet as pq
+
+    meta = pq.read_schema(path).metadata or {}
+    return json.loads(meta.get(b"pipeline", b"{}"))
+
+
+def save_figure(path: str | Path, fig) -> None:
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+
+
+def file_hash(path: str | Path, n: int = 12) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()[:n]
+
+
+def git_info(cwd: str | Path = ".") -> dict:
+    """Commit and dirty flag of the checkout the code runs from; 'unknown' outside git."""
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, timeout=10)
+        if commit.returncode != 0:
+            return {"commit": "unknown", "dirty": None}
+        status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=cwd,
+                                capture_output=True, text=True, timeout=10)
+        return {"commit": commit.stdout.strip(), "dirty": bool(status.stdout.strip())}
+    except (OSError, subprocess.SubprocessError):
+        return {"commit": "unknown", "dirty": None}
+
+
+def provenance(cfg: dict, stage: str, key: str, **extra) -> dict:
+    """What every artifact carries: stage, config hash, the stage's input key, git commit, time."""
+    return {
+        "stage": stage,
+        "experiment": cfg.get("name"),
+        "config_hash": config_hash(cfg),
+        "stage_key": key,
+        "git": git_info(),
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        **extra,
+    }
+
+
+def write_resolved_config(path: str | Path, cfg: dict) -> None:
+    write_text(path, f"# resolved config, hash {config_hash(cfg)}\n" + dump_yaml(cfg))
+
+
+def is_up_to_date(meta_path: str | Path, key: str, outputs: list[str | Path]) -> bool:
+    """True when every output exists and the meta file records the same stage key."""
+    meta_path = Path(meta_path)
+    if not meta_path.exists() or not all(Path(p).exists() for p in outputs):
+        return False
+    try:
+        return read_json(meta_path).get("stage_key") == key
+    except (OSError, ValueError):
+        return False
+
+
+def log(msg: str) -> None:
+    print(msg, flush=True)
+
+
+def skip_message(stage: str, what: str) -> Callable[[], None]:
+    return lambda: log(f"[{stage}] up to date: {what} (change the config or inputs, or delete it, to rerun)")

@@ -1,0 +1,66 @@
+"""Tiny generated competitions for fast stage tests."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from pipeline.config import load_config
+
+
+def make_competition(root: Path, n: int = 200, n_groups: int = 20, n_classes: int = 4, task: str = "multiclass",
+                     size: int = 16, images: bool = True, seed: int = 0, group_sizes=None) -> Path:
+    """Write train/test/sample_submission/solution CSVs and small PNGs whose content depends on the label."""
+    rng = np.random.default_rng(seed)
+    root.mkdir(parents=True, exist_ok=True)
+    if group_sizes is not None:
+        groups = np.concatenate([[g] * s for g, s in enumerate(group_sizes)])
+        n = len(groups)
+    else:
+        groups = rng.integers(0, n_groups, n)
+    if task == "regression":
+        y = rng.normal(size=n)
+    else:
+        y = rng.integers(0, n_classes, n)
+    ids = [f"r{i:05d}" for i in range(n)]
+    train = pd.DataFrame({"id": ids, "target": y, "grp": groups, "tab": rng.normal(size=n)})
+    n_test = max(n // 4, 8)
+    tids = [f"t{i:05d}" for i in range(n_test)]
+    ty = rng.integers(0, n_classes, n_test) if task != "regression" else rng.normal(size=n_test)
+    test = pd.DataFrame({"id": tids, "grp": rng.integers(0, n_groups, n_test), "tab": rng.normal(size=n_test)})
+    train.to_csv(root / "train.csv", index=False)
+    test.to_csv(root / "test.csv", index=False)
+    pd.DataFrame({"id": tids, "target": 0}).to_csv(root / "sample_submission.csv", index=False)
+    pd.DataFrame({"id": tids, "target": ty, "Usage": np.where(np.arange(n_test) % 2, "Public", "Private")}
+                 ).to_csv(root / "solution.csv", index=False)
+    if images:
+        (root / "images").mkdir(exist_ok=True)
+        for i, label in zip(ids + tids, list(y) + list(ty)):
+            arr = rng.integers(0, 60, (size, size)).astype(np.uint8)
+            if task != "regression":  # a bright bar whose row encodes the class: learnable
+                r = int(label) * size // max(n_classes, 1)
+                arr[r:r + max(size // n_classes, 1), :] = 250
+            Image.fromarray(arr, mode="L").save(root / "images" / f"{i}.png")
+    return root
+
+
+@pytest.fixture
+def competition(tmp_path):
+    return make_competition(tmp_path / "comp")
+
+
+def config_for(root: Path, tmp_path: Path, *overrides: str, group: str | None = "grp", task: str = "multiclass"):
+    base = [f"competition.root={root}", f"folds.file={tmp_path}/folds/{{competition}}.csv",
+            f"competition.task={task}", "competition.metric=" + ("rmse" if task == "regression" else "accuracy"),
+            "data.in_chans=1", "data.image_size=16"]
+    if group:
+        base.append(f"competition.group={group}")
+    return load_config(None, base + list(overrides))
+
+
+@pytest.fixture
+def cfg(competition, tmp_path):
+    return config_for(competition, tmp_path)

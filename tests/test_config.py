@@ -1,0 +1,53 @@
+import pytest
+
+from pipeline.config import ConfigError, config_hash, load_config
+
+
+def test_override_sets_dotted_key_with_yaml_types(tmp_path):
+    cfg = load_config(None, ["folds.n_splits=3", "train.folds=[0, 2]", "train.lr=0.001", "competition.group=writer"])
+    assert cfg["folds"]["n_splits"] == 3
+    assert cfg["train"]["folds"] == [0, 2]
+    assert cfg["train"]["lr"] == pytest.approx(0.001)
+    assert cfg["competition"]["group"] == "writer"
+
+
+def test_unknown_override_key_suggests_close_name():
+    with pytest.raises(ConfigError, match=r"unknown config key 'folds.n_split'.*folds.n_splits"):
+        load_config(None, ["folds.n_split=3"])
+
+
+def test_unknown_yaml_key_names_file_and_suggests(tmp_path):
+    p = tmp_path / "x.yaml"
+    p.write_text("train:\n  epochz: 3\n")
+    with pytest.raises(ConfigError, match=r"x.yaml.*train.epochz.*train.epochs"):
+        load_config(p)
+
+
+def test_base_inheritance_and_override_order(tmp_path):
+    (tmp_path / "base.yaml").write_text("name: base\nfolds:\n  n_splits: 4\n  seed: 1\n")
+    (tmp_path / "exp.yaml").write_text("base: base.yaml\nname: exp\nfolds:\n  seed: 7\n")
+    cfg = load_config(tmp_path / "exp.yaml", ["folds.seed=9"])
+    assert (cfg["name"], cfg["folds"]["n_splits"], cfg["folds"]["seed"]) == ("exp", 4, 9)
+
+
+def test_missing_config_file_is_named(tmp_path):
+    with pytest.raises(ConfigError, match="nope.yaml' does not exist"):
+        load_config(tmp_path / "nope.yaml")
+
+
+def test_bad_override_syntax_and_bad_values():
+    with pytest.raises(ConfigError, match="key=value"):
+        load_config(None, ["folds.n_splits"])
+    with pytest.raises(ConfigError, match="competition.task"):
+        load_config(None, ["competition.task=segmentation"])
+    with pytest.raises(ConfigError, match="metric"):
+        load_config(None, ["competition.metric=f2"])
+
+
+def test_hash_is_stable_and_sensitive():
+    a = load_config(None, ["folds.n_splits=3"])
+    b = load_config(None, ["folds.n_splits=3"])
+    c = load_config(None, ["folds.n_splits=4"])
+    assert config_hash(a) == config_hash(b)
+    assert config_hash(a) != config_hash(c)
+    assert len(config_hash(a)) == 12

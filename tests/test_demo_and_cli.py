@@ -1,0 +1,32 @@
+import pandas as pd
+
+from pipeline.__main__ import main
+from pipeline.demo import build
+from pipeline.io import file_hash
+
+
+def test_demo_competition_is_deterministic_and_kaggle_shaped(tmp_path):
+    a = build(tmp_path / "a")
+    b = build(tmp_path / "b")
+    for name in ("train.csv", "test.csv", "sample_submission.csv", "solution.csv", "images/d0000.png"):
+        assert file_hash(a / name) == file_hash(b / name)
+    train, test = pd.read_csv(a / "train.csv"), pd.read_csv(a / "test.csv")
+    sub, sol = pd.read_csv(a / "sample_submission.csv"), pd.read_csv(a / "solution.csv")
+    assert len(train) + len(test) == 1797
+    assert set(train["writer"]).isdisjoint(test["writer"])  # whole writers held out, as in a grouped competition
+    assert list(sub["id"]) == list(test["id"]) == list(sol["id"])
+    assert set(sol["Usage"]) == {"Public", "Private"}
+    assert "target" not in test.columns
+    assert len(list((a / "images").glob("*.png"))) == 1797
+
+
+def test_cli_reports_bad_input_with_exit_code_2(tmp_path, capsys):
+    code = main(["folds", f"competition.root={tmp_path}/missing", f"folds.file={tmp_path}/f.csv"])
+    assert code == 2
+    assert "train file not found" in capsys.readouterr().err
+    assert not (tmp_path / "f.csv").exists()
+
+
+def test_cli_unknown_key(capsys):
+    assert main(["folds", "folds.nsplits=3"]) == 2
+    assert "folds.n_splits" in capsys.readouterr().err
