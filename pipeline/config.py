@@ -72,6 +72,7 @@ DEFAULTS: dict[str, Any] = {
         "pool": "avg",  # avg | gem | avgmax
         "bnneck": False,
         "dropout": 0.0,
+        "freeze_stages": 0,  # freeze the stem and the first N stages for the whole run
     },
     "train": {
         "epochs": 5,
@@ -81,19 +82,30 @@ DEFAULTS: dict[str, Any] = {
         "weight_decay": 0.0,
         "momentum": 0.9,
         "optimizer_args": {},
-        "scheduler": "cosine",  # cosine | step | plateau | none
+        "backbone_lr_mult": 1.0,  # discriminative lr: backbone lr = lr * this
+        "freeze_backbone_epochs": 0,  # train the heads only for this many epochs, then unfreeze
+        "scheduler": "cosine",  # cosine | restarts | step | plateau | none
         "warmup_epochs": 0,
+        "min_lr_ratio": 0.0,
+        "cycle_epochs": 0,  # restarts: epochs per cosine cycle; a snapshot is saved at each cycle end
         "milestones": [],
         "gamma": 0.1,
-        "loss": "auto",  # auto | ce | bce | mse | rmse | smoothl1 | focal
+        "patience": 2,  # plateau: epochs without improvement before the lr is cut by gamma
+        "loss": "auto",  # auto | ce | focal | bce | mse | rmse | mae | smoothl1 (main target heads)
         "label_smoothing": 0.0,
+        "class_weights": None,  # list of per-class weights for ce/focal, or "balanced"
+        "focal_gamma": 2.0,
+        "ohem": 1.0,  # top-k loss: keep this fraction of the hardest samples of each batch
         "loss_weights": {},
         "grad_clip": 0.0,
         "accumulate": 1,
-        "amp": True,  # only on CUDA
+        "amp": True,  # only on CUDA: bf16 where supported, else fp16 with a grad scaler
         "channels_last": False,
         "ema": False,
         "ema_decay": 0.999,
+        "swa": False,
+        "swa_start": 0.75,  # fraction of the epochs after which weights are averaged
+        "multiscale": [],  # e.g. [24, 32, 40]: a random input size per batch
         "mixup": 0.0,  # alpha; 0 = off
         "cutmix": 0.0,
         "mix_prob": 0.5,

@@ -1,0 +1,90 @@
+"""Reading competition images and turning them into tensors, shared by pretrain, train and features.
+
+Augmentations are declared in the config as albumentations transforms by name, e.g.
+``[{HorizontalFlip: {p: 0.5}}, {CoarseDropout: {p: 0.3}}]``; resize, normalisation and the
+tensor conversion are appended by the pipeline.
+"""
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from .competition import InputError
+
+
+def read_image(path: str | Path, in_chans: int) -> np.ndarray:
+    """HxWxC uint8 array; a missing or unreadable file is named in the error."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as img:
+            arr = np.asarray(img.convert("L" if in_chans == 1 else "RGB"))
+    except FileNotFoundError:
+        raise InputError(f"image file {path} does not exist; check competition.image and the images folder.") from None
+    except (UnidentifiedImageError, OSError) as exc:
+        raise InputError(f"image file {path} cannot be read ({exc}); replace or remove that row.") from None
+    return arr[:, :, None] if arr.ndim == 2 else arr
+
+
+def norm_stats(data_cfg: dict) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    c = data_cfg["in_chans"]
+    mean = tuple(data_cfg["mean"] or (0.5,) * c)
+    std = tuple(data_cfg["std"] or (0.5,) * c)
+    return mean, std
+
+
+def build_transform(data_cfg: dict, augment: list | None = None, size: int | None = None, seed: int | None = None):
+    """albumentations Compose: the configured augmentations, then resize, normalise, to tensor."""
+    import albumentations as A
+    from albumentations.pytorch import ToTensorV2
+
+    size = size or data_cfg["image_size"]
+    steps = []
+    for item in augment or []:
+        name, kwargs = (item, {}) if isinstance(item, str) else next(iter(item.items()))
+        cls = getattr(A, name, None)
+        if cls is None or not isinstance(cls, type):
+            close = difflib.get_close_matches(name, [n for n in dir(A) if n[:1].isupper()], n=3)
+            raise InputError(f"train.augment: unknown albumentations transform '{name}'"
+                             + (f"; did you mean {', '.join(close)}?" if close else "."))
+        if name in ("RandomResizedCrop", "RandomCrop", "CenterCrop") and "size" not in kwargs and "height" not in kwargs:
+            kwargs = {"size": (size, size), **kwargs}
+        steps.append(cls(**(kwargs or {})))
+    mean, std = norm_stats(data_cfg)
+    steps += [A.Resize(size, size), A.Normalize(mean=mean, std=std, max_pixel_value=255.0), ToTensorV2()]
+    return A.Compose(steps, seed=seed)
+
+
+class ImageDataset(Dataset):
+    """Images named by ``paths`` with optional per-row targets (dict of column -> array)."""
+
+    def __init__(self, paths: list[Path], in_chans: int, transform=None, targets: dict | None = None,
+                 cache: bool = False):
+        self.paths = list(paths)
+        self.in_chans = in_chans
+        self.transform = transform
+        self.targets = targets or {}
+        self._cache: dict[int, np.ndarray] | None = {} if cache else None
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def image(self, i: int) -> np.ndarray:
+        if self._cache is not None:
+            if i not in self._cache:
+                self._cache[i] = read_image(self.paths[i], self.in_chans)
+            return self._cache[i]
+        return read_image(self.paths[i], self.in_chans)
+
+    def __getitem__(self, i: int):
+        img = self.image(i)
+        if self.transform is not None:
+            x = self.transform(image=img)["image"]
+        else:
+            x = torch.from_numpy(np.ascontiguousarray(img.transpose(2, 0, 1))).float() / 255.0
+        y = {k: torch.as_tensor(v[i]) for k, v in self.targets.items()}
+        return x, y, i
