@@ -12,6 +12,7 @@ ARGS ?=
 FOLDS ?=
 FORCE ?=
 RUN = $(PY) -m pipeline
+FOLDS_ARG = $(if $(FOLDS),train.folds=[$(FOLDS)])
 FLAGS = -c $(CONFIG) $(if $(FORCE),--force) $(ARGS)
 
 .PHONY: setup demo data folds pretrain train features stack postprocess submit lb lb-plot lr-find test clean
@@ -30,7 +31,25 @@ data: setup
 folds: data
 	$(RUN) folds $(FLAGS)
 
-demo: folds
+train: folds
+	$(RUN) train $(FLAGS) $(FOLDS_ARG)
+
+features: train
+	$(RUN) features $(FLAGS)
+
+# level 2 reads the features of stack.experiments (default: this config's own experiment)
+stack: folds
+	$(RUN) stack $(FLAGS)
+
+submit:
+	$(RUN) submit $(FLAGS)
+
+# The whole chain on the bundled demo: two level-1 experiments, LightGBM level 2, submissions.
+demo: setup
+	$(MAKE) --no-print-directory features CONFIG=configs/demo.yaml ARGS="$(ARGS)"
+	$(MAKE) --no-print-directory submit CONFIG=configs/demo.yaml ARGS="$(ARGS)"
+	$(MAKE) --no-print-directory features CONFIG=configs/demo-small.yaml ARGS="$(ARGS)"
+	$(MAKE) --no-print-directory stack submit CONFIG=configs/demo-stack.yaml ARGS="$(ARGS)"
 
 test: setup
 	$(PY) -m pytest -q tests

@@ -13,6 +13,9 @@ STAGES = {
     "data": "demo",
     "folds": "folds",
     "train": "train",
+    "features": "features",
+    "stack": "stack",
+    "submit": "submit",
 }
 
 

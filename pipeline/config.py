@@ -128,7 +128,8 @@ DEFAULTS: dict[str, Any] = {
         "output": "models/pretrain/{backbone}.pt",
     },
     "features": {
-        "tta": "none",  # none | hflip | vflip | d4
+        "tta": "none",  # none | hflip | vflip | flip | d4 (ttach view sets; identity first)
+        "scales": [1.0],  # multi-scale TTA: input scale factors, e.g. [0.875, 1.0, 1.125]
         "stats": ["mean", "var", "max", "min"],
         "keep_views": False,
         "batch_size": 256,
@@ -136,15 +137,19 @@ DEFAULTS: dict[str, Any] = {
         "use_full": False,
     },
     "stack": {
-        "experiments": [],
+        "name": None,  # output feature set; default: the experiment name (+ "-l2" if it is also an input)
+        "experiments": [],  # level-1 experiments to stack; default: this config's own experiment
         "model": "lgbm",  # lgbm | linear | weighted
+        "stat": "mean",  # weighted: which per-view statistic (or view, e.g. v0) of each experiment to blend
         "use_tabular": True,
         "test_mode": "mean",  # mean | refit
         "refit_coef": 1.0,
         "lgbm": {},
     },
     "submit": {
-        "source": None,  # experiment (or stack) whose test predictions are submitted; default: name
+        "source": None,  # feature set whose test predictions are submitted; default: this config's
+        # level-2 output when it exists, else its level-1 experiment
+        "stat": "mean",
         "gzip": False,
     },
 }
@@ -275,6 +280,17 @@ def validate(cfg: dict) -> None:
 def targets(cfg: dict) -> list[str]:
     t = cfg["competition"]["target"]
     return [t] if isinstance(t, str) else list(t)
+
+
+def stack_inputs(cfg: dict) -> list[str]:
+    return list(cfg["stack"]["experiments"] or [cfg["name"]])
+
+
+def stack_name(cfg: dict) -> str:
+    """Name of the level-2 feature set a config's stack stage writes (features/<name>/)."""
+    if cfg["stack"]["name"]:
+        return cfg["stack"]["name"]
+    return cfg["name"] + "-l2" if cfg["name"] in stack_inputs(cfg) else cfg["name"]
 
 
 def config_hash(obj: Any) -> str:

@@ -1,0 +1,247 @@
+"""``make features``: out-of-fold and test outputs of every fold model, with test-time augmentation.
+
+Every train row's features come from the one fold model that never trained on it (its ``fold`` is
+recorded per row and checked against the folds file); test features are the mean over fold models.
+Each TTA view's outputs are aggregated per output as mean/var/max/min (``features.stats``); all views
+of a batch go through the network in one forward pass. Columns are named
+``<experiment>__<head>__<output>__<stat>``. Outputs: ``features/<experiment>/oof.parquet`` and
+``test.parquet`` (keyed by id, provenance in the parquet metadata), ``cv.json``.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from torch.utils.data import DataLoader
+
+from .competition import InputError, image_paths, load_test, load_train
+from .config import config_hash, targets
+from .folds import load_folds
+from .images import ImageDataset, build_transform
+from .io import (file_hash, is_up_to_date, log, provenance, read_json, read_parquet_meta, write_json, write_parquet,
+                 write_resolved_config)
+from .metrics import get_metric
+from .models import activate, load_model, pick_device
+
+TTA_SETS = ("none", "hflip", "vflip", "flip", "d4")
+
+
+def tta_views(name: str, scales: list[float] | None = None):
+    """The ttach transformers of a named view set; the identity view comes first."""
+    import ttach as tta
+
+    if name not in TTA_SETS:
+        raise InputError(f"features.tta must be one of {', '.join(TTA_SETS)}, got '{name}'.")
+    parts = {"none": [], "hflip": [tta.HorizontalFlip()], "vflip": [tta.VerticalFlip()],
+             "flip": [tta.HorizontalFlip(), tta.VerticalFlip()],
+             "d4": [tta.HorizontalFlip(), tta.Rotate90(angles=[0, 90, 180, 270])]}[name]
+    scales = [float(s) for s in (scales or [1.0])]
+    if scales != [1.0]:
+        scales = [1.0] + [s for s in scales if s != 1.0]
+        parts = parts + [tta.Scale(scales, interpolation="bilinear")]
+    if not parts:
+        return [lambda x: x]
+    return [t.augment_image for t in tta.Compose(parts)]
+
+
+@torch.no_grad()
+def predict_views(model, heads, loader, views, device, embed: bool = False) -> dict[str, np.ndarray]:
+    """Per-view activated outputs: {head: array (V, N, D)}; plus 'embedding' (N, E) of the identity view.
+
+    The V views of a batch are stacked into one batch of V*B images (one forward pass per batch;
+    views that change the size, as multi-scale does, get one pass per size)."""
+    model.eval()
+    outs = {h.name: [] for h in heads}
+    embs = []
+    for x, _, _ in loader:
+        x = x.to(device)
+        b = x.shape[0]
+        viewed = [v(x) for v in views]
+        per_view: list[dict] = [None] * len(views)
+        by_size: dict[tuple, list[int]] = {}
+        for i, v in enumerate(viewed):
+            by_size.setdefault(tuple(v.shape[-2:]), []).append(i)
+        for idx in by_size.values():
+            out = model(torch.cat([viewed[i] for i in idx]))
+            for j, i in enumerate(idx):
+                per_view[i] = {h.name: activate(h, out[h.name][j * b:(j + 1) * b]) for h in heads}
+        for h in heads:
+            outs[h.name].append(torch.stack([pv[h.name].reshape(b, -1) for pv in per_view]).cpu().numpy())
+        if embed:
+            embs.append(model.embed(x).float().cpu().numpy())
+    res = {k: np.concatenate(v, axis=1) for k, v in outs.items()}
+    if embed:
+        res["embedding"] = np.concatenate(embs)
+    return res
+
+
+STATS = {"mean": lambda a: a.mean(0), "var": lambda a: a.var(0), "max": lambda a: a.max(0), "min": lambda a: a.min(0)}
+
+
+def aggregate(exp: str, outputs: dict[str, np.ndarray], stats: list[str], keep_views: bool) -> pd.DataFrame:
+    """(V, N, D) per head -> columns ``<exp>__<head>__<j>__<stat>`` (and ``__v<i>`` per view)."""
+    cols = {}
+    for head, arr in outputs.items():
+        if head == "embedding":
+            for j in range(arr.shape[1]):
+                cols[f"{exp}__embedding__{j}__value"] = arr[:, j]
+            continue
+        for j in range(arr.shape[2]):
+            for s in stats:
+                if s not in STATS:
+                    raise InputError(f"features.stats: unknown statistic '{s}' (mean, var, max, min).")
+                cols[f"{exp}__{head}__{j}__{s}"] = STATS[s](arr[:, :, j])
+            if keep_views:
+                for v in range(arr.shape[0]):
+                    cols[f"{exp}__{head}__{j}__v{v}"] = arr[v, :, j]
+    return pd.DataFrame(cols)
+
+
+def model_dir(cfg: dict) -> Path:
+    return Path("models") / cfg["name"]
+
+
+def features_dir(cfg: dict) -> Path:
+    return Path("features") / cfg["name"]
+
+
+def head_prediction(df: pd.DataFrame, exp: str, head: str, stat: str = "mean") -> np.ndarray:
+    """The (N,) or (N, C) prediction of one head from feature columns."""
+    cols = [c for c in df.columns if c.startswith(f"{exp}__{head}__") and c.endswith(f"__{stat}")]
+    cols.sort(key=lambda c: int(c.split("__")[2]))
+    if not cols:
+        raise InputError(f"no '{stat}' columns for head '{head}' of experiment '{exp}' in the features.")
+    arr = df[cols].to_numpy()
+    return arr[:, 0] if arr.shape[1] == 1 else arr
+
+
+def run(cfg: dict, force: bool = False) -> Path:
+    fcfg = cfg["features"]
+    exp = cfg["name"]
+    id_col = cfg["competition"]["id"]
+    mdir, out = model_dir(cfg), features_dir(cfg)
+    train_df = load_train(cfg, check_images=False)
+    test_df = load_test(cfg)
+    folds_df, folds_hash = load_folds(cfg)
+    fold_of = train_df[[id_col]].merge(folds_df, on=id_col, how="left")["fold"]
+    if fold_of.isna().any():
+        raise InputError(f"the folds file does not cover train.csv; rerun `make folds` then `make train`.")
+    fold_of = fold_of.astype(int).to_numpy()
+    n_splits = int(fold_of.max()) + 1
+    metas = {}
+    for k in range(n_splits):
+        meta = mdir / f"fold{k}" / "meta.json"
+        if not meta.exists() or not (mdir / f"fold{k}" / "best.pt").exists():
+            raise InputError(f"{mdir}/fold{k}: no trained model for fold {k}; run `make train` for every fold "
+                             "(OOF features need all of them).")
+        metas[k] = read_json(meta)
+        if metas[k]["folds_hash"] != folds_hash:
+            raise InputError(f"{mdir}/fold{k} was trained with folds file hash {metas[k]['folds_hash']}, but "
+                             f"{folds_df.shape[0]}-row folds file now has hash {folds_hash}; the OOF rows would "
+                             "leak. Retrain (`make train`) with the current folds, or restore the old folds file.")
+    use_full = fcfg["use_full"] and (mdir / "foldfull" / "best.pt").exists()
+    key = config_hash([fcfg, [metas[k]["stage_key"] for k in metas], folds_hash, use_full,
+                       file_hash(Path(cfg["competition"]["root"]) / cfg["competition"]["test"])])
+    oof_path, test_path = out / "oof.parquet", out / "test.parquet"
+    if not force and is_up_to_date(out / "meta.json", key, [oof_path, test_path]):
+        log(f"[features] up to date: {out}")
+        return out
+
+    device = pick_device(cfg["train"]["device"])
+    views = tta_views(fcfg["tta"], fcfg.get("scales"))
+    log(f"[features] {exp}: {len(views)} TTA view(s) ({fcfg['tta']}), {n_splits} fold models, device {device}")
+    tf = build_transform(cfg["data"])
+    paths_train = image_paths(cfg, train_df[id_col])
+    paths_test = image_paths(cfg, test_df[id_col])
+    test_ds = ImageDataset(paths_test, cfg["data"]["in_chans"], tf)
+    parts = out / "parts"
+    oof_parts, test_parts = [], []
+    models = list(range(n_splits)) + (["full"] if use_full else [])
+    from tqdm.auto import tqdm
+
+    for k in tqdm(models, desc=f"features {exp}", leave=False):
+        part_oof, part_test = parts / f"fold{k}_oof.parquet", parts / f"fold{k}_test.parquet"
+        pkey = config_hash([key, k])
+        if not force and all(p.exists() and read_parquet_meta(p).get("key") == pkey for p in (part_oof, part_test)):
+            log(f"[features] fold {k}: already dumped, reusing {parts}")
+        else:
+            model, ckpt = load_model(mdir / f"fold{k}" / "best.pt", str(device))
+            if str(ckpt["fold"]) != str(k):
+                raise InputError(f"{mdir}/fold{k}/best.pt says it is fold {ckpt['fold']}; the models folder is mixed up.")
+            heads = model.head_specs
+            loader = lambda ds: DataLoader(ds, batch_size=fcfg["batch_size"], shuffle=False,
+                                           num_workers=cfg["data"]["num_workers"])
+            if k != "full":
+                rows = np.flatnonzero(fold_of == k)
+                ds = ImageDataset([paths_train[i] for i in rows], cfg["data"]["in_chans"], tf)
+                o = predict_views(model, heads, loader(ds), views, device, fcfg["embedding"])
+                ident = {f"{exp}__{h.name}__{j}__view0": o[h.name][0][:, j]  # no-TTA output, for the CV table
+                         for h in heads for j in range(o[h.name].shape[2])}
+                df = pd.concat([pd.DataFrame({id_col: train_df[id_col].to_numpy()[rows], "fold": k}),
+                                aggregate(exp, o, fcfg["stats"], fcfg["keep_views"]), pd.DataFrame(ident)], axis=1)
+                write_parquet(part_oof, df, {"key": pkey})
+            t = aggregate(exp, predict_views(model, heads, loader(test_ds), views, device, fcfg["embedding"]),
+                          fcfg["stats"], fcfg["keep_views"])
+            t = pd.concat([pd.DataFrame({id_col: test_df[id_col].to_numpy()}), t], axis=1)
+            write_parquet(part_test, t, {"key": pkey})
+        if k != "full":
+            oof_parts.append(pd.read_parquet(part_oof))
+        test_parts.append(pd.read_parquet(part_test))
+
+    oof = pd.concat(oof_parts, ignore_index=True)
+    check_oof(oof, train_df, folds_df, id_col)
+    oof = train_df[[id_col]].merge(oof, on=id_col, how="left")  # train.csv order
+    feat_cols = [c for c in test_parts[0].columns if c != id_col]
+    mean = np.mean([p[feat_cols].to_numpy() for p in test_parts], axis=0)
+    test = pd.concat([test_parts[0][[id_col]], pd.DataFrame(mean, columns=feat_cols)], axis=1)
+
+    heads = [h["name"] for h in torch.load(mdir / "fold0" / "best.pt", map_location="cpu", weights_only=False)["heads"]]
+    cv = score_table(cfg, oof, train_df, exp, heads[0], fold_of)
+    view_cols = [c for c in oof.columns if c.endswith("__view0")]
+    meta = provenance(cfg, "features", key, folds_hash=folds_hash, cv=cv, models=[str(m) for m in models],
+                      views=len(views))
+    write_parquet(oof_path, oof.drop(columns=view_cols), meta)
+    write_parquet(test_path, test, meta)
+    write_resolved_config(out / "config.yaml", cfg)
+    write_json(out / "cv.json", cv)
+    write_json(out / "meta.json", meta)
+    log(cv_text(cv, get_metric(cfg["competition"]["metric"]).name))
+    log(f"[features] wrote {oof_path} ({oof.shape[0]} rows) and {test_path} ({test.shape[0]} rows), "
+        f"{len(feat_cols)} feature columns")
+    return out
+
+
+def check_oof(oof: pd.DataFrame, train_df: pd.DataFrame, folds_df: pd.DataFrame, id_col: str) -> None:
+    """Every train id exactly once, each from the model of the fold that held it out."""
+    counts = oof[id_col].value_counts()
+    if (counts > 1).any():
+        raise RuntimeError(f"OOF has id '{counts.index[counts > 1][0]}' {counts.max()} times; each must appear once.")
+    missing = set(train_df[id_col]) - set(oof[id_col])
+    if missing:
+        raise RuntimeError(f"OOF misses {len(missing)} train ids (e.g. {sorted(missing)[:3]}).")
+    expected = folds_df.set_index(id_col)["fold"]
+    wrong = oof["fold"].to_numpy() != expected.loc[oof[id_col]].to_numpy()
+    if wrong.any():
+        raise RuntimeError(f"OOF row '{oof[id_col][wrong].iloc[0]}' came from a model that trained on it.")
+
+
+def score_table(cfg: dict, oof: pd.DataFrame, train_df: pd.DataFrame, exp: str, head: str, fold_of) -> dict:
+    metric = get_metric(cfg["competition"]["metric"])
+    y = train_df[targets(cfg)[0]].to_numpy()
+    tta = head_prediction(oof, exp, head, "mean")
+    plain = head_prediction(oof, exp, head, "view0")
+    rows = {}
+    for k in sorted(np.unique(fold_of)):
+        m = fold_of == k
+        rows[f"fold{k}"] = {"no_tta": metric(y[m], plain[m]), "tta": metric(y[m], tta[m])}
+    rows["overall"] = {"no_tta": metric(y, plain), "tta": metric(y, tta)}
+    return rows
+
+
+def cv_text(cv: dict, metric_name: str) -> str:
+    lines = [f"{'':10s} {metric_name + ' no TTA':>18s} {metric_name + ' TTA mean':>18s}"]
+    for name, r in cv.items():
+        lines.append(f"{name:10s} {r['no_tta']:18.4f} {r['tta']:18.4f}")
+    return "\n".join(lines)
