@@ -64,3 +64,25 @@ def config_for(root: Path, tmp_path: Path, *overrides: str, group: str | None = 
 @pytest.fixture
 def cfg(competition, tmp_path):
     return config_for(competition, tmp_path)
+
+
+TINY = ["model.backbone=test_resnet", "train.epochs=2", "train.batch_size=16", "train.lr=0.003",
+        "data.num_workers=0", "folds.n_splits=3", "features.batch_size=64"]
+
+
+@pytest.fixture
+def workdir(tmp_path, monkeypatch):
+    """A temporary project directory (stages write models/, features/, submissions/ under cwd)."""
+    monkeypatch.chdir(tmp_path)
+    make_competition(tmp_path / "comp", n=90, n_groups=12, n_classes=3, size=16)
+    return tmp_path
+
+
+def tiny_cfg(root: Path, *overrides: str, name: str = "tiny"):
+    from pipeline import folds
+
+    cfg = load_config(None, [f"competition.root={root}", "competition.group=grp", "competition.tabular=[tab]",
+                             "folds.file=folds/{competition}.csv", "data.in_chans=1", "data.image_size=16",
+                             f"name={name}", *TINY, *overrides])
+    folds.run(cfg)
+    return cfg

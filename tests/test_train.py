@@ -1,0 +1,229 @@
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from pipeline import train as T
+from pipeline.competition import InputError
+from pipeline.models import Head, build_model, load_backbone_weights, load_model
+from tests.conftest import tiny_cfg
+
+
+def weights(path, key="model"):
+    return torch.load(path, map_location="cpu", weights_only=False)[key]
+
+
+def same_state(a, b):
+    return all(torch.equal(a[k], b[k]) for k in a) and a.keys() == b.keys()
+
+
+def test_same_seed_gives_identical_validation_predictions(workdir):
+    T.run(tiny_cfg(workdir / "comp", "train.folds=[0]", name="a"))
+    T.run(tiny_cfg(workdir / "comp", "train.folds=[0]", name="b"))
+    a = pd.read_parquet("models/a/fold0/best_valid.parquet")
+    b = pd.read_parquet("models/b/fold0/best_valid.parquet")
+    pd.testing.assert_frame_equal(a, b)
+    c = T.run(tiny_cfg(workdir / "comp", "train.folds=[0]", "seed=7", name="c"))
+    assert not pd.read_parquet("models/c/fold0/best_valid.parquet").equals(a)
+
+
+def test_training_learns_and_writes_fold_artifacts(workdir):
+    summary = T.run(tiny_cfg(workdir / "comp", "train.epochs=4"))
+    assert summary["cv_mean"] > 0.6  # 3 classes with a bright bar per class: learnable
+    for k in range(3):
+        log = pd.read_csv(f"models/tiny/fold{k}/log.csv")
+        assert list(log["epoch"]) == [1, 2, 3, 4] and {"train_loss", "valid_loss", "score", "lr"} <= set(log.columns)
+    assert open("models/tiny/curves.png", "rb").read(4) == b"\x89PNG"
+    assert summary["oof_rows"] == 90
+
+
+def _run_cli(workdir, name, *extra, env=None):
+    args = [sys.executable, "-m", "pipeline", "train", f"competition.root={workdir / 'comp'}", "competition.group=grp",
+            "folds.file=folds/{competition}.csv", "data.in_chans=1", "data.image_size=16", f"name={name}",
+            "model.backbone=test_resnet", "train.epochs=3", "train.batch_size=16", "folds.n_splits=3",
+            "train.folds=[0]", "train.ema=true", "train.mixup=0.4", *extra]
+    return subprocess.run(args, cwd=workdir, env={**os.environ, **(env or {})}, capture_output=True, text=True)
+
+
+@pytest.mark.parametrize("kill_at", ["epoch:1", "step:7"])
+def test_resume_after_kill_9_ends_with_same_weights(workdir, kill_at):
+    tiny_cfg(workdir / "comp")  # folds
+    assert _run_cli(workdir, "whole").returncode == 0
+    killed = _run_cli(workdir, "resumed", env={"PIPELINE_KILL_AT": kill_at})
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    resumed = _run_cli(workdir, "resumed")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    if kill_at == "epoch:1":
+        assert "resuming from" in resumed.stdout
+    whole, again = weights(workdir / "models/whole/fold0/last.pt"), weights(workdir / "models/resumed/fold0/last.pt")
+    assert same_state(whole, again)
+    assert same_state(weights(workdir / "models/whole/fold0/last.pt", "ema"),
+                      weights(workdir / "models/resumed/fold0/last.pt", "ema"))
+
+
+def test_ema_weights_differ_from_raw_and_are_the_ones_evaluated_and_saved(workdir):
+    T.run(tiny_cfg(workdir / "comp", "train.folds=[0]", "train.epochs=1", "train.ema=true", "train.ema_decay=0.9"))
+    last = torch.load("models/tiny/fold0/last.pt", map_location="cpu", weights_only=False)
+    raw, ema = last["model"], {k.removeprefix("module."): v for k, v in last["ema"].items()}
+    best = weights("models/tiny/fold0/best.pt")
+    assert not same_state(raw, ema)
+    assert same_state(best, ema)  # the single epoch is the best one: its saved weights are the EMA weights
+    # the logged validation predictions are those of the EMA weights, not the raw ones
+    from pipeline.competition import image_paths
+    from pipeline.images import ImageDataset, build_transform
+
+    valid = pd.read_parquet("models/tiny/fold0/best_valid.parquet")
+    cfg = tiny_cfg(workdir / "comp")
+    ds = ImageDataset(image_paths(cfg, valid["id"]), 1, build_transform(cfg["data"]))
+    x = torch.stack([ds[i][0] for i in range(len(ds))])
+    net, _ = load_model("models/tiny/fold0/best.pt")
+    with torch.no_grad():
+        p_ema = net(x)["target"].softmax(-1).numpy()
+        net.load_state_dict(raw)
+        p_raw = net(x)["target"].softmax(-1).numpy()
+    logged = valid[[f"target__{j}" for j in range(3)]].to_numpy()
+    assert np.allclose(logged, p_ema, atol=1e-5) and not np.allclose(logged, p_raw, atol=1e-5)
+
+
+def test_early_stopping_stops(workdir):
+    T.run(tiny_cfg(workdir / "comp", "train.folds=[0]", "train.epochs=8", "train.early_stopping=1", "train.lr=0"))
+    log = pd.read_csv("models/tiny/fold0/log.csv")
+    assert len(log) == 2  # lr=0: no improvement after epoch 1, patience 1
+
+
+def test_swa_weights_are_saved_as_the_model(workdir):
+    T.run(tiny_cfg(workdir / "comp", "train.folds=[0]", "train.epochs=3", "train.swa=true", "train.swa_start=0.3"))
+    ck = torch.load("models/tiny/fold0/best.pt", map_location="cpu", weights_only=False)
+    assert ck["epoch"] == "swa"
+    assert not same_state(ck["model"], weights("models/tiny/fold0/last.pt"))
+
+
+def test_head_only_warmup_then_unfreeze_and_frozen_stages(workdir):
+    cfg = tiny_cfg(workdir / "comp", "train.folds=[0]", "train.epochs=1", "train.freeze_backbone_epochs=1")
+    init = {k: v.clone() for k, v in build_model_for(cfg).state_dict().items()}
+    T.run(cfg)
+    after = weights("models/tiny/fold0/last.pt")
+    conv = "backbone.conv1.0.weight"
+    assert torch.equal(init[conv], after[conv])  # backbone frozen during the head-only epoch
+    head = [k for k in after if k.startswith("heads.")][0]
+    assert not torch.equal(init[head], after[head])
+    cfg2 = tiny_cfg(workdir / "comp", "train.folds=[0]", "train.epochs=1", "model.freeze_stages=1", name="fs")
+    T.run(cfg2)
+    after2 = weights("models/fs/fold0/last.pt")
+    assert torch.equal(init["backbone.layer1.0.conv1.weight"], after2["backbone.layer1.0.conv1.weight"])
+    assert not torch.equal(init["backbone.layer3.0.conv1.weight"], after2["backbone.layer3.0.conv1.weight"])
+
+
+def build_model_for(cfg):
+    T.seed_everything(T.epoch_seed(cfg["seed"], 0, -1))
+    return build_model(cfg, [Head("target", ["target"], "multiclass", 3)])
+
+
+def test_losses():
+    h = Head("t", ["t"], "multiclass", 3)
+    tc = {"label_smoothing": 0.0, "focal_gamma": 2.0, "ohem": 1.0, "loss": "ce"}
+    logits = torch.tensor([[4.0, 0.0, 0.0], [0.0, 0.5, 0.0]])
+    y = torch.tensor([0, 2])
+    ce = T.HeadLoss(h, "ce", tc)(logits, y)
+    assert torch.allclose(ce, torch.nn.functional.cross_entropy(logits, y, reduction="none"))
+    smooth = T.HeadLoss(h, "ce", {**tc, "label_smoothing": 0.1})(logits, y)
+    assert torch.allclose(smooth, torch.nn.functional.cross_entropy(logits, y, reduction="none", label_smoothing=0.1))
+    focal = T.HeadLoss(h, "focal", tc)(logits, y)
+    assert (focal < ce).all() and focal[0] / ce[0] < focal[1] / ce[1]  # easy example down-weighted more
+    crit = T.Criterion([h], {**tc, "ohem": 0.5}, {"t"})
+    assert torch.isclose(crit({"t": logits}, {"t": y}), ce.max())  # top-k keeps the hardest half
+    w = T.class_weight_tensor({"class_weights": "balanced"}, np.array([0, 0, 0, 1]), 2)
+    assert w[1] > w[0]
+    r = Head("r", ["r"], "regression", 1)
+    rm = T.Criterion([r], {**tc, "loss": "rmse"}, {"r"})({"r": torch.tensor([[1.0], [3.0]])}, {"r": torch.tensor([0.0, 0.0])})
+    assert torch.isclose(rm, torch.tensor(np.sqrt(5.0), dtype=torch.float32))
+
+
+def test_mixup_cutmix_and_switch_off():
+    torch.manual_seed(0)
+    x = torch.arange(2 * 1 * 4 * 4, dtype=torch.float32).reshape(2, 1, 4, 4)
+    y = {"t": torch.tensor([0, 1])}
+    tc = {"mixup": 1.0, "cutmix": 0.0, "mix_prob": 1.0, "mix_off_epoch": 3}
+    xm, y2, lam = T.mix_batch(x, y, tc, epoch=0)
+    assert y2 is not None and 0 < lam < 1 and not torch.equal(xm, x)
+    assert T.mix_batch(x, y, tc, epoch=3)[1] is None  # switched off from mix_off_epoch
+    xc, y2, lam = T.mix_batch(x, y, {**tc, "mixup": 0.0, "cutmix": 1.0}, epoch=0)
+    if y2 is not None and lam < 1:
+        changed = (xc != x).float().mean().item()
+        assert abs(changed - (1 - lam)) < 1e-6 or changed == 0
+
+
+def test_schedules():
+    base = {"epochs": 10, "warmup_epochs": 1, "min_lr_ratio": 0.0, "scheduler": "cosine", "cycle_epochs": 0,
+            "gamma": 0.1, "milestones": [5, 8]}
+    f = T.lr_lambda(base, 10)
+    assert f(0) == pytest.approx(0.1) and f(9) == pytest.approx(1.0) and f(99) < 1e-3
+    assert f(10) > f(50) > f(90)
+    step = T.lr_lambda({**base, "scheduler": "step", "warmup_epochs": 0}, 10)
+    assert (step(0), step(50), step(85)) == (1.0, pytest.approx(0.1), pytest.approx(0.01))
+    rs = T.lr_lambda({**base, "scheduler": "restarts", "warmup_epochs": 0, "cycle_epochs": 5}, 10)
+    assert rs(0) == 1.0 and rs(49) < 0.01 and rs(50) == 1.0
+
+
+def test_restarts_save_a_snapshot_per_cycle(workdir):
+    T.run(tiny_cfg(workdir / "comp", "train.folds=[0]", "train.epochs=4", "train.scheduler=restarts",
+                   "train.cycle_epochs=2"))
+    assert sorted(p.name for p in (workdir / "models/tiny/fold0").glob("snapshot_*.pt")) == ["snapshot_e2.pt", "snapshot_e4.pt"]
+
+
+def test_discriminative_lr_groups(workdir):
+    cfg = tiny_cfg(workdir / "comp", "train.backbone_lr_mult=0.1", "train.lr=0.01", "train.scheduler=none")
+    from pipeline.competition import load_train
+    from pipeline.models import heads_for
+
+    df = load_train(cfg)
+    tr = T.FoldTrainer(cfg, heads_for(cfg, df), df, np.arange(60), np.arange(60, 90), 0, workdir / "x", "k", "h")
+    assert [g["lr"] for g in tr.opt.param_groups] == [pytest.approx(0.001), pytest.approx(0.01)]
+
+
+def test_multiscale_feeds_sizes_from_the_list(workdir):
+    cfg = tiny_cfg(workdir / "comp", "train.folds=[0]", "train.epochs=1", "train.multiscale=[12, 20]")
+    seen = set()
+    orig = torch.nn.functional.interpolate
+
+    def spy(x, size=None, **kw):
+        seen.add(tuple(size) if size else None)
+        return orig(x, size=size, **kw)
+
+    torch.nn.functional.interpolate = spy
+    try:
+        T.run(cfg)
+    finally:
+        torch.nn.functional.interpolate = orig
+    assert seen <= {(12, 12), (20, 20)} and seen
+
+
+def test_bad_inputs_are_named(workdir):
+    with pytest.raises(InputError, match="unknown timm model 'resnet_18'.*resnet18"):
+        T.run(tiny_cfg(workdir / "comp", "model.backbone=resnet_18"))
+    with pytest.raises(InputError, match="outside the declared classes 0..1"):
+        T.run(tiny_cfg(workdir / "comp", "competition.num_classes=2", "folds.method=group"))
+    with pytest.raises(InputError, match="unknown albumentations transform 'HorizontalFlp'.*HorizontalFlip"):
+        T.run(tiny_cfg(workdir / "comp", "train.augment=[HorizontalFlp]"))
+    (workdir / "comp/images/r00003.png").write_bytes(b"not a png")
+    with pytest.raises(InputError, match="r00003.png cannot be read"):
+        T.run(tiny_cfg(workdir / "comp", name="bad"))
+
+
+def test_local_weights_load_with_report_and_mismatch_refused(workdir, tmp_path):
+    cfg = tiny_cfg(workdir / "comp")
+    net = build_model_for(cfg)
+    torch.save({"model": {f"backbone.{k}": v for k, v in net.backbone.state_dict().items()}}, tmp_path / "w.pt")
+    other = build_model_for(cfg)
+    rep = load_backbone_weights(other.backbone, tmp_path / "w.pt")
+    assert rep.matched == rep.total and not rep.missing
+    assert torch.equal(other.backbone.conv1[0].weight, net.backbone.conv1[0].weight)
+    torch.save({"something.else": torch.zeros(3)}, tmp_path / "bad.pt")
+    with pytest.raises(InputError, match="does not fit backbone"):
+        load_backbone_weights(other.backbone, tmp_path / "bad.pt")
+    with pytest.raises(InputError, match="no download is ever attempted"):
+        load_backbone_weights(other.backbone, tmp_path / "missing.pt")
