@@ -1,0 +1,36 @@
+"""The whole Make chain on the demo competition, in a scratch copy of the project (short training)."""
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_make_demo_chain(tmp_path):
+    for item in ("Makefile", "configs", "requirements.txt", "pyproject.toml"):
+        src = ROOT / item
+        (shutil.copytree if src.is_dir() else shutil.copy2)(src, tmp_path / item)  # copy2 keeps mtimes: no reinstall
+    venv = Path(sys.executable).parent.parent
+    args = "train.epochs=2 model.backbone=test_resnet"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    run = subprocess.run(["make", "demo", f"VENV={venv}", f"ARGS={args}"], cwd=tmp_path, env=env,
+                         capture_output=True, text=True, timeout=1500)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    out = run.stdout
+    for f in ("folds/demo.csv", "folds/demo.report.png", "models/demo-resnet/fold4/best.pt",
+              "features/demo-resnet/oof.parquet", "features/demo-small/test.parquet", "features/demo-stack/oof.parquet",
+              "submissions/demo-resnet.csv", "submissions/demo-stack.csv"):
+        assert (tmp_path / f).exists(), f
+    sub = pd.read_csv(tmp_path / "submissions/demo-stack.csv")
+    sample = pd.read_csv(tmp_path / "data/demo/sample_submission.csv")
+    assert list(sub["id"]) == list(sample["id"]) and sub["target"].between(0, 9).all()
+    assert "level-2 CV accuracy" in out and "public" in out and "private" in out
+    # a second run finds everything up to date and trains nothing
+    again = subprocess.run(["make", "demo", f"VENV={venv}", f"ARGS={args}"], cwd=tmp_path, env=env,
+                           capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0
+    assert "epoch 1/" not in again.stdout and "up to date" in again.stdout

@@ -1,0 +1,112 @@
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+import torch.nn as nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from pipeline import features as FE
+from pipeline import folds as FO
+from pipeline import train as T
+from pipeline.competition import InputError
+from pipeline.models import Head, Net
+from tests.conftest import tiny_cfg
+
+
+@pytest.fixture
+def trained(workdir):
+    cfg = tiny_cfg(workdir / "comp", "train.epochs=1")
+    T.run(cfg)
+    return cfg
+
+
+class PointwiseBackbone(nn.Module):
+    """1x1 convolutions only: the feature map is flip/rotation-equivariant, so avg-pooled outputs are invariant."""
+
+    num_features = 8
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 8, 1)
+
+    def forward_features(self, x):
+        return torch.relu(self.conv(x))
+
+
+def loader(n=10, size=8, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.rand(n, 1, size, size, generator=g)
+    return DataLoader(TensorDataset(x, torch.zeros(n), torch.arange(n)), batch_size=4,
+                      collate_fn=lambda b: (torch.stack([t[0] for t in b]), {}, None))
+
+
+def test_d4_of_an_invariant_model_has_zero_variance():
+    torch.manual_seed(0)
+    net = Net(PointwiseBackbone(), [Head("t", ["t"], "multiclass", 3)])
+    out = FE.predict_views(net, net.head_specs, loader(), FE.tta_views("d4"), "cpu")
+    df = FE.aggregate("e", out, ["mean", "var", "max", "min"], keep_views=False)
+    assert out["t"].shape == (8, 10, 3)
+    assert np.allclose(df.filter(like="__var").to_numpy(), 0, atol=1e-12)
+
+
+def test_mean_over_views_equals_ttach_merged_mean_and_batched_equals_loop():
+    import ttach as tta
+
+    torch.manual_seed(0)
+    from pipeline.models import create_backbone
+
+    net = Net(create_backbone("test_resnet", 1), [Head("t", ["t"], "multiclass", 3)]).eval()
+    out = FE.predict_views(net, net.head_specs, loader(size=16), FE.tta_views("d4"), "cpu")
+    ours = FE.aggregate("e", out, ["mean"], False).to_numpy()
+    wrapped = tta.ClassificationTTAWrapper(lambda x: net(x)["t"].softmax(-1), tta.aliases.d4_transform(), merge_mode="mean")
+    with torch.no_grad():
+        theirs = torch.cat([wrapped(x) for x, _, _ in loader(size=16)]).numpy()
+    assert np.allclose(ours, theirs, atol=1e-6)
+    # one forward pass per view gives the same numbers as the stacked batch
+    with torch.no_grad():
+        loop = np.stack([torch.cat([net(v(x))["t"].softmax(-1) for x, _, _ in loader(size=16)]).numpy()
+                         for v in FE.tta_views("d4")])
+    assert np.allclose(out["t"], loop, atol=1e-5)
+
+
+def test_identity_tta_equals_plain_inference_and_oof_is_out_of_fold(trained):
+    out = FE.run(trained)
+    oof = pd.read_parquet(out / "oof.parquet")
+    folds = pd.read_csv("folds/demo.csv", dtype={"id": str})
+    assert oof["id"].is_unique and set(oof["id"]) == set(folds["id"])
+    assert (oof.set_index("id")["fold"] == folds.set_index("id")["fold"].loc[oof["id"]]).all()
+    for k in range(3):
+        valid = pd.read_parquet(f"models/tiny/fold{k}/best_valid.parquet").set_index("id")
+        mine = oof.set_index("id").loc[valid.index]
+        plain = valid[[f"target__{j}" for j in range(3)]].to_numpy()
+        assert np.allclose(mine[[f"tiny__target__{j}__mean" for j in range(3)]].to_numpy(), plain, atol=1e-5)
+    test = pd.read_parquet(out / "test.parquet")
+    assert list(test["id"]) == list(pd.read_csv("comp/test.csv", dtype={"id": str})["id"])
+    meta = FE.read_parquet_meta(out / "oof.parquet")
+    assert meta["folds_hash"] and meta["config_hash"] and "commit" in meta["git"]
+
+
+def test_tta_stats_columns_and_resume(trained, capsys):
+    cfg = tiny_cfg(trained["competition"]["root"], "train.epochs=1", "features.tta=hflip", "features.keep_views=true")
+    out = FE.run(cfg)
+    oof = pd.read_parquet(out / "oof.parquet")
+    for stat in ("mean", "var", "max", "min", "v0", "v1"):
+        assert f"tiny__target__2__{stat}" in oof.columns
+    assert (oof["tiny__target__0__max"] >= oof["tiny__target__0__min"]).all()
+    (out / "oof.parquet").unlink()
+    FE.run(cfg)
+    assert capsys.readouterr().out.count("already dumped") == 3  # every fold reused, nothing recomputed
+
+
+def test_a_folds_file_mismatch_is_refused(trained):
+    FO.run(tiny_cfg(trained["competition"]["root"], "folds.seed=5"))  # a different split
+    with pytest.raises(InputError, match="trained with folds file hash"):
+        FE.run(trained)
+
+
+def test_missing_fold_model_is_refused(trained):
+    import shutil
+
+    shutil.rmtree("models/tiny/fold1")
+    with pytest.raises(InputError, match="no trained model for fold 1"):
+        FE.run(trained)

@@ -1,0 +1,108 @@
+import numpy as np
+import pandas as pd
+import pytest
+
+from pipeline import features as FE
+from pipeline import stack as S
+from pipeline import submit as SU
+from pipeline import train as T
+from pipeline.competition import InputError
+from tests.conftest import tiny_cfg
+
+
+@pytest.fixture
+def level1(workdir):
+    cfg = tiny_cfg(workdir / "comp", "train.epochs=2", "features.tta=hflip")
+    T.run(cfg)
+    FE.run(cfg)
+    return cfg
+
+
+def test_stack_uses_same_folds_and_writes_a_feature_set(level1):
+    out = S.run(level1)
+    assert out.name == "tiny-l2"
+    oof = pd.read_parquet(out / "oof.parquet")
+    folds = pd.read_csv("folds/demo.csv", dtype={"id": str})
+    assert list(oof["fold"]) == list(folds.set_index("id").loc[oof["id"], "fold"])
+    assert [c for c in oof.columns if c.startswith("tiny-l2__target__")] == [f"tiny-l2__target__{j}__mean" for j in range(3)]
+    assert np.allclose(oof.filter(like="__mean").sum(axis=1), 1, atol=1e-6)
+    assert (out / "importance.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_level2_refuses_in_fold_outputs(level1):
+    path = "features/tiny/oof.parquet"
+    df = pd.read_parquet(path)
+    meta = FE.read_parquet_meta(path)
+    df.loc[0, "fold"] = (df.loc[0, "fold"] + 1) % 3  # this row's features now claim a model that trained on it
+    FE.write_parquet(path, df, meta)
+    with pytest.raises(InputError, match="in-fold leak"):
+        S.run(level1)
+
+
+def test_level2_refuses_features_from_another_folds_file(level1):
+    path = "features/tiny/oof.parquet"
+    meta = FE.read_parquet_meta(path)
+    FE.write_parquet(path, pd.read_parquet(path), {**meta, "folds_hash": "0123456789ab"})
+    with pytest.raises(InputError, match="SAME folds as level 1"):
+        S.run(level1)
+
+
+def test_weighted_average_finds_the_right_experiment():
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 3, 300)
+    good = np.eye(3)[y] * 0.8 + 0.2 / 3
+    noise = rng.dirichlet(np.ones(3), 300)
+    w = S.optimise_weights([noise, good], y, "multiclass")
+    assert w.sum() == pytest.approx(1) and (w >= 0).all() and w[1] > 0.9
+    yr = rng.normal(size=300)
+    w = S.optimise_weights([yr + rng.normal(scale=0.1, size=300), yr + rng.normal(scale=0.1, size=300)], yr, "regression")
+    assert w == pytest.approx([0.5, 0.5], abs=0.15)
+
+
+@pytest.mark.parametrize("model", ["linear", "weighted"])
+def test_simple_level2_models(level1, model):
+    out = S.run(tiny_cfg(level1["competition"]["root"], f"stack.model={model}", "train.epochs=2",
+                         "features.tta=hflip", f"stack.name=l2-{model}"))
+    assert len(pd.read_parquet(out / "test.parquet")) == len(pd.read_csv("comp/test.csv"))
+
+
+def test_refit_mode(level1, capsys):
+    S.run(tiny_cfg(level1["competition"]["root"], "stack.test_mode=refit", "stack.refit_coef=1.2", "train.epochs=2",
+                   "features.tta=hflip", "stack.name=refit"))
+    assert "refit on all rows" in capsys.readouterr().out
+
+
+def test_submit_writes_sample_shape_and_scores_public_private(level1):
+    S.run(level1)
+    out = SU.run(level1)
+    assert out.name == "tiny-l2.csv"
+    sub, sample = pd.read_csv(out, dtype={"id": str}), pd.read_csv("comp/sample_submission.csv", dtype={"id": str})
+    assert list(sub.columns) == list(sample.columns) and list(sub["id"]) == list(sample["id"])
+    assert sub["target"].dtype.kind == "i"
+    summary = FE.read_json("submissions/tiny-l2.json")
+    sol = pd.read_csv("comp/solution.csv", dtype={"id": str})
+    pub = sol["Usage"] == "Public"
+    assert summary["local"]["public"] == pytest.approx((sub["target"][pub] == sol["target"][pub]).mean())
+    assert summary["local"]["private"] == pytest.approx((sub["target"][~pub] == sol["target"][~pub]).mean())
+
+
+@pytest.fixture
+def sample():
+    return pd.DataFrame({"id": ["a", "b", "c"], "target": [0, 0, 0]})
+
+
+@pytest.mark.parametrize("mutate,match", [
+    (lambda s: s.iloc[:2], "missing"),
+    (lambda s: pd.concat([s, pd.DataFrame({"id": ["z"], "target": [1]})]), "not in sample_submission"),
+    (lambda s: s.iloc[[1, 0, 2]], "order"),
+    (lambda s: s.rename(columns={"target": "label"}), "columns"),
+    (lambda s: s.assign(target=[1.0, np.nan, 2.0]), "NaN/inf"),
+    (lambda s: s.assign(target=[1.0, np.inf, 2.0]), "NaN/inf"),
+    (lambda s: s.assign(target=[1.5, 1.0, 2.0]), "integers"),
+    (lambda s: s.assign(id=["a", "a", "c"]), "missing"),
+    (lambda s: s.assign(target=["x", "y", "z"]), "not numeric"),
+])
+def test_submission_validation_catches_malformed(sample, mutate, match):
+    with pytest.raises(SU.SubmissionError, match=match):
+        SU.validate(mutate(sample.copy()), sample, "id")
+    SU.validate(sample.assign(target=[1, 2, 0]), sample, "id")  # a good one passes
