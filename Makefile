@@ -50,9 +50,16 @@ demo: setup
 	$(MAKE) --no-print-directory submit CONFIG=configs/demo.yaml ARGS="$(ARGS)"
 	$(MAKE) --no-print-directory features CONFIG=configs/demo-small.yaml ARGS="$(ARGS)"
 	$(MAKE) --no-print-directory stack submit CONFIG=configs/demo-stack.yaml ARGS="$(ARGS)"
+	$(RUN) lb
 
 test: setup
 	$(PY) -m pytest -q tests
 
 clean:
 	rm -rf folds/*.csv folds/*.json folds/*.yaml folds/*.png folds/*.txt models features/*/ submissions/*.csv
+
+lb: setup
+	$(RUN) lb $(ARGS)
+
+lb-plot: setup
+	$(RUN) lb plot $(if $(EXP),--experiment $(EXP)) $(ARGS)

@@ -20,6 +20,9 @@ STAGES = {
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["lb"]:
+        return _leaderboard(argv[1:])
     parser = argparse.ArgumentParser(prog="python -m pipeline", description=__doc__)
     parser.add_argument("stage", choices=sorted(STAGES), help="stage to run")
     parser.add_argument("-c", "--config", help="experiment YAML under configs/")
@@ -34,6 +37,27 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     return 0
+
+
+def _leaderboard(argv: list[str]) -> int:
+    """``lb`` has its own sub-commands; ``-c`` and key=value overrides still choose the database."""
+    from . import leaderboard
+
+    cfg_path, overrides, rest = None, [], []
+    it = iter(argv)
+    for a in it:
+        if a in ("-c", "--config"):
+            cfg_path = next(it, None)
+        elif "=" in a and not a.startswith("-"):
+            overrides.append(a)
+        else:
+            rest.append(a)
+    try:
+        cfg = load_config(cfg_path, overrides)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return leaderboard.main(rest, cfg)
 
 
 if __name__ == "__main__":

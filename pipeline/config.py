@@ -146,6 +146,12 @@ DEFAULTS: dict[str, Any] = {
         "refit_coef": 1.0,
         "lgbm": {},
     },
+    "leaderboard": {
+        "enabled": True,
+        "path": "submissions/leaderboard.db",
+        "mlflow": False,  # also log to MLflow when the package is installed
+        "mlflow_uri": None,  # default: a local file store ./mlruns
+    },
     "submit": {
         "source": None,  # feature set whose test predictions are submitted; default: this config's
         # level-2 output when it exists, else its level-1 experiment

@@ -9,6 +9,7 @@ of a batch go through the network in one forward pass. Columns are named
 """
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +17,7 @@ import pandas as pd
 import torch
 from torch.utils.data import DataLoader
 
+from . import leaderboard
 from .competition import InputError, image_paths, load_test, load_train
 from .config import config_hash, targets
 from .folds import load_folds
@@ -149,6 +151,7 @@ def run(cfg: dict, force: bool = False) -> Path:
         log(f"[features] up to date: {out}")
         return out
 
+    started = time.time()
     device = pick_device(cfg["train"]["device"])
     views = tta_views(fcfg["tta"], fcfg.get("scales"))
     log(f"[features] {exp}: {len(views)} TTA view(s) ({fcfg['tta']}), {n_splits} fold models, device {device}")
@@ -207,6 +210,10 @@ def run(cfg: dict, force: bool = False) -> Path:
     write_resolved_config(out / "config.yaml", cfg)
     write_json(out / "cv.json", cv)
     write_json(out / "meta.json", meta)
+    leaderboard.record(cfg, "features", started, cv=cv["overall"]["tta"],
+                       folds={k: v["tta"] for k, v in cv.items() if k != "overall"},
+                       artifacts=[str(oof_path), str(test_path)], note=f"{len(views)} TTA views; no-TTA CV "
+                       f"{cv['overall']['no_tta']:.6f}")
     log(cv_text(cv, get_metric(cfg["competition"]["metric"]).name))
     log(f"[features] wrote {oof_path} ({oof.shape[0]} rows) and {test_path} ({test.shape[0]} rows), "
         f"{len(feat_cols)} feature columns")

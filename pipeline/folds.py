@@ -7,11 +7,13 @@ splitting a group. Writes ``folds/<name>.csv`` (id, fold) plus a report (table, 
 """
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
+from . import leaderboard
 from .competition import InputError, load_train, table_path
 from .config import config_hash, targets
 from .config import load_config  # noqa: F401  (re-exported for notebooks)
@@ -243,6 +245,7 @@ def run(cfg: dict, force: bool = False) -> Path:
     if not force and is_up_to_date(meta_path, key, [out]):
         log(f"[folds] up to date: {out} (change the config or train.csv, or pass --force, to rerun)")
         return out
+    started = time.time()
     df = load_train(cfg)
     fold = make_folds(cfg, df, train_file)
     table, summary = report(cfg, df, fold)
@@ -259,6 +262,7 @@ def run(cfg: dict, force: bool = False) -> Path:
     write_resolved_config(sidecar(out, ".config.yaml"), cfg)
     write_json(meta_path, provenance(cfg, "folds", key, folds_hash=file_hash(out), train_hash=file_hash(train_file),
                                      report=summary, stage_config_hash=config_hash(key_inputs)))
+    leaderboard.record(cfg, "folds", started, artifacts=[str(out)], experiment=cfg["competition"]["name"] + ":folds")
     log(text.rstrip())
     log(f"[folds] wrote {out} ({len(folds_df)} rows) and its report {sidecar(out, '.report.png')}")
     return out

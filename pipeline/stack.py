@@ -8,11 +8,13 @@ just another feature set (``features/<name>/oof.parquet`` and ``test.parquet``, 
 """
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
+from . import leaderboard
 from .competition import InputError, load_test, load_train
 from .config import config_hash, stack_inputs, stack_name, targets
 from .features import head_prediction
@@ -153,6 +155,7 @@ def run(cfg: dict, force: bool = False) -> Path:
     if not force and is_up_to_date(out / "meta.json", key, [out / "oof.parquet", out / "test.parquet"]):
         log(f"[stack] up to date: {out}")
         return out
+    started = time.time()
     X, T = pd.concat(X_parts, axis=1), pd.concat(T_parts, axis=1)
     if scfg["use_tabular"] and comp["tabular"]:
         tr_tab, te_tab, _ = tabular(cfg, train_df, test_df)
@@ -203,6 +206,9 @@ def run(cfg: dict, force: bool = False) -> Path:
     inputs = {e: read_json(Path("features") / e / "cv.json").get("overall", {}) if (Path("features") / e / "cv.json").exists()
               else {} for e in exps}
     write_outputs(cfg, out, key, folds_hash, oof_pred, test_pred, fold, train_df, test_df, cv, inputs, best_iters)
+    leaderboard.record(cfg, "stack", started, cv=cv["overall"], folds=per_fold, experiment=name,
+                       artifacts=[str(out / "oof.parquet"), str(out / "test.parquet")],
+                       note=f"{model_kind} on {', '.join(exps)}")
     if importances:
         save_figure(out / "importance.png", plot_importance(pd.concat(importances, axis=1).mean(axis=1), name))
     lines = [f"[stack] {name} ({model_kind}) level-2 CV {metric.name}: {cv['overall']:.4f} "

@@ -6,11 +6,13 @@ dtypes, and no NaN/inf. When the competition folder has a ``solution.csv`` with 
 """
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
+from . import leaderboard
 from .competition import InputError, read_table, table_path
 from .config import stack_name, targets
 from .features import head_prediction
@@ -98,6 +100,7 @@ def score_local(cfg: dict, sub: pd.DataFrame) -> dict | None:
 
 
 def run(cfg: dict, force: bool = False) -> Path:
+    started = time.time()
     comp = cfg["competition"]
     source = cfg["submit"]["source"]
     if not source:
@@ -117,10 +120,15 @@ def run(cfg: dict, force: bool = False) -> Path:
     with atomic_path(out) as tmp:
         sub.to_csv(tmp, index=False, compression="gzip" if cfg["submit"]["gzip"] else None)
     scores = score_local(cfg, sub)
-    meta = read_parquet_meta(feats)
-    summary = {"experiment": source, "file": str(out), "cv": (meta.get("cv") or {}).get("overall"),
+    overall = (read_parquet_meta(feats).get("cv") or {}).get("overall")
+    summary = {"experiment": source, "file": str(out),
+               "cv": overall.get("tta") if isinstance(overall, dict) else overall,
                "local": scores, "rows": int(len(sub))}
     write_json(out.with_name(out.name.split(".csv")[0] + ".json"), summary)
+    leaderboard.record(cfg, "submit", started, experiment=source, submission=str(out), artifacts=[str(out)])
+    if scores:
+        leaderboard.set_score(leaderboard.db_path(cfg), str(out), scores.get("public"), scores.get("private"),
+                              source="local", description="scored against solution.csv")
     msg = f"[submit] wrote {out} ({len(sub)} rows, validated against {sample_path})"
     if scores:
         msg += f"; local leaderboard {comp['metric']}: public {scores.get('public', float('nan')):.4f}, " \

@@ -24,6 +24,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
+from . import leaderboard
 from .competition import InputError, image_paths, load_train, table_path
 from .config import config_hash, targets
 from .folds import load_folds
@@ -542,6 +543,7 @@ def fold_ids(cfg: dict, train_df: pd.DataFrame, folds_df: pd.DataFrame) -> np.nd
 
 
 def run(cfg: dict, force: bool = False) -> dict:
+    started = time.time()
     train_df = load_train(cfg)
     folds_df, folds_hash = load_folds(cfg)
     fold = fold_ids(cfg, train_df, folds_df)
@@ -555,7 +557,7 @@ def run(cfg: dict, force: bool = False) -> dict:
     todo: list = list(range(n_splits)) if chosen is None else [int(k) for k in (chosen if isinstance(chosen, list) else [chosen])]
     if cfg["train"]["full"]:
         todo.append("full")
-    results = {}
+    results, trained = {}, []
     for k in todo:
         out = exp / f"fold{k}"
         meta_path = out / "meta.json"
@@ -571,7 +573,14 @@ def run(cfg: dict, force: bool = False) -> dict:
         result = FoldTrainer(cfg, heads, train_df, tr, va, k, out, key, folds_hash).fit()
         write_json(meta_path, provenance(cfg, "train", key, folds_hash=folds_hash, result=result))
         results[k] = result
-    return summarize(cfg, exp, key, folds_hash)
+        trained.append(k)
+    summary = summarize(cfg, exp, key, folds_hash)
+    if trained and summary:
+        epochs = pd.concat([pd.read_csv(exp / f"fold{k}" / "log.csv") for k in trained]).to_dict("records")
+        leaderboard.record(cfg, "train", started, cv=summary.get("oof_score", summary["cv_mean"]),
+                           folds=summary["folds"], artifacts=[str(exp / f"fold{k}" / "best.pt") for k in trained],
+                           epochs=epochs, note=f"trained folds {trained}")
+    return summary
 
 
 def summarize(cfg: dict, exp: Path, key: str, folds_hash: str) -> dict:

@@ -29,6 +29,12 @@ def test_make_demo_chain(tmp_path):
     sample = pd.read_csv(tmp_path / "data/demo/sample_submission.csv")
     assert list(sub["id"]) == list(sample["id"]) and sub["target"].between(0, 9).all()
     assert "level-2 CV accuracy" in out and "public" in out and "private" in out
+    # the leaderboard printed at the end has every experiment with its CV and the local LB scores
+    table = out[out.rindex("experiment "):]
+    for exp in ("demo-stack", "demo-resnet", "demo-small"):
+        assert exp in table
+    row = next(line for line in table.splitlines() if line.startswith("demo-stack"))
+    assert row.split()[1] == "stack" and len(row.split()) >= 9
     # a second run finds everything up to date and trains nothing
     again = subprocess.run(["make", "demo", f"VENV={venv}", f"ARGS={args}"], cwd=tmp_path, env=env,
                            capture_output=True, text=True, timeout=600)
