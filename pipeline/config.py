@@ -150,7 +150,7 @@ DEFAULTS: dict[str, Any] = {
         "enabled": True,
         "path": "submissions/leaderboard.db",
         "mlflow": False,  # also log to MLflow when the package is installed
-        "mlflow_uri": None,  # default: a local file store ./mlruns
+        "mlflow_uri": None,  # default: a local file store, file:./mlruns
     },
     "submit": {
         "source": None,  # feature set whose test predictions are submitted; default: this config's

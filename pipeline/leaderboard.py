@@ -160,7 +160,12 @@ def _mlflow(cfg, stage, cv, folds, experiment):
     except ImportError:
         print("[lb] leaderboard.mlflow is on but the mlflow package is not installed; skipped", flush=True)
         return
-    mlflow.set_tracking_uri(cfg["leaderboard"].get("mlflow_uri") or "file:./mlruns")
+    uri = cfg["leaderboard"].get("mlflow_uri") or "file:./mlruns"
+    if uri.startswith("file:"):  # recent MLflow keeps the file store only on request
+        import os
+
+        os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+    mlflow.set_tracking_uri(uri)
     mlflow.set_experiment(experiment)
     with mlflow.start_run(run_name=stage):
         from .config import _flatten, config_hash
