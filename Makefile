@@ -41,7 +41,10 @@ features: train
 stack: folds
 	$(RUN) stack $(FLAGS)
 
-submit:
+postprocess: setup
+	$(RUN) postprocess $(FLAGS)
+
+submit: setup
 	$(RUN) submit $(FLAGS)
 
 # The whole chain on the bundled demo: two level-1 experiments, LightGBM level 2, submissions.

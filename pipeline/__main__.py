@@ -15,6 +15,7 @@ STAGES = {
     "train": "train",
     "features": "features",
     "stack": "stack",
+    "postprocess": "postprocess",
     "submit": "submit",
 }
 

@@ -146,6 +146,18 @@ DEFAULTS: dict[str, Any] = {
         "refit_coef": 1.0,
         "lgbm": {},
     },
+    "postprocess": {
+        "source": None,  # feature set to post-process; default: this config's level 2, else its level 1
+        "name": None,  # output feature set; default: <source>-pp
+        "blend_with": None,  # a level-1 experiment to blend with (the atmaCup11 author used 0.5)
+        "blend_weight": None,  # fixed weight of the source in the blend; None = tuned on OOF
+        "force_from": None,  # {experiment: x, head: y}: force class i when that head's probability > t
+        "force_threshold": None,  # fixed t (the author used 0.94); None = tuned on OOF
+        "class_scale": False,  # per-class probability multipliers (multiclass)
+        "threshold": False,  # decision threshold (binary)
+        "rounding": False,  # optimised rounding thresholds (ordinal / regression, e.g. QWK)
+        "clip": False,  # true = clip to the train target's range, or [lo, hi]
+    },
     "leaderboard": {
         "enabled": True,
         "path": "submissions/leaderboard.db",

@@ -103,9 +103,10 @@ def run(cfg: dict, force: bool = False) -> Path:
     started = time.time()
     comp = cfg["competition"]
     source = cfg["submit"]["source"]
-    if not source:
-        level2 = stack_name(cfg)
-        source = level2 if (Path("features") / level2 / "test.parquet").exists() else cfg["name"]
+    if not source:  # the furthest stage of this config's chain that exists: post-processed, level 2, level 1
+        pp = cfg["postprocess"]["name"]
+        chain = ([pp] if pp else [f"{stack_name(cfg)}-pp", f"{cfg['name']}-pp"]) + [stack_name(cfg), cfg["name"]]
+        source = next((c for c in chain if (Path("features") / c / "test.parquet").exists()), cfg["name"])
     feats = Path("features") / source / "test.parquet"
     if not feats.exists():
         raise InputError(f"{feats}: no test predictions for '{source}'; run `make features` (or `make stack`) first, "
