@@ -106,6 +106,7 @@ DEFAULTS: dict[str, Any] = {
         "swa": False,
         "swa_start": 0.75,  # fraction of the epochs after which weights are averaged
         "multiscale": [],  # e.g. [24, 32, 40]: a random input size per batch
+        "sync_bn": False,  # under torchrun: SyncBatchNorm across processes
         "mixup": 0.0,  # alpha; 0 = off
         "cutmix": 0.0,
         "mix_prob": 0.5,

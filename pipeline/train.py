@@ -245,6 +245,44 @@ def _kill_hook(where: str, value: int) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
+class Dist:
+    """The torchrun environment: world size, rank, local rank (1, 0, 0 outside torchrun)."""
+
+    def __init__(self):
+        self.world = int(os.environ.get("WORLD_SIZE", "1"))
+        self.rank = int(os.environ.get("RANK", "0"))
+        self.local = int(os.environ.get("LOCAL_RANK", "0"))
+
+    @property
+    def enabled(self) -> bool:
+        return self.world > 1
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def setup(self, device: torch.device) -> torch.device:
+        """Join the process group (nccl on CUDA, gloo on CPU); returns this process's device."""
+        if not self.enabled:
+            return device
+        import torch.distributed as tdist
+
+        if device.type == "cuda":
+            device = torch.device("cuda", self.local)
+            torch.cuda.set_device(device)
+        if not tdist.is_initialized():
+            tdist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        if device.type == "cpu":
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // self.world))
+        return device
+
+    def barrier(self):
+        if self.enabled:
+            import torch.distributed as tdist
+
+            tdist.barrier()
+
+
 def to_device(y: dict, device) -> dict:
     return {k: v.to(device, non_blocking=True) for k, v in y.items()}
 
@@ -259,7 +297,8 @@ class FoldTrainer:
         self.out_dir, self.key, self.folds_hash = out_dir, key, folds_hash
         self.metric = get_metric(cfg["competition"]["metric"])
         self.main = targets(cfg)[0]
-        self.device = pick_device(self.tcfg["device"])
+        self.dist = Dist()
+        self.device = self.dist.setup(pick_device(self.tcfg["device"]))
         self.ids = train_df[cfg["competition"]["id"]].to_numpy()
         self.tr_idx, self.va_idx = np.asarray(tr_idx), np.asarray(va_idx)
         ys = head_targets(heads, train_df)
@@ -286,6 +325,14 @@ class FoldTrainer:
         self.frozen = freeze_stages(self.model.backbone, cfg["model"]["freeze_stages"])
         if tcfg["channels_last"]:
             self.model = self.model.to(memory_format=torch.channels_last)
+        self.net = self.model  # what the training forward pass runs (DDP-wrapped under torchrun)
+        if self.dist.enabled:
+            if tcfg["sync_bn"] and self.device.type == "cuda":
+                self.model = nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
+            elif tcfg["sync_bn"] and self.dist.main:
+                log("[train] train.sync_bn: SyncBatchNorm needs CUDA; each CPU process keeps its own BatchNorm statistics")
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.net = nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
         backbone = [p for p in self.model.backbone.parameters() if p.requires_grad]
         rest = [p for n, p in self.model.named_parameters() if not n.startswith("backbone.") and p.requires_grad]
         groups = [{"params": backbone, "lr": tcfg["lr"] * tcfg["backbone_lr_mult"]}, {"params": rest, "lr": tcfg["lr"]}]
@@ -321,6 +368,8 @@ class FoldTrainer:
         return self.ema.module if self.ema is not None else self.model
 
     def save_last(self):
+        if not self.dist.main:
+            return
         ckpt = {"key": self.key, "state": self.state, "model": self.model.state_dict(), "opt": self.opt.state_dict(),
                 "sched": self.sched.state_dict(), "scaler": self.scaler.state_dict(),
                 "ema": self.ema.state_dict() if self.ema else None, "ema_updates": self.ema.updates if self.ema else 0,
@@ -360,6 +409,8 @@ class FoldTrainer:
         return AveragedModel(self.model)
 
     def save_weights(self, model: nn.Module, name: str, score, epoch, preds=None):
+        if not self.dist.main:
+            return
         extra = {"fold": self.fold, "epoch": epoch, "score": score, "metric": self.metric.name,
                  "stage_key": self.key, "folds_hash": self.folds_hash}
         with atomic_path(self.out_dir / name) as tmp:
@@ -370,11 +421,17 @@ class FoldTrainer:
 
     # -- loops
     def loader(self, ds, shuffle: bool, epoch: int = 0) -> DataLoader:
-        g = torch.Generator().manual_seed(epoch_seed(self.cfg["seed"], self.fold, epoch))
+        seed = epoch_seed(self.cfg["seed"], self.fold, epoch)
+        g = torch.Generator().manual_seed(seed)
         workers = self.cfg["data"]["num_workers"]
+        sampler = None
+        if shuffle and self.dist.enabled:  # each process trains on its own shard of the fold
+            from torch.utils.data.distributed import DistributedSampler
+
+            sampler = DistributedSampler(ds, num_replicas=self.dist.world, rank=self.dist.rank, shuffle=True, seed=seed)
         return DataLoader(ds, batch_size=self.tcfg["batch_size"] if shuffle else max(self.tcfg["batch_size"], 64),
-                          shuffle=shuffle, generator=g, num_workers=workers, drop_last=False,
-                          pin_memory=self.device.type == "cuda", persistent_workers=False)
+                          shuffle=shuffle and sampler is None, sampler=sampler, generator=g, num_workers=workers,
+                          drop_last=False, pin_memory=self.device.type == "cuda", persistent_workers=False)
 
     def set_backbone_trainable(self, epoch: int):
         frozen_epochs = self.tcfg["freeze_backbone_epochs"]
@@ -395,7 +452,7 @@ class FoldTrainer:
         loader = self.loader(self.train_ds, shuffle=True, epoch=epoch)
         total, n, t0 = 0.0, 0, time.time()
         bar = tqdm(loader, desc=f"fold {self.fold} ep {epoch + 1}/{tcfg['epochs']}", leave=False, mininterval=1,
-                   dynamic_ncols=True)
+                   dynamic_ncols=True, disable=not self.dist.main)
         accum = tcfg["accumulate"]
         self.opt.zero_grad(set_to_none=True)
         for step, (x, y, _) in enumerate(bar):
@@ -409,7 +466,7 @@ class FoldTrainer:
                 x = x.contiguous(memory_format=torch.channels_last)
             x, y2, lam = mix_batch(x, y, tcfg, epoch)
             with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
-                out = self.model(x)
+                out = self.net(x)
                 loss = self.criterion(out, y, y2, lam)
             self.scaler.scale(loss / accum).backward()
             last = step + 1 == len(loader)
@@ -496,11 +553,14 @@ class FoldTrainer:
             if stop:
                 self.state["epoch"] = epochs  # a resumed run must not train on
             self.save_last()
-            pd.DataFrame(self.state["log"]).to_csv(self.out_dir / "log.csv", index=False)
+            if self.dist.main:
+                pd.DataFrame(self.state["log"]).to_csv(self.out_dir / "log.csv", index=False)
+            self.dist.barrier()
             msg = f"[train] fold {self.fold} epoch {epoch + 1}/{epochs} loss {train_loss:.4f}"
             if has_valid:
                 msg += f" valid_loss {row['valid_loss']:.4f} {self.metric.name} {row['score']:.4f}" + (" *" if improved else "")
-            log(msg + f" ({row['seconds']:.1f}s)")
+            if self.dist.main:
+                log(msg + f" ({row['seconds']:.1f}s)")
             _kill_hook("epoch", epoch + 1)
             if stop:
                 log(f"[train] fold {self.fold}: early stopping after {epoch + 1} epochs "
@@ -569,11 +629,19 @@ def run(cfg: dict, force: bool = False) -> dict:
             (out / "last.pt").unlink()
         tr = np.flatnonzero(fold != k) if k != "full" else np.arange(len(fold))
         va = np.flatnonzero(fold == k) if k != "full" else np.array([], dtype=int)
-        log(f"[train] {cfg['name']} fold {k}: {len(tr)} train rows, {len(va)} valid rows")
-        result = FoldTrainer(cfg, heads, train_df, tr, va, k, out, key, folds_hash).fit()
+        trainer = FoldTrainer(cfg, heads, train_df, tr, va, k, out, key, folds_hash)
+        log(f"[train] {cfg['name']} fold {k}: {len(tr)} train rows, {len(va)} valid rows, device {trainer.device}"
+            + (f", DDP world size {trainer.dist.world}" if trainer.dist.enabled else ""))
+        result = trainer.fit()
+        if not trainer.dist.main:
+            trainer.dist.barrier()
+            continue
         write_json(meta_path, provenance(cfg, "train", key, folds_hash=folds_hash, result=result))
+        trainer.dist.barrier()
         results[k] = result
         trained.append(k)
+    if not Dist().main:
+        return {}
     summary = summarize(cfg, exp, key, folds_hash)
     if trained and summary:
         epochs = pd.concat([pd.read_csv(exp / f"fold{k}" / "log.csv") for k in trained]).to_dict("records")

@@ -227,3 +227,20 @@ def test_local_weights_load_with_report_and_mismatch_refused(workdir, tmp_path):
         load_backbone_weights(other.backbone, tmp_path / "bad.pt")
     with pytest.raises(InputError, match="no download is ever attempted"):
         load_backbone_weights(other.backbone, tmp_path / "missing.pt")
+
+
+def test_ddp_two_cpu_processes_with_gloo(workdir):
+    tiny_cfg(workdir / "comp")
+    args = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "pipeline", "train",
+            f"competition.root={workdir / 'comp'}", "competition.group=grp", "folds.file=folds/{competition}.csv",
+            "data.in_chans=1", "data.image_size=16", "name=ddp", "model.backbone=test_resnet", "train.epochs=2",
+            "train.batch_size=8", "folds.n_splits=3", "train.folds=[0]", "train.sync_bn=true"]
+    run = subprocess.run(args, cwd=workdir, capture_output=True, text=True, timeout=600,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "DDP world size 2" in run.stdout
+    assert run.stdout.count("[train] fold 0 epoch 2/2") == 1  # one process writes and reports
+    log = pd.read_csv(workdir / "models/ddp/fold0/log.csv")
+    assert len(log) == 2 and log["score"].notna().all()
+    net, ck = load_model(workdir / "models/ddp/fold0/best.pt")
+    assert not any(k.startswith("module.") for k in ck["model"])
