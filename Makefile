@@ -34,6 +34,9 @@ folds: data
 train: folds
 	$(RUN) train $(FLAGS) $(FOLDS_ARG)
 
+lr-find: folds
+	$(RUN) lr-find $(FLAGS)
+
 features: train
 	$(RUN) features $(FLAGS)
 

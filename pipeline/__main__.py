@@ -8,11 +8,12 @@ import sys
 from .competition import InputError
 from .config import ConfigError, load_config
 
-# stage name -> module holding its ``run(cfg, force=...)`` entry point
+# stage name -> module holding its ``run(cfg, force=...)`` entry point (or module:function)
 STAGES = {
     "data": "demo",
     "folds": "folds",
     "train": "train",
+    "lr-find": "train:lr_find",
     "features": "features",
     "stack": "stack",
     "postprocess": "postprocess",
@@ -32,8 +33,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_intermixed_args(argv)
     try:
         cfg = load_config(args.config, args.overrides)
-        module = importlib.import_module(f"pipeline.{STAGES[args.stage]}")
-        module.run(cfg, force=args.force)
+        module_name, _, func = STAGES[args.stage].partition(":")
+        module = importlib.import_module(f"pipeline.{module_name}")
+        getattr(module, func or "run")(cfg, force=args.force)
     except (InputError, ConfigError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -10,10 +10,30 @@ import copy
 import difflib
 import hashlib
 import json
+import re
 from pathlib import Path
 from typing import Any, Iterable
 
 import yaml
+
+
+class _Loader(yaml.SafeLoader):
+    """YAML 1.1 reads ``1e-3`` as a string; competitors write learning rates that way, so read it as a float."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+    |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+    |\.[0-9_]+(?:[eE][-+][0-9]+)?
+    |[-+]?\.(?:inf|Inf|INF)
+    |\.(?:nan|NaN|NAN))$""", re.X),
+    list("-+0123456789."),
+)
+
+
+def yaml_load(text: str):
+    return yaml.load(text, Loader=_Loader)
 
 
 class ConfigError(ValueError):
@@ -119,6 +139,13 @@ DEFAULTS: dict[str, Any] = {
         "deterministic": True,
         "log_every": 0,
     },
+    "lr_find": {
+        "start": 1e-7,
+        "end": 1.0,
+        "steps": 100,
+        "smoothing": 0.9,  # exponential smoothing of the loss curve
+        "diverge": 4.0,  # stop once the smoothed loss exceeds this multiple of its minimum
+    },
     "pretrain": {
         "epochs": 5,
         "batch_size": 64,
@@ -219,7 +246,7 @@ def _read_yaml(path: Path, seen: tuple = ()) -> dict:
     if path.resolve() in seen:
         raise ConfigError(f"config file '{path}' inherits from itself through 'base'.")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml_load(path.read_text()) or {}
     except yaml.YAMLError as exc:
         raise ConfigError(f"config file '{path}' is not valid YAML: {exc}") from exc
     if not isinstance(data, dict):
@@ -246,7 +273,7 @@ def parse_override(text: str) -> tuple[str, Any]:
         raise ConfigError(f"override '{text}' must look like key=value, e.g. train.epochs=3.")
     key, raw = text.split("=", 1)
     key = key.strip()
-    value = yaml.safe_load(raw) if raw.strip() else None
+    value = yaml_load(raw) if raw.strip() else None
     return key, value
 
 

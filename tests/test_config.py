@@ -4,7 +4,9 @@ from pipeline.config import ConfigError, config_hash, load_config
 
 
 def test_override_sets_dotted_key_with_yaml_types(tmp_path):
-    cfg = load_config(None, ["folds.n_splits=3", "train.folds=[0, 2]", "train.lr=0.001", "competition.group=writer"])
+    cfg = load_config(None, ["folds.n_splits=3", "train.folds=[0, 2]", "train.lr=0.001", "competition.group=writer",
+                             "train.weight_decay=1e-4", "lr_find.end=2E+1"])
+    assert cfg["train"]["weight_decay"] == pytest.approx(1e-4) and cfg["lr_find"]["end"] == 20.0
     assert cfg["folds"]["n_splits"] == 3
     assert cfg["train"]["folds"] == [0, 2]
     assert cfg["train"]["lr"] == pytest.approx(0.001)
@@ -25,8 +27,9 @@ def test_unknown_yaml_key_names_file_and_suggests(tmp_path):
 
 def test_base_inheritance_and_override_order(tmp_path):
     (tmp_path / "base.yaml").write_text("name: base\nfolds:\n  n_splits: 4\n  seed: 1\n")
-    (tmp_path / "exp.yaml").write_text("base: base.yaml\nname: exp\nfolds:\n  seed: 7\n")
+    (tmp_path / "exp.yaml").write_text("base: base.yaml\nname: exp\nfolds:\n  seed: 7\ntrain:\n  lr: 3e-4\n")
     cfg = load_config(tmp_path / "exp.yaml", ["folds.seed=9"])
+    assert cfg["train"]["lr"] == pytest.approx(3e-4)
     assert (cfg["name"], cfg["folds"]["n_splits"], cfg["folds"]["seed"]) == ("exp", 4, 9)
 
 

@@ -244,3 +244,12 @@ def test_ddp_two_cpu_processes_with_gloo(workdir):
     assert len(log) == 2 and log["score"].notna().all()
     net, ck = load_model(workdir / "models/ddp/fold0/best.pt")
     assert not any(k.startswith("module.") for k in ck["model"])
+
+
+def test_lr_finder_writes_plot_and_a_sane_suggestion(workdir):
+    cfg = tiny_cfg(workdir / "comp", "lr_find.steps=40", "lr_find.start=1e-5", "lr_find.end=10")
+    png = T.lr_find(cfg)
+    assert png.read_bytes()[:4] == b"\x89PNG"
+    df = pd.read_csv(workdir / "models/tiny/lr_find.csv")
+    assert df["lr"].is_monotonic_increasing and 1e-5 <= df["lr"].iloc[0] < df["lr"].iloc[-1] <= 10
+    assert len(df) < 40 or df["smoothed"].iloc[-1] > df["smoothed"].min()  # stopped on divergence or saw it rise
