@@ -31,8 +31,19 @@ data: setup
 folds: data
 	$(RUN) folds $(FLAGS)
 
+# `make -j4 train` trains folds in parallel (one GPU each when several are visible); the last call
+# finds every fold up to date and writes the summary (CV, curves, leaderboard row).
+comma := ,
+NGPU ?= $(shell nvidia-smi -L 2>/dev/null | grep -c GPU)
+N_SPLITS = $(shell $(RUN) config -c $(CONFIG) $(ARGS) --get folds.n_splits)
+FOLD_IDS = $(if $(FOLDS),$(subst $(comma), ,$(FOLDS)),$(shell seq 0 $$(( $(N_SPLITS) - 1 ))))
+
 train: folds
+	$(MAKE) --no-print-directory $(addprefix train-fold-,$(FOLD_IDS))
 	$(RUN) train $(FLAGS) $(FOLDS_ARG)
+
+train-fold-%:
+	$(if $(filter-out 0,$(NGPU)),CUDA_VISIBLE_DEVICES=$$(( $* % $(NGPU) ))) $(RUN) train $(FLAGS) train.folds=[$*]
 
 lr-find: folds
 	$(RUN) lr-find $(FLAGS)

@@ -25,6 +25,8 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["lb"]:
         return _leaderboard(argv[1:])
+    if argv[:1] == ["config"]:
+        return _show_config(argv[1:])
     parser = argparse.ArgumentParser(prog="python -m pipeline", description=__doc__)
     parser.add_argument("stage", choices=sorted(STAGES), help="stage to run")
     parser.add_argument("-c", "--config", help="experiment YAML under configs/")
@@ -39,6 +41,33 @@ def main(argv: list[str] | None = None) -> int:
     except (InputError, ConfigError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    return 0
+
+
+def _show_config(argv: list[str]) -> int:
+    """``config -c x.yaml [key=value ...] [--get dotted.key]``: print the resolved config (or one value)."""
+    from .config import config_hash, dump_yaml
+
+    parser = argparse.ArgumentParser(prog="python -m pipeline config")
+    parser.add_argument("-c", "--config")
+    parser.add_argument("--get", help="print only this dotted key's value")
+    parser.add_argument("overrides", nargs="*")
+    args = parser.parse_intermixed_args(argv)
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if args.get:
+        value = cfg
+        for part in args.get.split("."):
+            if not isinstance(value, dict) or part not in value:
+                print(f"error: no config key '{args.get}'", file=sys.stderr)
+                return 2
+            value = value[part]
+        print(value if not isinstance(value, (dict, list)) else dump_yaml(value).strip())
+    else:
+        print(f"# hash {config_hash(cfg)}\n" + dump_yaml(cfg))
     return 0
 
 

@@ -642,12 +642,17 @@ def run(cfg: dict, force: bool = False) -> dict:
         trained.append(k)
     if not Dist().main:
         return {}
+    previous = read_json(exp / "summary.json") if (exp / "summary.json").exists() else {}
     summary = summarize(cfg, exp, key, folds_hash)
-    if trained and summary:
-        epochs = pd.concat([pd.read_csv(exp / f"fold{k}" / "log.csv") for k in trained]).to_dict("records")
+    # record when folds were trained here, or when this run completes a set trained elsewhere (make -j train)
+    changed = previous.get("stage_key") != key or previous.get("summary", {}).get("folds") != summary.get("folds")
+    if summary and (trained or changed):
+        names = trained or [n.removeprefix("fold") for n in summary["folds"]]
+        epochs = pd.concat([pd.read_csv(exp / f"fold{k}" / "log.csv") for k in names
+                            if (exp / f"fold{k}" / "log.csv").exists()]).to_dict("records")
         leaderboard.record(cfg, "train", started, cv=summary.get("oof_score", summary["cv_mean"]),
-                           folds=summary["folds"], artifacts=[str(exp / f"fold{k}" / "best.pt") for k in trained],
-                           epochs=epochs, note=f"trained folds {trained}")
+                           folds=summary["folds"], artifacts=[str(exp / f"fold{k}" / "best.pt") for k in names],
+                           epochs=epochs, note=f"trained folds {names}")
     return summary
 
 

@@ -1,4 +1,5 @@
 """The whole Make chain on the demo competition, in a scratch copy of the project (short training)."""
+import json
 import os
 import shutil
 import subprocess
@@ -40,3 +41,29 @@ def test_make_demo_chain(tmp_path):
                            capture_output=True, text=True, timeout=600)
     assert again.returncode == 0
     assert "epoch 1/" not in again.stdout and "up to date" in again.stdout
+
+
+def test_make_j2_trains_folds_in_parallel_then_summarises(tmp_path):
+    from tests.conftest import make_competition
+
+    for item in ("Makefile", "requirements.txt", "pyproject.toml"):
+        shutil.copy2(ROOT / item, tmp_path / item)
+    make_competition(tmp_path / "comp", n=90, n_groups=12, n_classes=3, size=16)
+    (tmp_path / "tiny.yaml").write_text(
+        "name: tiny\ncompetition: {name: tiny, root: comp, group: grp}\nfolds: {n_splits: 3}\n"
+        "data: {in_chans: 1, image_size: 16}\nmodel: {backbone: test_resnet}\ntrain: {epochs: 1, batch_size: 16}\n")
+    venv = Path(sys.executable).parent.parent
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    run = subprocess.run(["make", "-j2", "train", f"VENV={venv}", "CONFIG=tiny.yaml"], cwd=tmp_path, env=env,
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    for k in range(3):
+        assert "train.folds=[%d]" % k in run.stdout
+        assert (tmp_path / f"models/tiny/fold{k}/best.pt").exists()
+    summary = json.loads((tmp_path / "models/tiny/summary.json").read_text())["summary"]
+    assert sorted(summary["folds"]) == ["fold0", "fold1", "fold2"] and summary["oof_rows"] == 90
+    import sqlite3
+
+    con = sqlite3.connect(tmp_path / "submissions/leaderboard.db")
+    last = con.execute("SELECT folds FROM runs WHERE stage='train' ORDER BY id DESC LIMIT 1").fetchone()[0]
+    assert sorted(json.loads(last)) == ["fold0", "fold1", "fold2"]  # the leaderboard's row covers every fold
