@@ -45,6 +45,10 @@ train: folds
 train-fold-%:
 	$(if $(filter-out 0,$(NGPU)),CUDA_VISIBLE_DEVICES=$$(( $* % $(NGPU) ))) $(RUN) train $(FLAGS) train.folds=[$*]
 
+# jigsaw pretraining on all train + test images; then train with ARGS="model.init=models/pretrain/<name>-<backbone>.pt"
+pretrain: data
+	$(RUN) pretrain $(FLAGS)
+
 lr-find: folds
 	$(RUN) lr-find $(FLAGS)
 

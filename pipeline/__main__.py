@@ -12,6 +12,7 @@ from .config import ConfigError, load_config
 STAGES = {
     "data": "demo",
     "folds": "folds",
+    "pretrain": "pretrain",
     "train": "train",
     "lr-find": "train:lr_find",
     "features": "features",

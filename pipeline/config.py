@@ -147,13 +147,21 @@ DEFAULTS: dict[str, Any] = {
         "diverge": 4.0,  # stop once the smoothed loss exceeds this multiple of its minimum
     },
     "pretrain": {
-        "epochs": 5,
-        "batch_size": 64,
-        "lr": 1e-3,
+        "formulation": "permutation",  # permutation (index of one of N permutations) | position (9x9 tiles)
         "grid": 3,
-        "n_permutations": 100,
-        "formulation": "permutation",  # permutation | position
-        "output": "models/pretrain/{backbone}.pt",
+        "n_permutations": 100,  # permutation formulation: chosen for maximal Hamming distance
+        "gap": 2,  # pixels dropped between tiles, with random jitter in training (no edge-continuity shortcut)
+        "tile_norm": True,  # normalise every tile on its own (no brightness shortcut)
+        "dihedral": True,  # random flip/rotation (the 8 D4 views) of each image as extra inputs
+        "epochs": 5,
+        "batch_size": 128,
+        "lr": 1e-3,
+        "optimizer": "adam",
+        "scheduler": "cosine",
+        "valid_fraction": 0.05,  # held-out images for the puzzle accuracy
+        "max_images": 0,  # 0 = every train and test image
+        "init": None,  # continue from a local weights file
+        "output": "models/pretrain/{name}-{backbone}.pt",
     },
     "features": {
         "tta": "none",  # none | hflip | vflip | flip | d4 (ttach view sets; identity first)

@@ -73,6 +73,11 @@ class ImageDataset(Dataset):
     def __len__(self) -> int:
         return len(self.paths)
 
+    def set_epoch(self, seed: int) -> None:
+        """Reseed the augmentations so each epoch is reproducible (and a resumed run matches)."""
+        if hasattr(self.transform, "set_random_seed"):
+            self.transform.set_random_seed(seed)
+
     def image(self, i: int) -> np.ndarray:
         if self._cache is not None:
             if i not in self._cache:

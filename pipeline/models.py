@@ -18,7 +18,7 @@ from .competition import InputError
 
 @dataclass
 class Head:
-    """One output of the network: ``kind`` is multiclass, binary, regression or vector."""
+    """One output of the network: ``kind`` is multiclass, binary, regression, vector or position (jigsaw)."""
 
     name: str
     columns: list[str]
@@ -236,6 +236,9 @@ def activate(head: Head, logits: torch.Tensor) -> torch.Tensor:
         return logits.float().sigmoid().squeeze(-1)
     if head.kind == "regression":
         return logits.float().squeeze(-1)
+    if head.kind == "position":
+        n = int(round(head.out ** 0.5))
+        return logits.float().reshape(len(logits), n, n).softmax(-1).reshape(len(logits), -1)
     return logits.float()
 
 

@@ -78,6 +78,10 @@ class HeadLoss(nn.Module):
 
     def forward(self, logits, y):
         k = self.kind
+        if self.head.kind == "position":  # jigsaw: for each of n positions, which of n tiles is there
+            n = int(round(math.sqrt(self.head.out)))
+            return F.cross_entropy(logits.float().reshape(-1, n), y.long().reshape(-1), reduction="none").reshape(
+                len(y), n).mean(-1)
         if self.head.kind == "multiclass":
             soft = y if y.ndim == 2 else F.one_hot(y, self.head.out).float()
             if self.smoothing:
@@ -211,7 +215,7 @@ def seed_everything(seed: int) -> None:
 
 
 def epoch_seed(seed: int, fold, epoch: int) -> int:
-    f = -1 if fold == "full" else int(fold)
+    f = int(fold) if str(fold).isdigit() else {"full": -1}.get(str(fold), -2)
     return (seed * 1_000_003 + (f + 2) * 10_007 + epoch * 101) % 2**31
 
 
@@ -292,28 +296,34 @@ class FoldTrainer:
     """Trains one fold: the loop over epochs and batches, validation, checkpoints, resume."""
 
     def __init__(self, cfg: dict, heads: list[Head], train_df: pd.DataFrame, tr_idx, va_idx, fold, out_dir: Path,
-                 key: str, folds_hash: str):
+                 key: str, folds_hash: str, datasets: tuple | None = None, metric=None):
+        """``datasets`` = (train, valid, valid targets) replaces the competition's labelled images (the
+        jigsaw pretext task trains through this same loop); ``metric`` replaces the competition metric."""
         self.cfg, self.tcfg, self.heads, self.fold = cfg, cfg["train"], heads, fold
         self.out_dir, self.key, self.folds_hash = out_dir, key, folds_hash
-        self.metric = get_metric(cfg["competition"]["metric"])
-        self.main = targets(cfg)[0]
+        self.metric = metric or get_metric(cfg["competition"]["metric"])
         self.dist = Dist()
         self.device = self.dist.setup(pick_device(self.tcfg["device"]))
         self.ids = train_df[cfg["competition"]["id"]].to_numpy()
         self.tr_idx, self.va_idx = np.asarray(tr_idx), np.asarray(va_idx)
-        ys = head_targets(heads, train_df)
-        paths = image_paths(cfg, self.ids)
-        dcfg = cfg["data"]
-        self.train_tf = build_transform(dcfg, self.tcfg["augment"], seed=cfg["seed"])
-        self.train_ds = ImageDataset([paths[i] for i in self.tr_idx], dcfg["in_chans"], self.train_tf,
-                                     {k: v[self.tr_idx] for k, v in ys.items()}, dcfg["cache"])
-        self.valid_ds = ImageDataset([paths[i] for i in self.va_idx], dcfg["in_chans"], build_transform(dcfg),
-                                     {k: v[self.va_idx] for k, v in ys.items()}, dcfg["cache"])
-        self.y_valid = ys[heads[0].name][self.va_idx]
-        main_head = heads[0]
-        cw = class_weight_tensor(self.tcfg, ys[main_head.name][self.tr_idx] if main_head.kind == "multiclass" else None,
-                                 main_head.out)
-        self.criterion = Criterion(heads, self.tcfg, {h.name for h in heads if h.name in targets(cfg)}, cw).to(self.device)
+        main_targets = {h.name for h in heads if h.name in targets(cfg)} or {heads[0].name}
+        cw = None
+        if datasets is None:
+            ys = head_targets(heads, train_df)
+            paths = image_paths(cfg, self.ids)
+            dcfg = cfg["data"]
+            self.train_ds = ImageDataset([paths[i] for i in self.tr_idx], dcfg["in_chans"],
+                                         build_transform(dcfg, self.tcfg["augment"], seed=cfg["seed"]),
+                                         {k: v[self.tr_idx] for k, v in ys.items()}, dcfg["cache"])
+            self.valid_ds = ImageDataset([paths[i] for i in self.va_idx], dcfg["in_chans"], build_transform(dcfg),
+                                         {k: v[self.va_idx] for k, v in ys.items()}, dcfg["cache"])
+            self.y_valid = ys[heads[0].name][self.va_idx]
+            main_head = heads[0]
+            cw = class_weight_tensor(self.tcfg, ys[main_head.name][self.tr_idx] if main_head.kind == "multiclass"
+                                     else None, main_head.out)
+        else:
+            self.train_ds, self.valid_ds, self.y_valid = datasets
+        self.criterion = Criterion(heads, self.tcfg, main_targets, cw).to(self.device)
         self.steps_per_epoch = max(1, math.ceil(len(self.tr_idx) / self.tcfg["batch_size"] / self.tcfg["accumulate"]))
         self.build()
 
@@ -448,7 +458,7 @@ class FoldTrainer:
         self.set_backbone_trainable(epoch)
         seed = epoch_seed(self.cfg["seed"], self.fold, epoch)
         seed_everything(seed)
-        self.train_tf.set_random_seed(seed)
+        self.train_ds.set_epoch(seed)
         loader = self.loader(self.train_ds, shuffle=True, epoch=epoch)
         total, n, t0 = 0.0, 0, time.time()
         bar = tqdm(loader, desc=f"fold {self.fold} ep {epoch + 1}/{tcfg['epochs']}", leave=False, mininterval=1,
