@@ -169,7 +169,8 @@ DEFAULTS: dict[str, Any] = {
         "stats": ["mean", "var", "max", "min"],
         "keep_views": False,
         "batch_size": 256,
-        "embedding": False,
+        "embedding": False,  # also dump the pooled backbone embedding (identity view)
+        "pca": 0,  # reduce it to this many components, PCA fitted inside each fold on its train rows
         "use_full": False,
     },
     "stack": {

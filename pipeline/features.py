@@ -101,6 +101,25 @@ def aggregate(exp: str, outputs: dict[str, np.ndarray], stats: list[str], keep_v
     return pd.DataFrame(cols)
 
 
+def fit_fold_pca(model, heads, loader, paths, cfg, tf, device, n: int):
+    """PCA of the pooled embedding, fitted on the fold model's own TRAINING rows only (no leak into
+    OOF rows); components get a fixed sign (largest loading positive) so folds' bases roughly agree."""
+    from sklearn.decomposition import PCA
+
+    ds = ImageDataset(paths, cfg["data"]["in_chans"], tf)
+    emb = predict_views(model, heads, loader(ds), [lambda x: x], device, embed=True)["embedding"]
+    pca = PCA(n_components=min(n, emb.shape[1], len(emb)), random_state=cfg["seed"]).fit(emb)
+    signs = np.sign(pca.components_[np.arange(pca.n_components_), np.abs(pca.components_).argmax(1)])
+    pca.components_ *= signs[:, None]
+    return pca
+
+
+def reduce_embedding(outputs: dict, pca) -> dict:
+    if pca is not None and "embedding" in outputs:
+        outputs = {**outputs, "embedding": pca.transform(outputs["embedding"])}
+    return outputs
+
+
 def model_dir(cfg: dict) -> Path:
     return Path("models") / cfg["name"]
 
@@ -176,17 +195,21 @@ def run(cfg: dict, force: bool = False) -> Path:
             heads = model.head_specs
             loader = lambda ds: DataLoader(ds, batch_size=fcfg["batch_size"], shuffle=False,
                                            num_workers=cfg["data"]["num_workers"])
+            pca = None
+            if fcfg["embedding"] and fcfg["pca"] and k != "full":
+                pca = fit_fold_pca(model, heads, loader, [paths_train[i] for i in np.flatnonzero(fold_of != k)],
+                                   cfg, tf, device, int(fcfg["pca"]))
             if k != "full":
                 rows = np.flatnonzero(fold_of == k)
                 ds = ImageDataset([paths_train[i] for i in rows], cfg["data"]["in_chans"], tf)
-                o = predict_views(model, heads, loader(ds), views, device, fcfg["embedding"])
+                o = reduce_embedding(predict_views(model, heads, loader(ds), views, device, fcfg["embedding"]), pca)
                 ident = {f"{exp}__{h.name}__{j}__view0": o[h.name][0][:, j]  # no-TTA output, for the CV table
                          for h in heads for j in range(o[h.name].shape[2])}
                 df = pd.concat([pd.DataFrame({id_col: train_df[id_col].to_numpy()[rows], "fold": k}),
                                 aggregate(exp, o, fcfg["stats"], fcfg["keep_views"]), pd.DataFrame(ident)], axis=1)
                 write_parquet(part_oof, df, {"key": pkey})
-            t = aggregate(exp, predict_views(model, heads, loader(test_ds), views, device, fcfg["embedding"]),
-                          fcfg["stats"], fcfg["keep_views"])
+            t = aggregate(exp, reduce_embedding(predict_views(model, heads, loader(test_ds), views, device,
+                                                              fcfg["embedding"]), pca), fcfg["stats"], fcfg["keep_views"])
             t = pd.concat([pd.DataFrame({id_col: test_df[id_col].to_numpy()}), t], axis=1)
             write_parquet(part_test, t, {"key": pkey})
         if k != "full":

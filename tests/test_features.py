@@ -110,3 +110,32 @@ def test_missing_fold_model_is_refused(trained):
     shutil.rmtree("models/tiny/fold1")
     with pytest.raises(InputError, match="no trained model for fold 1"):
         FE.run(trained)
+
+
+def test_embedding_with_pca_fitted_on_fold_train_rows(trained):
+    cfg = tiny_cfg(trained["competition"]["root"], "train.epochs=1", "features.embedding=true", "features.pca=3")
+    out = FE.run(cfg)
+    oof, test = pd.read_parquet(out / "oof.parquet"), pd.read_parquet(out / "test.parquet")
+    emb = [c for c in oof.columns if "__embedding__" in c]
+    assert emb == [f"tiny__embedding__{j}__value" for j in range(3)]
+    assert set(emb) <= set(test.columns) and oof[emb].notna().all().all()
+    # fitted on the fold's training rows: refitting on them reproduces fold 0's OOF coordinates
+    import torch
+
+    from pipeline.competition import image_paths
+    from pipeline.images import build_transform
+    from pipeline.models import load_model
+
+    folds = pd.read_csv("folds/demo.csv", dtype={"id": str})
+    model, _ = load_model("models/tiny/fold0/best.pt")
+    ids_train = folds["id"][folds["fold"] != 0]
+    loader = lambda ds: DataLoader(ds, batch_size=64)
+    pca = FE.fit_fold_pca(model, model.head_specs, loader, image_paths(cfg, ids_train), cfg,
+                          build_transform(cfg["data"]), "cpu", 3)
+    ids_valid = folds["id"][folds["fold"] == 0]
+    from pipeline.images import ImageDataset
+
+    e = FE.predict_views(model, model.head_specs, loader(ImageDataset(image_paths(cfg, ids_valid), 1,
+                         build_transform(cfg["data"]))), [lambda x: x], "cpu", embed=True)["embedding"]
+    mine = oof.set_index("id").loc[list(ids_valid), emb].to_numpy()
+    assert np.allclose(pca.transform(e), mine, atol=1e-4)
