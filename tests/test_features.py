@@ -139,3 +139,14 @@ def test_embedding_with_pca_fitted_on_fold_train_rows(trained):
                          build_transform(cfg["data"]))), [lambda x: x], "cpu", embed=True)["embedding"]
     mine = oof.set_index("id").loc[list(ids_valid), emb].to_numpy()
     assert np.allclose(pca.transform(e), mine, atol=1e-4)
+
+
+def test_predictor_matches_the_features_stage_on_test(trained):
+    from pipeline.predict import Predictor
+
+    out = FE.run(trained)
+    test = pd.read_parquet(out / "test.parquet")
+    pred = Predictor.from_experiment("models/tiny").predict([f"comp/images/{i}.png" for i in test["id"]])
+    assert np.allclose(pred["target"], test[[f"tiny__target__{j}__mean" for j in range(3)]].to_numpy(), atol=1e-5)
+    one = Predictor.from_experiment("models/tiny", folds=[0]).predict([np.zeros((16, 16), np.uint8)], tta="d4")
+    assert one["target"].shape == (1, 3)
