@@ -75,7 +75,7 @@ def load_train(cfg: dict, check_images: bool | None = None) -> pd.DataFrame:
     df = read_table(path, "train", comp["id"])
     tgt = targets(cfg)
     require_columns(df, path, tgt, "competition.target")
-    require_columns(df, path, list(comp["aux_targets"]), "competition.aux_targets")
+    require_columns(df, path, aux_columns(cfg), "competition.aux_targets")
     require_columns(df, path, list(comp["tabular"]), "competition.tabular")
     for col in tgt:
         bad = df[col].isna()
@@ -106,6 +106,20 @@ def load_train(cfg: dict, check_images: bool | None = None) -> pd.DataFrame:
     if comp["check_images"] if check_images is None else check_images:
         check_image_files(cfg, df[comp["id"]], path)
     return df
+
+
+def aux_columns(cfg: dict) -> list[str]:
+    """Columns named by competition.aux_targets (a column name, or a mapping with name/columns)."""
+    cols = []
+    for aux in cfg["competition"]["aux_targets"]:
+        if isinstance(aux, str):
+            cols.append(aux)
+        elif isinstance(aux, dict) and (aux.get("columns") or aux.get("name")):
+            cols += list(aux.get("columns") or [aux["name"]])
+        else:
+            raise InputError(f"competition.aux_targets: {aux!r} must be a column name or a mapping with 'name' "
+                             "and optionally 'columns', 'task' (regression, multiclass, binary, vector), 'weight'.")
+    return cols
 
 
 def load_test(cfg: dict, check_images: bool | None = None) -> pd.DataFrame:

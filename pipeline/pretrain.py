@@ -21,6 +21,7 @@ import pandas as pd
 import torch
 from torch.utils.data import Dataset
 
+from . import leaderboard
 from .competition import InputError, image_paths, load_test, load_train
 from .config import config_hash
 from .images import build_transform, read_image
@@ -169,6 +170,9 @@ def run(cfg: dict, force: bool = False) -> Path:
     if not force and is_up_to_date(meta_path, key, [out]):
         log(f"[pretrain] up to date: {out}")
         return out
+    import time
+
+    started = time.time()
     perms = permutation_set(pc["n_permutations"], pc["grid"], cfg["seed"])
     n_valid = max(1, int(len(ids) * pc["valid_fraction"]))
     order = np.random.default_rng(cfg["seed"]).permutation(len(ids))
@@ -208,6 +212,8 @@ def run(cfg: dict, force: bool = False) -> Path:
     write_resolved_config(out.with_name(out.stem + ".config.yaml"), cfg)
     write_json(meta_path, provenance(cfg, "pretrain", key, result=result, load_report=str(report),
                                      min_hamming=min_hamming(perms), images=int(len(ids))))
+    leaderboard.record(cfg, "pretrain", started, experiment=f"{cfg['name']}:pretrain", artifacts=[str(out)],
+                       note=f"{metric.name} {result['best']:.4f} (puzzle, not the competition metric)")
     log(f"[pretrain] best {metric.name} {result['best']:.4f} at epoch {result['best_epoch']}; wrote {out} "
         f"({report}); use it with model.init={out}")
     return out

@@ -354,7 +354,7 @@ class FoldTrainer:
             self.opt = torch.optim.AdamW(groups, lr=tcfg["lr"], weight_decay=tcfg["weight_decay"], **extra)
         elif name == "sgd":
             self.opt = torch.optim.SGD(groups, lr=tcfg["lr"], momentum=tcfg["momentum"],
-                                       weight_decay=tcfg["weight_decay"], nesterov=True, **extra)
+                                       weight_decay=tcfg["weight_decay"], nesterov=tcfg["momentum"] > 0, **extra)
         else:
             raise InputError(f"train.optimizer must be adam, adamw or sgd, got '{name}'.")
         if tcfg["scheduler"] == "plateau":

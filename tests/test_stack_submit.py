@@ -86,6 +86,12 @@ def test_submit_writes_sample_shape_and_scores_public_private(level1):
     assert summary["local"]["private"] == pytest.approx((sub["target"][~pub] == sol["target"][~pub]).mean())
 
 
+def test_gzip_submission(level1):
+    out = SU.run(tiny_cfg(level1["competition"]["root"], "train.epochs=2", "features.tta=hflip", "submit.gzip=true"))
+    assert out.name == "tiny.csv.gz" and out.read_bytes()[:2] == b"\x1f\x8b"
+    assert len(pd.read_csv(out)) == len(pd.read_csv("comp/sample_submission.csv"))
+
+
 @pytest.fixture
 def sample():
     return pd.DataFrame({"id": ["a", "b", "c"], "target": [0, 0, 0]})

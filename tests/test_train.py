@@ -257,3 +257,94 @@ def test_lr_finder_writes_plot_and_a_sane_suggestion(workdir, capsys):
     assert df["lr"].iloc[0] < lr < df["lr"].iloc[-1]
     assert df["lr"].is_monotonic_increasing and 1e-5 <= df["lr"].iloc[0] < df["lr"].iloc[-1] <= 10
     assert df["smoothed"].min() < 0.5 * df["smoothed"].iloc[0]  # the sweep reached lrs that learn
+
+
+def _one_fold(workdir, *over, name="opt"):
+    cfg = tiny_cfg(workdir / "comp", "train.folds=[0]", "train.epochs=1", *over, name=name)
+    T.run(cfg)
+    return cfg, torch.load(f"models/{name}/fold0/last.pt", map_location="cpu", weights_only=False)
+
+
+def test_pooling_and_neck_options(workdir):
+    cfg = tiny_cfg(workdir / "comp")
+    heads = [Head("target", ["target"], "multiclass", 3)]
+    gem = build_model({**cfg, "model": {**cfg["model"], "pool": "gem"}}, heads)
+    avg = build_model(cfg, heads)
+    x = torch.rand(2, 96, 3, 3) + 0.1
+    gem.pool.gem.p.data.fill_(1.0)
+    assert torch.allclose(gem.pool(x), avg.pool(x), atol=1e-5)  # GeM with p=1 is average pooling
+    _, ck = _one_fold(workdir, "model.pool=gem", "train.lr=0.05")
+    assert ck["model"]["pool.gem.p"].item() != 3.0  # p is learned
+    am = build_model({**cfg, "model": {**cfg["model"], "pool": "avgmax"}}, heads)
+    assert am.embed_dim == 2 * am.backbone.num_features and am.heads["target"].in_features == am.embed_dim
+    bn = build_model({**cfg, "model": {**cfg["model"], "bnneck": True}}, heads)
+    assert isinstance(bn.neck, torch.nn.BatchNorm1d) and not bn.neck.bias.requires_grad
+    dr = build_model({**cfg, "model": {**cfg["model"], "dropout": 0.5}}, heads)
+    xi = torch.rand(4, 1, 16, 16)
+    dr.train()
+    assert not torch.equal(dr(xi)["target"], dr(xi)["target"])
+    dr.eval()
+    assert torch.equal(dr(xi)["target"], dr(xi)["target"])
+
+
+def test_auxiliary_and_vector_heads_train_with_their_own_outputs(workdir):
+    _one_fold(workdir, "competition.aux_targets=[tab, {name: vec, columns: [tab, grp], task: vector}]",
+              "train.loss_weights={tab: 0.5, vec: 0.1}")
+    valid = pd.read_parquet("models/opt/fold0/best_valid.parquet")
+    assert {"target__0", "target__2", "tab__0", "vec__0", "vec__1"} <= set(valid.columns)
+    ck = torch.load("models/opt/fold0/best.pt", map_location="cpu", weights_only=False)
+    assert {h["name"]: (h["kind"], h["weight"]) for h in ck["heads"]} == {
+        "target": ("multiclass", 1.0), "tab": ("regression", 0.5), "vec": ("vector", 0.1)}
+
+
+@pytest.mark.parametrize("opt,cls", [("adamw", torch.optim.AdamW), ("sgd", torch.optim.SGD), ("adam", torch.optim.Adam)])
+def test_optimizers(workdir, opt, cls):
+    cfg = tiny_cfg(workdir / "comp", f"train.optimizer={opt}")
+    from pipeline.competition import load_train
+    from pipeline.models import heads_for
+
+    df = load_train(cfg)
+    tr = T.FoldTrainer(cfg, heads_for(cfg, df), df, np.arange(60), np.arange(60, 90), 0, workdir / "x", "k", "h")
+    assert type(tr.opt) is cls
+    assert tr.opt.param_groups[0]["lr"] == pytest.approx(cfg["train"]["lr"])
+    from pipeline.config import DEFAULTS
+
+    assert (DEFAULTS["train"]["optimizer"], DEFAULTS["train"]["lr"]) == ("adam", 3e-4)
+
+
+def test_grad_clip_bounds_the_update(workdir):
+    _, raw = _one_fold(workdir, "train.optimizer=sgd", "train.momentum=0", "train.lr=100", "train.scheduler=none",
+                       "train.batch_size=64", name="noclip")
+    cfg = tiny_cfg(workdir / "comp")
+    init = build_model_for(cfg).state_dict()
+    _, clipped = _one_fold(workdir, "train.optimizer=sgd", "train.momentum=0", "train.lr=100", "train.scheduler=none",
+                           "train.batch_size=64", "train.grad_clip=0.001", name="clip")
+    delta = lambda st: torch.sqrt(sum(((st[k].float() - init[k].float()) ** 2).sum() for k in init
+                                      if k.endswith("weight") and "bn" not in k and st[k].dtype.is_floating_point))
+    assert delta(clipped["model"]) <= 100 * 0.001 * 1.01 * 2  # two steps (60-odd rows, batch 64) of norm <= lr*clip
+    assert delta(raw["model"]) > 10 * delta(clipped["model"])
+
+
+def test_plateau_cuts_lr_and_accumulation_halves_steps(workdir):
+    T.run(tiny_cfg(workdir / "comp", "train.folds=[0]", "train.epochs=3", "train.scheduler=plateau", "train.lr=1e-6",
+                   "train.patience=0", "train.gamma=0.5", name="plateau"))
+    lrs = pd.read_csv("models/plateau/fold0/log.csv")["lr"].tolist()
+    assert lrs[-1] < lrs[0]
+    _, one = _one_fold(workdir, "train.batch_size=8", "train.scheduler=cosine", name="acc1")
+    _, two = _one_fold(workdir, "train.batch_size=8", "train.scheduler=cosine", "train.accumulate=2", name="acc2")
+    assert two["sched"]["last_epoch"] == (one["sched"]["last_epoch"] + 1) // 2
+
+
+def test_channels_last_and_image_cache(workdir):
+    cfg = tiny_cfg(workdir / "comp", "train.channels_last=true", "data.cache=true")
+    from pipeline.competition import load_train
+    from pipeline.models import heads_for
+
+    df = load_train(cfg)
+    tr = T.FoldTrainer(cfg, heads_for(cfg, df), df, np.arange(60), np.arange(60, 90), 0, workdir / "x", "k", "h")
+    conv = next(p for p in tr.model.parameters() if p.ndim == 4)
+    assert conv.is_contiguous(memory_format=torch.channels_last)
+    tr.train_epoch(0)
+    for p in (workdir / "comp" / "images").glob("r*.png"):
+        p.unlink()
+    tr.train_epoch(1)  # every training image now comes from memory
