@@ -70,6 +70,7 @@ demo: setup
 	$(MAKE) --no-print-directory features CONFIG=configs/demo.yaml ARGS="$(ARGS)"
 	$(MAKE) --no-print-directory submit CONFIG=configs/demo.yaml ARGS="$(ARGS)"
 	$(MAKE) --no-print-directory features CONFIG=configs/demo-small.yaml ARGS="$(ARGS)"
+	$(MAKE) --no-print-directory submit CONFIG=configs/demo-small.yaml ARGS="$(ARGS)"
 	$(MAKE) --no-print-directory stack submit CONFIG=configs/demo-stack.yaml ARGS="$(ARGS)"
 	$(RUN) lb
 
