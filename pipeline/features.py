@@ -22,8 +22,8 @@ from .competition import InputError, image_paths, load_test, load_train
 from .config import config_hash, targets
 from .folds import load_folds
 from .images import ImageDataset, build_transform
-from .io import (file_hash, is_up_to_date, log, provenance, read_json, read_parquet_meta, write_json, write_parquet,
-                 write_resolved_config)
+from .io import (file_hash, head_prediction, is_up_to_date, log, provenance, read_json, read_parquet_meta,
+                 write_json, write_parquet, write_resolved_config)
 from .metrics import get_metric
 from .models import activate, load_model, pick_device
 
@@ -128,16 +128,6 @@ def features_dir(cfg: dict) -> Path:
     return Path("features") / cfg["name"]
 
 
-def head_prediction(df: pd.DataFrame, exp: str, head: str, stat: str = "mean") -> np.ndarray:
-    """The (N,) or (N, C) prediction of one head from feature columns."""
-    cols = [c for c in df.columns if c.startswith(f"{exp}__{head}__") and c.endswith(f"__{stat}")]
-    cols.sort(key=lambda c: int(c.split("__")[2]))
-    if not cols:
-        raise InputError(f"no '{stat}' columns for head '{head}' of experiment '{exp}' in the features.")
-    arr = df[cols].to_numpy()
-    return arr[:, 0] if arr.shape[1] == 1 else arr
-
-
 def run(cfg: dict, force: bool = False) -> Path:
     fcfg = cfg["features"]
     exp = cfg["name"]
@@ -148,7 +138,7 @@ def run(cfg: dict, force: bool = False) -> Path:
     folds_df, folds_hash = load_folds(cfg)
     fold_of = train_df[[id_col]].merge(folds_df, on=id_col, how="left")["fold"]
     if fold_of.isna().any():
-        raise InputError(f"the folds file does not cover train.csv; rerun `make folds` then `make train`.")
+        raise InputError("the folds file does not cover train.csv; rerun `make folds` then `make train`.")
     fold_of = fold_of.astype(int).to_numpy()
     n_splits = int(fold_of.max()) + 1
     metas = {}

@@ -16,8 +16,7 @@ import pandas as pd
 from . import leaderboard
 from .competition import InputError, load_train, table_path
 from .config import config_hash, targets
-from .config import load_config  # noqa: F401  (re-exported for notebooks)
-from .io import (file_hash, read_json, is_up_to_date, log, provenance, save_figure, write_csv, write_json,
+from .io import (file_hash, is_up_to_date, log, provenance, save_figure, write_csv, write_json,
                  write_resolved_config, write_text)
 
 CLASSIFICATION = ("binary", "multiclass", "ordinal")

@@ -9,7 +9,7 @@ import subprocess
 import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Iterator
 
 from .config import config_hash, dump_yaml
 
@@ -130,5 +130,14 @@ def log(msg: str) -> None:
     print(msg, flush=True)
 
 
-def skip_message(stage: str, what: str) -> Callable[[], None]:
-    return lambda: log(f"[{stage}] up to date: {what} (change the config or inputs, or delete it, to rerun)")
+# ------------------------------------------------------------------ feature sets (features/<name>/*.parquet)
+def head_prediction(df, exp: str, head: str, stat: str = "mean"):
+    """The (N,) or (N, C) prediction of one head from feature columns."""
+    cols = [c for c in df.columns if c.startswith(f"{exp}__{head}__") and c.endswith(f"__{stat}")]
+    cols.sort(key=lambda c: int(c.split("__")[2]))
+    if not cols:
+        from .competition import InputError
+
+        raise InputError(f"no '{stat}' columns for head '{head}' of experiment '{exp}' in the features.")
+    arr = df[cols].to_numpy()
+    return arr[:, 0] if arr.shape[1] == 1 else arr

@@ -230,7 +230,7 @@ def import_kaggle_csv(path, csv_file) -> list[tuple[str, str]]:
     for _, r in df.iterrows():
         fname = str(r[cols["filename"]])
         desc = str(r[cols["description"]]) if "description" in cols else ""
-        hit = next(((e, s) for e, s in subs if Path(s).name in (fname, fname + ".gz") or Path(s).name == fname), None)
+        hit = next(((e, s) for e, s in subs if Path(s).name in (fname, fname + ".gz")), None)
         if hit is None:
             hit = next(((e, s) for e, s in sorted(subs, key=lambda t: -len(t[0])) if e and e in desc), None)
         if hit is None:
@@ -320,7 +320,6 @@ def plot(path, out_dir: str | Path, experiment: str | None = None) -> list[Path]
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    import numpy as np
     import pandas as pd
 
     from .io import save_figure

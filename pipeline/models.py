@@ -33,7 +33,6 @@ def heads_for(cfg: dict, train=None) -> list[Head]:
     An auxiliary target is a column name (a regression head) or a mapping
     ``{name, columns, task, num_classes, weight}``; ``task: vector`` regresses several columns at once.
     """
-    from .competition import num_classes
     from .config import targets
 
     comp = cfg["competition"]

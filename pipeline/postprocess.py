@@ -23,9 +23,9 @@ import pandas as pd
 from . import leaderboard
 from .competition import InputError, load_train
 from .config import config_hash, stack_name, targets
-from .features import head_prediction
 from .folds import load_folds
-from .io import is_up_to_date, log, provenance, read_parquet_meta, write_json, write_parquet, write_resolved_config
+from .io import (head_prediction, is_up_to_date, log, provenance, read_parquet_meta, write_json, write_parquet,
+                 write_resolved_config)
 from .metrics import get_metric
 
 GRID = np.round(np.linspace(0, 1, 21), 3)

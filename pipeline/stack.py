@@ -17,10 +17,9 @@ import pandas as pd
 from . import leaderboard
 from .competition import InputError, load_test, load_train
 from .config import config_hash, stack_inputs, stack_name, targets
-from .features import head_prediction
 from .folds import load_folds
-from .io import (is_up_to_date, log, provenance, read_json, read_parquet_meta, save_figure, write_json, write_parquet,
-                 write_resolved_config)
+from .io import (head_prediction, is_up_to_date, log, provenance, read_json, read_parquet_meta, save_figure,
+                 write_json, write_parquet, write_resolved_config)
 from .metrics import get_metric
 
 # the atmaCup11 author's settings: gbdt, 31 leaves, lr 0.05, feature_fraction 0.9, bagging 0.8 every 5
@@ -91,10 +90,6 @@ def _lgbm_fit(params, task, n_classes, X, y, Xv=None, yv=None, n_estimators=None
     callbacks = [lgb.early_stopping(es, verbose=False)] if Xv is not None else []
     booster = lgb.train(p, train_set, num_boost_round=rounds, valid_sets=valid, callbacks=callbacks)
     return _Booster(booster, task)
-
-
-def _predict(model, task, X):
-    return model.predict(X)
 
 
 def _linear(task, X, y, Xt):
@@ -179,15 +174,15 @@ def run(cfg: dict, force: bool = False) -> Path:
             oof_pred[va] = sum(wi * p[va] for wi, p in zip(w, P))
         w_all = optimise_weights(P, y, task)
         test_pred = sum(wi * p for wi, p in zip(w_all, PT))
-        log(f"[stack] weights on OOF: " + ", ".join(f"{e}={w:.3f}" for e, w in zip(exps, w_all)))
+        log("[stack] weights on OOF: " + ", ".join(f"{e}={w:.3f}" for e, w in zip(exps, w_all)))
     else:
         for k in sorted(np.unique(fold)):
             tr, va = fold != k, fold == k
             if model_kind == "lgbm":
                 m = _lgbm_fit(scfg["lgbm"] or {}, task, n_classes, X[tr], y[tr], X[va], y[va], seed=cfg["seed"])
                 best_iters.append(int(m.best_iteration))
-                oof_pred[va] = _predict(m, task, X[va])
-                test_preds.append(_predict(m, task, T))
+                oof_pred[va] = m.predict(X[va])
+                test_preds.append(m.predict(T))
                 importances.append(pd.Series(m.booster.feature_importance("gain"), index=X.columns))
             elif model_kind == "linear":
                 oof_pred[va] = _linear(task, X[tr], y[tr], X[va])
@@ -197,7 +192,7 @@ def run(cfg: dict, force: bool = False) -> Path:
         if model_kind == "lgbm" and scfg["test_mode"] == "refit":
             n_iter = max(1, int(np.mean(best_iters) * scfg["refit_coef"]))
             log(f"[stack] refit on all rows with {n_iter} iterations (mean best iteration × {scfg['refit_coef']})")
-            test_pred = _predict(_lgbm_fit(scfg["lgbm"] or {}, task, n_classes, X, y, n_estimators=n_iter, seed=cfg["seed"]), task, T)
+            test_pred = _lgbm_fit(scfg["lgbm"] or {}, task, n_classes, X, y, n_estimators=n_iter, seed=cfg["seed"]).predict(T)
         else:
             test_pred = np.mean(test_preds, axis=0)
 

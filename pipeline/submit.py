@@ -15,8 +15,7 @@ import pandas as pd
 from . import leaderboard
 from .competition import InputError, read_table, table_path
 from .config import stack_name, targets
-from .features import head_prediction
-from .io import atomic_path, log, read_parquet_meta, write_json
+from .io import atomic_path, head_prediction, log, read_parquet_meta, write_json
 from .metrics import get_metric, to_labels
 
 

@@ -120,7 +120,6 @@ def test_embedding_with_pca_fitted_on_fold_train_rows(trained):
     assert emb == [f"tiny__embedding__{j}__value" for j in range(3)]
     assert set(emb) <= set(test.columns) and oof[emb].notna().all().all()
     # fitted on the fold's training rows: refitting on them reproduces fold 0's OOF coordinates
-    import torch
 
     from pipeline.competition import image_paths
     from pipeline.images import build_transform

@@ -6,6 +6,8 @@ import pytest
 
 from pipeline import folds as F
 from pipeline.competition import InputError
+from pipeline.config import load_config
+from pipeline.io import read_json
 from tests.conftest import config_for, make_competition
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist-writers"
@@ -81,7 +83,7 @@ def test_balance_without_groups_moves_single_rows():
 
 def test_report_and_provenance_written(cfg, tmp_path):
     out = F.run(cfg)
-    meta = F.read_json(F.sidecar(out, ".meta.json"))
+    meta = read_json(F.sidecar(out, ".meta.json"))
     assert meta["report"]["groups_in_several_folds"] == 0
     assert len(meta["config_hash"]) == 12 and "commit" in meta["git"]
     assert F.sidecar(out, ".report.png").read_bytes()[:4] == b"\x89PNG"
@@ -154,7 +156,7 @@ def test_missing_image_is_named(competition, tmp_path):
 
 @pytest.mark.skipif(not SHARED.exists(), reason="mnist-writers data not beside this checkout")
 def test_mnist_writers_five_grouped_folds_within_one_point(tmp_path):
-    cfg = F.load_config("configs/mnist-writers.yaml", [f"competition.root={SHARED}", f"folds.file={tmp_path}/f.csv",
+    cfg = load_config("configs/mnist-writers.yaml", [f"competition.root={SHARED}", f"folds.file={tmp_path}/f.csv",
                                                        "competition.check_images=false"])
     out = F.run(cfg)
     fold = pd.read_csv(out, dtype={"id": str}).set_index("id")["fold"]
