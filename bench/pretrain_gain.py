@@ -31,7 +31,7 @@ def main():
     ap.add_argument("--size", type=int, default=30)
     ap.add_argument("--pretrain-epochs", type=int, default=2)
     ap.add_argument("--epochs", type=int, default=15)
-    ap.add_argument("--formulation", default="permutation")
+    ap.add_argument("--formulation", default="position")
     ap.add_argument("--max-images", type=int, default=0)
     args = ap.parse_args()
     root = mnist_subset(args.labelled, seed=1)

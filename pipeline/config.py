@@ -147,7 +147,7 @@ DEFAULTS: dict[str, Any] = {
         "diverge": 4.0,  # stop once the smoothed loss exceeds this multiple of its minimum
     },
     "pretrain": {
-        "formulation": "permutation",  # permutation (index of one of N permutations) | position (9x9 tiles)
+        "formulation": "position",  # position (which tile is at each of the 9 places) | permutation (1 of N)
         "grid": 3,
         "n_permutations": 100,  # permutation formulation: chosen for maximal Hamming distance
         "gap": 2,  # pixels dropped between tiles, with random jitter in training (no edge-continuity shortcut)
