@@ -493,8 +493,10 @@ class FoldTrainer:
                     self.sched.step()
             total += float(loss.detach()) * len(x)
             n += len(x)
-            bar.set_postfix(loss=f"{total / n:.4f}", lr=f"{self.opt.param_groups[-1]['lr']:.2e}",
-                            img_s=f"{n / max(time.time() - t0, 1e-9):.0f}", refresh=False)
+            best = self.state["best"]
+            bar.set_postfix({"loss": f"{total / n:.4f}", f"best {self.metric.name}": "-" if best is None else f"{best:.4f}",
+                             "lr": f"{self.opt.param_groups[-1]['lr']:.2e}",
+                             "img/s": f"{n / max(time.time() - t0, 1e-9):.0f}"}, refresh=False)
         bar.close()
         return total / max(n, 1)
 

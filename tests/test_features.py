@@ -149,3 +149,15 @@ def test_predictor_matches_the_features_stage_on_test(trained):
     assert np.allclose(pred["target"], test[[f"tiny__target__{j}__mean" for j in range(3)]].to_numpy(), atol=1e-5)
     one = Predictor.from_experiment("models/tiny", folds=[0]).predict([np.zeros((16, 16), np.uint8)], tta="d4")
     assert one["target"].shape == (1, 3)
+
+
+def test_all_data_model_joins_the_test_mean_when_asked(workdir):
+    cfg = tiny_cfg(workdir / "comp", "train.epochs=1", "train.full=true", "features.use_full=true")
+    T.run(cfg)
+    assert (workdir / "models/tiny/foldfull/best.pt").exists()
+    out = FE.run(cfg)
+    parts = [pd.read_parquet(out / "parts" / f"fold{k}_test.parquet") for k in (0, 1, 2, "full")]
+    cols = [f"tiny__target__{j}__mean" for j in range(3)]
+    test = pd.read_parquet(out / "test.parquet")
+    assert np.allclose(test[cols].to_numpy(), np.mean([p[cols].to_numpy() for p in parts], axis=0), atol=1e-6)
+    assert not (out / "parts" / "foldfull_oof.parquet").exists()  # the all-data model never makes OOF rows

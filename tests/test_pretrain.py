@@ -59,3 +59,21 @@ def test_bad_inputs(workdir):
     torch.save({"fc.weight": torch.zeros(2, 2), "conv9.weight": torch.zeros(1)}, bad)
     with pytest.raises(InputError, match=r"does not fit backbone.*loaded 0/\d+.*missing .*bn1.*unexpected .*conv9.weight"):
         T.run(tiny_cfg(workdir / "comp", f"model.init={bad}", "train.folds=[0]"))
+
+
+def test_pretrain_resumes_after_kill_9(workdir):
+    import os
+    import subprocess
+    import sys
+
+    tiny_cfg(workdir / "comp")
+    args = [sys.executable, "-m", "pipeline", "pretrain", f"competition.root={workdir / 'comp'}", "competition.group=grp",
+            "folds.file=folds/{competition}.csv", "data.in_chans=1", "data.image_size=24", "name=pz",
+            "model.backbone=test_resnet", "pretrain.epochs=3", "pretrain.batch_size=16", "pretrain.valid_fraction=0.2"]
+    killed = subprocess.run(args, cwd=workdir, capture_output=True, text=True,
+                            env={**os.environ, "PIPELINE_KILL_AT": "epoch:1"})
+    assert killed.returncode == -9
+    again = subprocess.run(args, cwd=workdir, capture_output=True, text=True)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert "resuming from" in again.stdout and "epoch 1/3" not in again.stdout and "epoch 3/3" in again.stdout
+    assert (workdir / "models/pretrain/pz-test_resnet.pt").exists()
