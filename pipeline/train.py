@@ -627,15 +627,17 @@ def run(cfg: dict, force: bool = False) -> dict:
     n_splits = int(fold.max()) + 1
     chosen = cfg["train"]["folds"]
     todo: list = list(range(n_splits)) if chosen is None else [int(k) for k in (chosen if isinstance(chosen, list) else [chosen])]
+    bad = [k for k in todo if not 0 <= k < n_splits]
+    if bad:
+        raise InputError(f"train.folds names fold(s) {bad}, but the folds file has folds 0..{n_splits - 1}.")
     if cfg["train"]["full"]:
         todo.append("full")
-    results, trained = {}, []
+    trained = []
     for k in todo:
         out = exp / f"fold{k}"
         meta_path = out / "meta.json"
         if not force and meta_path.exists() and (out / "best.pt").exists() and read_json(meta_path).get("stage_key") == key:
             log(f"[train] fold {k} up to date: {out}")
-            results[k] = read_json(meta_path)["result"]
             continue
         if force and (out / "last.pt").exists():
             (out / "last.pt").unlink()
@@ -650,7 +652,6 @@ def run(cfg: dict, force: bool = False) -> dict:
             continue
         write_json(meta_path, provenance(cfg, "train", key, folds_hash=folds_hash, result=result))
         trainer.dist.barrier()
-        results[k] = result
         trained.append(k)
     if not Dist().main:
         return {}

@@ -207,6 +207,8 @@ def test_bad_inputs_are_named(workdir):
         T.run(tiny_cfg(workdir / "comp", "model.backbone=resnet_18"))
     with pytest.raises(InputError, match="outside the declared classes 0..1"):
         T.run(tiny_cfg(workdir / "comp", "competition.num_classes=2", "folds.method=group"))
+    with pytest.raises(InputError, match=r"train.folds names fold\(s\) \[7\], but the folds file has folds 0..2"):
+        T.run(tiny_cfg(workdir / "comp", "train.folds=[0, 7]"))
     with pytest.raises(InputError, match="unknown albumentations transform 'HorizontalFlp'.*HorizontalFlip"):
         T.run(tiny_cfg(workdir / "comp", "train.augment=[HorizontalFlp]"))
     (workdir / "comp/images/r00003.png").write_bytes(b"not a png")
