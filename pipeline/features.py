@@ -101,14 +101,14 @@ def aggregate(exp: str, outputs: dict[str, np.ndarray], stats: list[str], keep_v
     return pd.DataFrame(cols)
 
 
-def fit_fold_pca(model, heads, loader, paths, cfg, tf, device, n: int):
+def fit_fold_pca(model, heads, loader, paths, data_cfg, tf, device, n: int, seed: int = 0):
     """PCA of the pooled embedding, fitted on the fold model's own TRAINING rows only (no leak into
     OOF rows); components get a fixed sign (largest loading positive) so folds' bases roughly agree."""
     from sklearn.decomposition import PCA
 
-    ds = ImageDataset(paths, cfg["data"]["in_chans"], tf)
+    ds = ImageDataset(paths, data_cfg["in_chans"], tf)
     emb = predict_views(model, heads, loader(ds), [lambda x: x], device, embed=True)["embedding"]
-    pca = PCA(n_components=min(n, emb.shape[1], len(emb)), random_state=cfg["seed"]).fit(emb)
+    pca = PCA(n_components=min(n, emb.shape[1], len(emb)), random_state=seed).fit(emb)
     signs = np.sign(pca.components_[np.arange(pca.n_components_), np.abs(pca.components_).argmax(1)])
     pca.components_ *= signs[:, None]
     return pca
@@ -164,10 +164,8 @@ def run(cfg: dict, force: bool = False) -> Path:
     device = pick_device(cfg["train"]["device"])
     views = tta_views(fcfg["tta"], fcfg.get("scales"))
     log(f"[features] {exp}: {len(views)} TTA view(s) ({fcfg['tta']}), {n_splits} fold models, device {device}")
-    tf = build_transform(cfg["data"])
     paths_train = image_paths(cfg, train_df[id_col])
     paths_test = image_paths(cfg, test_df[id_col])
-    test_ds = ImageDataset(paths_test, cfg["data"]["in_chans"], tf)
     parts = out / "parts"
     oof_parts, test_parts = [], []
     models = list(range(n_splits)) + (["full"] if use_full else [])
@@ -183,15 +181,18 @@ def run(cfg: dict, force: bool = False) -> Path:
             if str(ckpt["fold"]) != str(k):
                 raise InputError(f"{mdir}/fold{k}/best.pt says it is fold {ckpt['fold']}; the models folder is mixed up.")
             heads = model.head_specs
+            dcfg = ckpt["data_cfg"]  # the image size/normalisation the model was trained with
+            tf = build_transform(dcfg)
+            test_ds = ImageDataset(paths_test, dcfg["in_chans"], tf)
             loader = lambda ds: DataLoader(ds, batch_size=fcfg["batch_size"], shuffle=False,
                                            num_workers=cfg["data"]["num_workers"])
             pca = None
             if fcfg["embedding"] and fcfg["pca"] and k != "full":
                 pca = fit_fold_pca(model, heads, loader, [paths_train[i] for i in np.flatnonzero(fold_of != k)],
-                                   cfg, tf, device, int(fcfg["pca"]))
+                                   dcfg, tf, device, int(fcfg["pca"]), cfg["seed"])
             if k != "full":
                 rows = np.flatnonzero(fold_of == k)
-                ds = ImageDataset([paths_train[i] for i in rows], cfg["data"]["in_chans"], tf)
+                ds = ImageDataset([paths_train[i] for i in rows], dcfg["in_chans"], tf)
                 o = reduce_embedding(predict_views(model, heads, loader(ds), views, device, fcfg["embedding"]), pca)
                 ident = {f"{exp}__{h.name}__{j}__view0": o[h.name][0][:, j]  # no-TTA output, for the CV table
                          for h in heads for j in range(o[h.name].shape[2])}

@@ -104,6 +104,14 @@ def test_a_folds_file_mismatch_is_refused(trained):
         FE.run(trained)
 
 
+def test_images_are_prepared_as_the_model_was_trained(trained):
+    # a later change of data.image_size must not feed the fold models another input size
+    base = pd.read_parquet(FE.run(trained) / "oof.parquet")
+    again = FE.run(tiny_cfg(trained["competition"]["root"], "train.epochs=1", "data.image_size=24",
+                            "features.batch_size=32"), force=True)
+    pd.testing.assert_frame_equal(base, pd.read_parquet(again / "oof.parquet"), atol=1e-6)
+
+
 def test_missing_fold_model_is_refused(trained):
     import shutil
 
@@ -129,8 +137,8 @@ def test_embedding_with_pca_fitted_on_fold_train_rows(trained):
     model, _ = load_model("models/tiny/fold0/best.pt")
     ids_train = folds["id"][folds["fold"] != 0]
     loader = lambda ds: DataLoader(ds, batch_size=64)
-    pca = FE.fit_fold_pca(model, model.head_specs, loader, image_paths(cfg, ids_train), cfg,
-                          build_transform(cfg["data"]), "cpu", 3)
+    pca = FE.fit_fold_pca(model, model.head_specs, loader, image_paths(cfg, ids_train), cfg["data"],
+                          build_transform(cfg["data"]), "cpu", 3, cfg["seed"])
     ids_valid = folds["id"][folds["fold"] == 0]
     from pipeline.images import ImageDataset
 
