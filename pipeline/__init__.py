@@ -1,6 +1,25 @@
-"""An image-competition pipeline: folds -> pretrain -> train -> features -> stack -> submit.
+"""An image-competition pipeline: folds -> pretrain -> train -> features -> stack -> postprocess -> submit.
 
-Import it from a notebook (``from pipeline.config import load_config``) or run the stages with
-``python -m pipeline <stage> -c configs/<experiment>.yaml [key=value ...]``.
+From a notebook or script::
+
+    from pipeline import load_config, run_stage
+    cfg = load_config("configs/demo.yaml", ["train.epochs=3"])
+    run_stage("train", cfg)
+
+or on the command line: ``python -m pipeline <stage> -c configs/<experiment>.yaml [key=value ...]``.
 """
 __version__ = "0.1.0"
+
+
+def load_config(path=None, overrides=()):
+    """Defaults <- YAML file (with its ``base`` chain) <- ``key=value`` overrides, validated."""
+    from .config import load_config as _load
+
+    return _load(path, overrides)
+
+
+def run_stage(stage: str, cfg: dict, force: bool = False):
+    """Run one stage in-process (see ``pipeline.stages``)."""
+    from .stages import run_stage as _run
+
+    return _run(stage, cfg, force=force)

@@ -1,64 +1,61 @@
-"""Command line: ``python -m pipeline <stage> -c configs/x.yaml [key=value ...]``."""
+"""Command line: ``python -m pipeline <stage> -c configs/x.yaml [key=value ...]``.
+
+Also ``config`` (print the resolved config or one key), ``inputs`` (the configs whose features a
+stack reads, for Make) and ``lb`` (the leaderboard). A user's mistake prints ``error: ...`` and exits
+with 2, with no traceback; ``--debug`` shows the traceback too.
+"""
 from __future__ import annotations
 
 import argparse
-import importlib
 import sys
 
-from .competition import InputError
-from .config import ConfigError, load_config
-
-# stage name -> module holding its ``run(cfg, force=...)`` entry point (or module:function)
-STAGES = {
-    "data": "demo",
-    "folds": "folds",
-    "pretrain": "pretrain",
-    "train": "train",
-    "lr-find": "train:lr_find",
-    "features": "features",
-    "stack": "stack",
-    "postprocess": "postprocess",
-    "submit": "submit",
-}
+from .errors import PipelineError
+from .stages import STAGES, run_stage
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["lb"]:
-        return _leaderboard(argv[1:])
-    if argv[:1] == ["config"]:
-        return _show_config(argv[1:])
-    parser = argparse.ArgumentParser(prog="python -m pipeline", description=__doc__)
+    debug = "--debug" in argv
+    argv = [a for a in argv if a != "--debug"]
+    try:
+        if argv[:1] == ["lb"]:
+            return _leaderboard(argv[1:])
+        if argv[:1] == ["config"]:
+            return _show_config(argv[1:])
+        if argv[:1] == ["inputs"]:
+            return _inputs(argv[1:])
+        return _stage(argv)
+    except PipelineError as exc:
+        if debug:
+            raise
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+def _stage(argv: list[str]) -> int:
+    from .config import load_config
+
+    parser = argparse.ArgumentParser(prog="python -m pipeline", description=__doc__,
+                                     epilog="other commands: config, inputs, lb; --debug shows tracebacks")
     parser.add_argument("stage", choices=sorted(STAGES), help="stage to run")
     parser.add_argument("-c", "--config", help="experiment YAML under configs/")
     parser.add_argument("--force", action="store_true", help="rerun even when the outputs are up to date")
     parser.add_argument("overrides", nargs="*", help="config overrides, e.g. train.epochs=3 folds.n_splits=4")
     args = parser.parse_intermixed_args(argv)
-    try:
-        cfg = load_config(args.config, args.overrides)
-        module_name, _, func = STAGES[args.stage].partition(":")
-        module = importlib.import_module(f"pipeline.{module_name}")
-        getattr(module, func or "run")(cfg, force=args.force)
-    except (InputError, ConfigError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    run_stage(args.stage, load_config(args.config, args.overrides), force=args.force)
     return 0
 
 
 def _show_config(argv: list[str]) -> int:
     """``config -c x.yaml [key=value ...] [--get dotted.key]``: print the resolved config (or one value)."""
-    from .config import config_hash, dump_yaml
+    from .config import config_hash, dump_yaml, load_config
 
     parser = argparse.ArgumentParser(prog="python -m pipeline config")
     parser.add_argument("-c", "--config")
     parser.add_argument("--get", help="print only this dotted key's value")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_intermixed_args(argv)
-    try:
-        cfg = load_config(args.config, args.overrides)
-    except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    cfg = load_config(args.config, args.overrides)
     if args.get:
         value = cfg
         for part in args.get.split("."):
@@ -72,9 +69,25 @@ def _show_config(argv: list[str]) -> int:
     return 0
 
 
+def _inputs(argv: list[str]) -> int:
+    """``inputs -c x.yaml [key=value ...]``: one config file per level-1 experiment the stack of x.yaml
+    reads (Make brings their features up to date before stacking)."""
+    from .config import config_for_experiment, load_config, stack_inputs
+
+    parser = argparse.ArgumentParser(prog="python -m pipeline inputs")
+    parser.add_argument("-c", "--config", required=True)
+    parser.add_argument("overrides", nargs="*")
+    args = parser.parse_intermixed_args(argv)
+    cfg = load_config(args.config, args.overrides)
+    for exp in stack_inputs(cfg):
+        print(config_for_experiment(exp, args.config, cfg))
+    return 0
+
+
 def _leaderboard(argv: list[str]) -> int:
     """``lb`` has its own sub-commands; ``-c`` and key=value overrides still choose the database."""
     from . import leaderboard
+    from .config import load_config
 
     cfg_path, overrides, rest = None, [], []
     it = iter(argv)
@@ -85,12 +98,7 @@ def _leaderboard(argv: list[str]) -> int:
             overrides.append(a)
         else:
             rest.append(a)
-    try:
-        cfg = load_config(cfg_path, overrides)
-    except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    return leaderboard.main(rest, cfg)
+    return leaderboard.main(rest, load_config(cfg_path, overrides))
 
 
 if __name__ == "__main__":

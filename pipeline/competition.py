@@ -1,4 +1,5 @@
-"""The competition as files: train/test/sample submission tables and the images they name.
+"""The competition as files: train/test/sample submission tables, the images they name, and the
+folds file every stage after ``folds`` reads (``load_folds``, ``fold_of``).
 
 Every loader validates what it reads and raises ``InputError`` naming the file, the column or the
 rows at fault, and what to do about it.
@@ -11,10 +12,9 @@ import numpy as np
 import pandas as pd
 
 from .config import targets
-
-
-class InputError(ValueError):
-    """Bad competition input; the message names the file/column/row and the fix."""
+from .errors import InputError
+from .io import file_hash
+from .paths import folds_file
 
 
 def root(cfg: dict) -> Path:
@@ -147,3 +147,23 @@ def num_classes(cfg: dict, train: pd.DataFrame, column: str | None = None) -> in
         return int(comp["num_classes"])
     column = column or targets(cfg)[0]
     return int(train[column].max()) + 1
+
+
+def load_folds(cfg: dict) -> tuple[pd.DataFrame, str]:
+    """The folds table of this competition and its content hash (later stages record it)."""
+    path = folds_file(cfg)
+    if not path.exists():
+        raise InputError(f"{path}: folds file not found; run `make folds` (python -m pipeline folds -c <config>) first.")
+    id_col = cfg["competition"]["id"]
+    return pd.read_csv(path, dtype={id_col: str}), file_hash(path)
+
+
+def fold_of(cfg: dict, train_df: pd.DataFrame, folds_df: pd.DataFrame) -> np.ndarray:
+    """The fold of every train row, in train.csv order; refuses a folds file that does not cover it."""
+    id_col = cfg["competition"]["id"]
+    merged = train_df[[id_col]].merge(folds_df, on=id_col, how="left")
+    if merged["fold"].isna().any() or len(folds_df) != len(train_df):
+        missing = merged.loc[merged["fold"].isna(), id_col].head(3).tolist()
+        raise InputError(f"{folds_file(cfg)} does not cover {table_path(cfg, 'train')} (e.g. ids {missing} have no "
+                         f"fold, or it has {len(folds_df)} rows for {len(train_df)}); rerun `make folds`.")
+    return merged["fold"].astype(int).to_numpy()

@@ -18,87 +18,16 @@ import torch
 from torch.utils.data import DataLoader
 
 from . import leaderboard
-from .competition import InputError, image_paths, load_test, load_train
+from .competition import image_paths, load_folds, load_test, load_train, table_path
 from .config import config_hash, targets
-from .folds import load_folds
+from .errors import InputError
 from .images import ImageDataset, build_transform
-from .io import (file_hash, head_prediction, is_up_to_date, log, provenance, read_json, read_parquet_meta,
-                 write_json, write_parquet, write_resolved_config)
+from .io import (file_hash, is_up_to_date, log, provenance, read_json, read_parquet_meta, write_json, write_parquet,
+                 write_resolved_config)
 from .metrics import get_metric
-from .models import activate, load_model, pick_device
-
-TTA_SETS = ("none", "hflip", "vflip", "flip", "d4")
-
-
-def tta_views(name: str, scales: list[float] | None = None):
-    """The ttach transformers of a named view set; the identity view comes first."""
-    import ttach as tta
-
-    if name not in TTA_SETS:
-        raise InputError(f"features.tta must be one of {', '.join(TTA_SETS)}, got '{name}'.")
-    parts = {"none": [], "hflip": [tta.HorizontalFlip()], "vflip": [tta.VerticalFlip()],
-             "flip": [tta.HorizontalFlip(), tta.VerticalFlip()],
-             "d4": [tta.HorizontalFlip(), tta.Rotate90(angles=[0, 90, 180, 270])]}[name]
-    scales = [float(s) for s in (scales or [1.0])]
-    if scales != [1.0]:
-        scales = [1.0] + [s for s in scales if s != 1.0]
-        parts = parts + [tta.Scale(scales, interpolation="bilinear")]
-    if not parts:
-        return [lambda x: x]
-    return [t.augment_image for t in tta.Compose(parts)]
-
-
-@torch.no_grad()
-def predict_views(model, heads, loader, views, device, embed: bool = False) -> dict[str, np.ndarray]:
-    """Per-view activated outputs: {head: array (V, N, D)}; plus 'embedding' (N, E) of the identity view.
-
-    The V views of a batch are stacked into one batch of V*B images (one forward pass per batch;
-    views that change the size, as multi-scale does, get one pass per size)."""
-    model.eval()
-    outs = {h.name: [] for h in heads}
-    embs = []
-    for x, _, _ in loader:
-        x = x.to(device)
-        b = x.shape[0]
-        viewed = [v(x) for v in views]
-        per_view: list[dict] = [None] * len(views)
-        by_size: dict[tuple, list[int]] = {}
-        for i, v in enumerate(viewed):
-            by_size.setdefault(tuple(v.shape[-2:]), []).append(i)
-        for idx in by_size.values():
-            out = model(torch.cat([viewed[i] for i in idx]))
-            for j, i in enumerate(idx):
-                per_view[i] = {h.name: activate(h, out[h.name][j * b:(j + 1) * b]) for h in heads}
-        for h in heads:
-            outs[h.name].append(torch.stack([pv[h.name].reshape(b, -1) for pv in per_view]).cpu().numpy())
-        if embed:
-            embs.append(model.embed(x).float().cpu().numpy())
-    res = {k: np.concatenate(v, axis=1) for k, v in outs.items()}
-    if embed:
-        res["embedding"] = np.concatenate(embs)
-    return res
-
-
-STATS = {"mean": lambda a: a.mean(0), "var": lambda a: a.var(0), "max": lambda a: a.max(0), "min": lambda a: a.min(0)}
-
-
-def aggregate(exp: str, outputs: dict[str, np.ndarray], stats: list[str], keep_views: bool) -> pd.DataFrame:
-    """(V, N, D) per head -> columns ``<exp>__<head>__<j>__<stat>`` (and ``__v<i>`` per view)."""
-    cols = {}
-    for head, arr in outputs.items():
-        if head == "embedding":
-            for j in range(arr.shape[1]):
-                cols[f"{exp}__embedding__{j}__value"] = arr[:, j]
-            continue
-        for j in range(arr.shape[2]):
-            for s in stats:
-                if s not in STATS:
-                    raise InputError(f"features.stats: unknown statistic '{s}' (mean, var, max, min).")
-                cols[f"{exp}__{head}__{j}__{s}"] = STATS[s](arr[:, :, j])
-            if keep_views:
-                for v in range(arr.shape[0]):
-                    cols[f"{exp}__{head}__{j}__v{v}"] = arr[v, :, j]
-    return pd.DataFrame(cols)
+from .models import load_model, pick_device
+from .paths import feature_column, features_dir, head_prediction, models_dir, parse_column
+from .tta import aggregate, predict_views, tta_views
 
 
 def fit_fold_pca(model, heads, loader, paths, data_cfg, tf, device, n: int, seed: int = 0):
@@ -120,19 +49,11 @@ def reduce_embedding(outputs: dict, pca) -> dict:
     return outputs
 
 
-def model_dir(cfg: dict) -> Path:
-    return Path("models") / cfg["name"]
-
-
-def features_dir(cfg: dict) -> Path:
-    return Path("features") / cfg["name"]
-
-
 def run(cfg: dict, force: bool = False) -> Path:
     fcfg = cfg["features"]
     exp = cfg["name"]
     id_col = cfg["competition"]["id"]
-    mdir, out = model_dir(cfg), features_dir(cfg)
+    mdir, out = models_dir(cfg), features_dir(cfg)
     train_df = load_train(cfg, check_images=False)
     test_df = load_test(cfg)
     folds_df, folds_hash = load_folds(cfg)
@@ -154,7 +75,7 @@ def run(cfg: dict, force: bool = False) -> Path:
                              "leak. Retrain (`make train`) with the current folds, or restore the old folds file.")
     use_full = fcfg["use_full"] and (mdir / "foldfull" / "best.pt").exists()
     key = config_hash([fcfg, [metas[k]["stage_key"] for k in metas], folds_hash, use_full,
-                       file_hash(Path(cfg["competition"]["root"]) / cfg["competition"]["test"])])
+                       file_hash(table_path(cfg, "test"))])
     oof_path, test_path = out / "oof.parquet", out / "test.parquet"
     if not force and is_up_to_date(out / "meta.json", key, [oof_path, test_path]):
         log(f"[features] up to date: {out}")
@@ -194,7 +115,7 @@ def run(cfg: dict, force: bool = False) -> Path:
                 rows = np.flatnonzero(fold_of == k)
                 ds = ImageDataset([paths_train[i] for i in rows], dcfg["in_chans"], tf)
                 o = reduce_embedding(predict_views(model, heads, loader(ds), views, device, fcfg["embedding"]), pca)
-                ident = {f"{exp}__{h.name}__{j}__view0": o[h.name][0][:, j]  # no-TTA output, for the CV table
+                ident = {feature_column(exp, h.name, j, "view0"): o[h.name][0][:, j]  # no-TTA output, for the CV table
                          for h in heads for j in range(o[h.name].shape[2])}
                 df = pd.concat([pd.DataFrame({id_col: train_df[id_col].to_numpy()[rows], "fold": k}),
                                 aggregate(exp, o, fcfg["stats"], fcfg["keep_views"]), pd.DataFrame(ident)], axis=1)
@@ -216,7 +137,7 @@ def run(cfg: dict, force: bool = False) -> Path:
 
     heads = [h["name"] for h in torch.load(mdir / "fold0" / "best.pt", map_location="cpu", weights_only=False)["heads"]]
     cv = score_table(cfg, oof, train_df, exp, heads[0], fold_of)
-    view_cols = [c for c in oof.columns if c.endswith("__view0")]
+    view_cols = [c for c in oof.columns if (col := parse_column(c)) and col.stat == "view0"]
     meta = provenance(cfg, "features", key, folds_hash=folds_hash, cv=cv, models=[str(m) for m in models],
                       views=len(views))
     write_parquet(oof_path, oof.drop(columns=view_cols), meta)

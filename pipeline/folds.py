@@ -13,21 +13,14 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from . import leaderboard
-from .competition import InputError, load_train, table_path
+from . import leaderboard, plots
+from .competition import load_train, table_path
 from .config import config_hash, targets
-from .io import (file_hash, is_up_to_date, log, provenance, save_figure, write_csv, write_json,
-                 write_resolved_config, write_text)
+from .errors import InputError
+from .io import file_hash, is_up_to_date, log, provenance, write_csv, write_json, write_resolved_config, write_text
+from .paths import folds_file, sidecar
 
 CLASSIFICATION = ("binary", "multiclass", "ordinal")
-
-
-def folds_path(cfg: dict) -> Path:
-    return Path(cfg["folds"]["file"].format(competition=cfg["competition"]["name"], name=cfg["name"]))
-
-
-def sidecar(path: Path, suffix: str) -> Path:
-    return path.with_name(path.stem + suffix)
 
 
 def resolve_method(cfg: dict) -> str:
@@ -206,37 +199,9 @@ def report_text(table: pd.DataFrame, summary: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot(cfg: dict, df: pd.DataFrame, fold: np.ndarray):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    target = targets(cfg)[0]
-    fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
-    sizes = pd.Series(fold).value_counts().sort_index()
-    axes[0].bar(sizes.index.astype(str), sizes.to_numpy(), color="tab:blue")
-    axes[0].set(title="rows per fold", xlabel="fold", ylabel="rows")
-    if cfg["competition"]["task"] in CLASSIFICATION:
-        shares = pd.crosstab(fold, df[target].astype(int), normalize="index") * 100
-        bottom = np.zeros(len(shares))
-        for c in shares.columns:
-            axes[1].bar(shares.index.astype(str), shares[c], bottom=bottom, label=str(c))
-            bottom += shares[c].to_numpy()
-        axes[1].set(title=f"'{target}' share per fold (%)", xlabel="fold", ylabel="%")
-        axes[1].legend(title=target, fontsize=7, ncol=2, bbox_to_anchor=(1.01, 1), loc="upper left")
-    else:
-        data = [df[target].to_numpy()[fold == k] for k in sorted(np.unique(fold))]
-        axes[1].boxplot(data)
-        axes[1].set_xticks(range(1, len(data) + 1), [str(k) for k in sorted(np.unique(fold))])
-        axes[1].set(title=f"'{target}' per fold", xlabel="fold")
-    fig.tight_layout()
-    return fig
-
-
 def run(cfg: dict, force: bool = False) -> Path:
     """Stage entry point: validate train.csv, split, write folds CSV + report; skip when up to date."""
-    out = folds_path(cfg)
+    out = folds_file(cfg)
     meta_path = sidecar(out, ".meta.json")
     train_file = table_path(cfg, "train")
     key_inputs = {"competition": cfg["competition"], "folds": cfg["folds"]}
@@ -253,10 +218,10 @@ def run(cfg: dict, force: bool = False) -> Path:
     text = report_text(table, summary)
     id_col = cfg["competition"]["id"]
     folds_df = pd.DataFrame({id_col: df[id_col], "fold": fold})
-    fig = plot(cfg, df, fold)
+    fig = plots.fold_report(df, fold, targets(cfg)[0], cfg["competition"]["task"] in CLASSIFICATION)
     # everything is computed; now write, the meta file last (it marks the stage complete)
     write_csv(out, folds_df)
-    save_figure(sidecar(out, ".report.png"), fig)
+    plots.save_figure(sidecar(out, ".report.png"), fig)
     write_text(sidecar(out, ".report.txt"), text)
     write_resolved_config(sidecar(out, ".config.yaml"), cfg)
     write_json(meta_path, provenance(cfg, "folds", key, folds_hash=file_hash(out), train_hash=file_hash(train_file),
@@ -265,12 +230,3 @@ def run(cfg: dict, force: bool = False) -> Path:
     log(text.rstrip())
     log(f"[folds] wrote {out} ({len(folds_df)} rows) and its report {sidecar(out, '.report.png')}")
     return out
-
-
-def load_folds(cfg: dict) -> tuple[pd.DataFrame, str]:
-    """The folds table of this competition and its content hash (later stages record it)."""
-    path = folds_path(cfg)
-    if not path.exists():
-        raise InputError(f"{path}: folds file not found; run `make folds` (python -m pipeline folds -c <config>) first.")
-    id_col = cfg["competition"]["id"]
-    return pd.read_csv(path, dtype={id_col: str}), file_hash(path)

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from .competition import InputError
+from .errors import InputError
 
 
 def read_image(path: str | Path, in_chans: int) -> np.ndarray:

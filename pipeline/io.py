@@ -14,6 +14,12 @@ from typing import Any, Iterator
 from .config import config_hash, dump_yaml
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; rename it into place only if the block succeeds."""
@@ -22,6 +28,7 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     tmp_path = Path(tmp)
+    os.chmod(tmp_path, 0o666 & ~_umask())  # mkstemp makes 0600; artifacts get the usual mode (0644 under 022)
     try:
         yield tmp_path
         os.replace(tmp_path, path)
@@ -69,14 +76,6 @@ def read_parquet_meta(path: str | Path) -> dict:
     return json.loads(meta.get(b"pipeline", b"{}"))
 
 
-def save_figure(path: str | Path, fig) -> None:
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
-    import matplotlib.pyplot as plt
-
-    plt.close(fig)
-
-
 def file_hash(path: str | Path, n: int = 12) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -85,8 +84,10 @@ def file_hash(path: str | Path, n: int = 12) -> str:
     return h.hexdigest()[:n]
 
 
-def git_info(cwd: str | Path = ".") -> dict:
-    """Commit and dirty flag of the checkout the code runs from; 'unknown' outside git."""
+def git_info(cwd: str | Path | None = None) -> dict:
+    """Commit and dirty flag of the checkout the pipeline's code comes from (whatever the current
+    directory); 'unknown' when it is not a git checkout (an installed wheel, a Kaggle dataset)."""
+    cwd = cwd or Path(__file__).resolve().parent
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, timeout=10)
         if commit.returncode != 0:
@@ -128,16 +129,3 @@ def is_up_to_date(meta_path: str | Path, key: str, outputs: list[str | Path]) ->
 
 def log(msg: str) -> None:
     print(msg, flush=True)
-
-
-# ------------------------------------------------------------------ feature sets (features/<name>/*.parquet)
-def head_prediction(df, exp: str, head: str, stat: str = "mean"):
-    """The (N,) or (N, C) prediction of one head from feature columns."""
-    cols = [c for c in df.columns if c.startswith(f"{exp}__{head}__") and c.endswith(f"__{stat}")]
-    cols.sort(key=lambda c: int(c.split("__")[2]))
-    if not cols:
-        from .competition import InputError
-
-        raise InputError(f"no '{stat}' columns for head '{head}' of experiment '{exp}' in the features.")
-    arr = df[cols].to_numpy()
-    return arr[:, 0] if arr.shape[1] == 1 else arr

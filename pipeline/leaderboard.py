@@ -15,12 +15,15 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import re
 import sqlite3
-import sys
 import time
 from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
+
+from .errors import LeaderboardError
+from .paths import leaderboard_db
 
 SCHEMA_VERSION = 1
 DEFAULT_DB = "submissions/leaderboard.db"
@@ -44,12 +47,8 @@ MIGRATIONS = {
 }
 
 
-class LeaderboardError(ValueError):
-    """Bad leaderboard input (unknown experiment, a score that is not a number, a newer schema)."""
-
-
 def db_path(cfg: dict | None) -> Path:
-    return Path((cfg or {}).get("leaderboard", {}).get("path") or DEFAULT_DB)
+    return leaderboard_db(cfg)
 
 
 @contextmanager
@@ -263,7 +262,12 @@ def table(path, pattern: str | None = None):
         runs = pd.read_sql_query("SELECT * FROM runs WHERE cv IS NOT NULL", con)
         lb = pd.read_sql_query("SELECT * FROM lb ORDER BY updated", con)
     if pattern:
-        runs = runs[runs["experiment"].str.contains(pattern.replace("%", ".*").replace("*", ".*"), regex=True)]
+        regex = pattern.replace("%", ".*").replace("*", ".*")
+        try:
+            re.compile(regex)
+        except re.error as exc:
+            raise LeaderboardError(f"--pattern '{pattern}' is not a valid pattern ({exc}); use e.g. 'demo-%'.") from None
+        runs = runs[runs["experiment"].str.contains(regex, regex=True)]
     if runs.empty:
         return pd.DataFrame()
     runs["priority"] = runs["stage"].map(STAGE_PRIORITY).fillna(0)
@@ -316,34 +320,16 @@ def format_table(df, markdown: bool = False) -> str:
 
 def plot(path, out_dir: str | Path, experiment: str | None = None) -> list[Path]:
     """CV vs public and CV vs private (correlation, y = x), and an experiment's learning curves."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     import pandas as pd
 
-    from .io import save_figure
+    from . import plots
 
     out_dir = Path(out_dir)
     written = []
     df = table(path)
     if not df.empty:
-        fig, axes = plt.subplots(1, 2, figsize=(10, 4.3))
-        for ax, col in zip(axes, ("public", "private")):
-            d = df.dropna(subset=["cv", col])
-            ax.scatter(d["cv"], d[col])
-            for r in d.itertuples():
-                ax.annotate(r.experiment, (r.cv, getattr(r, col)), fontsize=7)
-            if len(d):
-                lo = min(d["cv"].min(), d[col].min())
-                hi = max(d["cv"].max(), d[col].max())
-                ax.plot([lo, hi], [lo, hi], "k--", lw=1, label="y = x")
-                ax.legend(loc="lower right")
-            corr = d["cv"].corr(d[col]) if len(d) > 1 else float("nan")
-            ax.set(title=f"CV vs {col} LB (r = {corr:.3f}, n = {len(d)})", xlabel="CV", ylabel=f"{col} LB")
-        fig.tight_layout()
         p = out_dir / "lb_cv_vs_lb.png"
-        save_figure(p, fig)
+        plots.save_figure(p, plots.cv_vs_lb(df))
         written.append(p)
     if experiment:
         with connect(path) as con:
@@ -353,10 +339,8 @@ def plot(path, out_dir: str | Path, experiment: str | None = None) -> list[Path]
                 con, params=(experiment, experiment))
         if ep.empty:
             raise LeaderboardError(f"no per-epoch metrics recorded for experiment '{experiment}' (run `make train`).")
-        from .train import plot_curves
-
         p = out_dir / f"lb_curves_{experiment}.png"
-        save_figure(p, plot_curves(ep, "score", experiment))
+        plots.save_figure(p, plots.curves(ep, "score", experiment))
         written.append(p)
     return written
 
@@ -373,29 +357,25 @@ def main(argv: list[str], cfg: dict | None = None) -> int:
     parser.add_argument("--db", help=f"database file (default: leaderboard.path or {DEFAULT_DB})")
     args = parser.parse_args(argv)
     path = Path(args.db) if args.db else db_path(cfg)
-    try:
-        if args.action == "set":
-            if not args.target or (args.public is None and args.private is None):
-                raise LeaderboardError("usage: lb set <experiment|submission file> --public X [--private Y]")
-            exp = set_score(path, args.target, args.public, args.private)
-            print(f"[lb] recorded LB for {exp}: public {args.public}, private {args.private}")
-        elif args.action == "import":
-            if not args.target or not Path(args.target).exists():
-                raise LeaderboardError(f"lb import needs the Kaggle client's CSV file; '{args.target}' not found.")
-            matched = import_kaggle_csv(path, args.target)
-            print(f"[lb] imported {len(matched)} row(s): " + ", ".join(f"{f} -> {e}" for f, e in matched))
-        elif args.action == "plot":
-            for p in plot(path, path.parent, args.experiment):
-                print(f"[lb] wrote {p}")
-            return 0
-        df = table(path, args.pattern)
-        print(format_table(df))
-        if args.markdown:
-            from .io import write_text
+    if args.action == "set":
+        if not args.target or (args.public is None and args.private is None):
+            raise LeaderboardError("usage: lb set <experiment|submission file> --public X [--private Y]")
+        exp = set_score(path, args.target, args.public, args.private)
+        print(f"[lb] recorded LB for {exp}: public {args.public}, private {args.private}")
+    elif args.action == "import":
+        if not args.target or not Path(args.target).exists():
+            raise LeaderboardError(f"lb import needs the Kaggle client's CSV file; '{args.target}' not found.")
+        matched = import_kaggle_csv(path, args.target)
+        print(f"[lb] imported {len(matched)} row(s): " + ", ".join(f"{f} -> {e}" for f, e in matched))
+    elif args.action == "plot":
+        for p in plot(path, path.parent, args.experiment):
+            print(f"[lb] wrote {p}")
+        return 0
+    df = table(path, args.pattern)
+    print(format_table(df))
+    if args.markdown:
+        from .io import write_text
 
-            write_text(args.markdown, format_table(df, markdown=True) + "\n")
-            print(f"[lb] wrote {args.markdown}")
-    except LeaderboardError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        write_text(args.markdown, format_table(df, markdown=True) + "\n")
+        print(f"[lb] wrote {args.markdown}")
     return 0

@@ -21,12 +21,12 @@ import numpy as np
 import pandas as pd
 
 from . import leaderboard
-from .competition import InputError, load_train
+from .competition import fold_of, load_folds, load_train
 from .config import config_hash, stack_name, targets
-from .folds import load_folds
-from .io import (head_prediction, is_up_to_date, log, provenance, read_parquet_meta, write_json, write_parquet,
-                 write_resolved_config)
+from .errors import InputError
+from .io import is_up_to_date, log, provenance, read_parquet_meta, write_json, write_parquet, write_resolved_config
 from .metrics import get_metric
+from .paths import features_dir, head_prediction, prediction_frame
 
 GRID = np.round(np.linspace(0, 1, 21), 3)
 
@@ -165,16 +165,16 @@ def run(cfg: dict, force: bool = False) -> Path:
     task = comp["task"]
     metric = get_metric(comp["metric"])
     id_col, head = comp["id"], targets(cfg)[0]
-    source = pcfg["source"] or (stack_name(cfg) if (Path("features") / stack_name(cfg) / "oof.parquet").exists()
+    source = pcfg["source"] or (stack_name(cfg) if (features_dir(cfg, stack_name(cfg)) / "oof.parquet").exists()
                                 else cfg["name"])
     name = pcfg["name"] or f"{source}-pp"
-    src_dir, out = Path("features") / source, Path("features") / name
+    src_dir, out = features_dir(cfg, source), features_dir(cfg, name)
     if not (src_dir / "oof.parquet").exists():
         raise InputError(f"{src_dir}: no OOF predictions to post-process; run `make features` or `make stack` first.")
     train_df = load_train(cfg, check_images=False)
     folds_df, folds_hash = load_folds(cfg)
     inputs = [source] + [e for e in (pcfg["blend_with"], (pcfg["force_from"] or {}).get("experiment")) if e]
-    metas = {e: read_parquet_meta(Path("features") / e / "oof.parquet") for e in inputs}
+    metas = {e: read_parquet_meta(features_dir(cfg, e) / "oof.parquet") for e in inputs}
     for e, m in metas.items():
         if m.get("folds_hash") != folds_hash:
             raise InputError(f"features/{e} was made with another folds file; post-processing must be tuned on "
@@ -186,7 +186,7 @@ def run(cfg: dict, force: bool = False) -> Path:
     started = time.time()
 
     def load(exp, which, head_name=head, stat="mean"):
-        df = pd.read_parquet(Path("features") / exp / f"{which}.parquet")
+        df = pd.read_parquet(features_dir(cfg, exp) / f"{which}.parquet")
         order = train_df[[id_col]] if which == "oof" else None
         if order is not None:
             df = order.merge(df, on=id_col, how="left")
@@ -205,25 +205,16 @@ def run(cfg: dict, force: bool = False) -> Path:
             raise InputError(f"postprocess.force_from: head '{ff.get('head', head)}' of {ff['experiment']} is not a "
                              "multiclass (one-hot) head.")
     y = train_df[head].to_numpy()
-    fold = train_df[[id_col]].merge(folds_df, on=id_col)["fold"].to_numpy()
+    fold = fold_of(cfg, train_df, folds_df)
     target_range = (float(y.min()), float(y.max())) if task in ("regression", "ordinal") else None
     res = honest_gain(pcfg, task, metric, y, p, fold, other, onehot, target_range)
     oof_pp = apply_rules(res["params"], task, p, other, onehot)
     test_pp = apply_rules(res["params"], task, pt, other_t, onehot_t)
 
-    def frame(ids, pred, fold_col=None):
-        pred = np.asarray(pred).reshape(len(pred), -1)
-        df = pd.DataFrame({id_col: ids})
-        if fold_col is not None:
-            df["fold"] = fold_col
-        for j in range(pred.shape[1]):
-            df[f"{name}__{head}__{j}__mean"] = pred[:, j]
-        return df
-
     cv = {"overall": {"tta": res["in_sample"], "no_tta": res["in_sample"]}}
     meta = provenance(cfg, "postprocess", key, folds_hash=folds_hash, source=source, gain=res, cv=cv)
-    write_parquet(out / "oof.parquet", frame(train_df[id_col].to_numpy(), oof_pp, fold), meta)
-    write_parquet(out / "test.parquet", frame(test_ids, test_pp), meta)
+    write_parquet(out / "oof.parquet", prediction_frame(train_df[id_col].to_numpy(), id_col, name, head, oof_pp, fold), meta)
+    write_parquet(out / "test.parquet", prediction_frame(test_ids, id_col, name, head, test_pp), meta)
     write_json(out / "cv.json", cv)
     write_json(out / "postprocess.json", res)
     write_resolved_config(out / "config.yaml", cfg)

@@ -15,10 +15,10 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from .competition import InputError
-from .features import predict_views, tta_views
+from .errors import InputError
 from .images import build_transform, read_image
 from .models import load_model, pick_device
+from .tta import predict_views, tta_views
 
 
 class _Images(Dataset):

@@ -22,12 +22,15 @@ import torch
 from torch.utils.data import Dataset
 
 from . import leaderboard
-from .competition import InputError, image_paths, load_test, load_train
+from .competition import image_paths, load_test, load_train
 from .config import config_hash
+from .errors import InputError
 from .images import build_transform, read_image
 from .io import atomic_path, is_up_to_date, log, provenance, write_json, write_resolved_config
 from .metrics import Metric
 from .models import Head, create_backbone, load_backbone_weights
+from .paths import pretrain_file
+from .trainer import FoldTrainer
 
 
 def permutation_set(n: int, grid: int = 3, seed: int = 0) -> np.ndarray:
@@ -149,17 +152,9 @@ def _perm_accuracy(y, p):
     return float((np.asarray(p).argmax(1) == np.asarray(y)).mean())
 
 
-def output_path(cfg: dict) -> Path:
-    return Path(cfg["pretrain"]["output"].format(backbone=cfg["model"]["backbone"], name=cfg["name"]))
-
-
 def run(cfg: dict, force: bool = False) -> Path:
-    from .train import FoldTrainer  # the one training loop
-
     pc = cfg["pretrain"]
-    out = output_path(cfg)
-    if pc["formulation"] not in ("permutation", "position"):
-        raise InputError(f"pretrain.formulation must be permutation or position, got '{pc['formulation']}'.")
+    out = pretrain_file(cfg)
     id_col = cfg["competition"]["id"]
     train_df, test_df = load_train(cfg), load_test(cfg)
     ids = pd.concat([train_df[id_col], test_df[id_col]], ignore_index=True)

@@ -14,23 +14,18 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from . import leaderboard
-from .competition import InputError, load_test, load_train
+from . import leaderboard, plots
+from .competition import fold_of, load_folds, load_test, load_train
 from .config import config_hash, stack_inputs, stack_name, targets
-from .folds import load_folds
-from .io import (head_prediction, is_up_to_date, log, provenance, read_json, read_parquet_meta, save_figure,
-                 write_json, write_parquet, write_resolved_config)
+from .errors import InputError
+from .io import is_up_to_date, log, provenance, read_json, read_parquet_meta, write_json, write_parquet, write_resolved_config
+from .level2 import LEVEL2_MODELS, Level2Data
 from .metrics import get_metric
-
-# the atmaCup11 author's settings: gbdt, 31 leaves, lr 0.05, feature_fraction 0.9, bagging 0.8 every 5
-LGBM_DEFAULTS = {"learning_rate": 0.05, "num_leaves": 31, "feature_fraction": 0.9, "bagging_fraction": 0.8,
-                 "bagging_freq": 5, "min_child_samples": 20, "n_estimators": 2000, "verbose": -1,
-                 "early_stopping_rounds": 20, "num_threads": 0}
-
+from .paths import features_dir, head_prediction, prediction_frame
 
 def load_level1(cfg: dict, exp: str, folds_df: pd.DataFrame, folds_hash: str) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
     """An experiment's OOF and test features, refusing any that could leak into level 2."""
-    d = Path("features") / exp
+    d = features_dir(cfg, exp)
     oof_p, test_p = d / "oof.parquet", d / "test.parquet"
     if not oof_p.exists() or not test_p.exists():
         raise InputError(f"{d}: no features for experiment '{exp}'; run `make features CONFIG=<its config>` first.")
@@ -63,71 +58,6 @@ def tabular(cfg: dict, train_df: pd.DataFrame, test_df: pd.DataFrame) -> tuple[p
     return tr, te, cats
 
 
-class _Booster:
-    """A trained LightGBM booster with the prediction shape the metrics expect."""
-
-    def __init__(self, booster, task):
-        self.booster, self.task = booster, task
-        self.best_iteration = booster.best_iteration or booster.current_iteration()
-
-    def predict(self, X):
-        return self.booster.predict(X, num_iteration=self.best_iteration)
-
-
-def _lgbm_fit(params, task, n_classes, X, y, Xv=None, yv=None, n_estimators=None, seed=0):
-    """LightGBM through its native API (stable across versions); early stopping on the held-out fold."""
-    import lightgbm as lgb
-
-    p = {**LGBM_DEFAULTS, "seed": seed, **params}
-    rounds = int(n_estimators if n_estimators is not None else p.pop("n_estimators"))
-    p.pop("n_estimators", None)
-    es = int(p.pop("early_stopping_rounds", 20))
-    p["objective"] = {"multiclass": "multiclass", "binary": "binary"}.get(task, "regression")
-    if task == "multiclass":
-        p["num_class"] = n_classes
-    train_set = lgb.Dataset(X, y, categorical_feature="auto", free_raw_data=False)
-    valid = [lgb.Dataset(Xv, yv, reference=train_set)] if Xv is not None else []
-    callbacks = [lgb.early_stopping(es, verbose=False)] if Xv is not None else []
-    booster = lgb.train(p, train_set, num_boost_round=rounds, valid_sets=valid, callbacks=callbacks)
-    return _Booster(booster, task)
-
-
-def _linear(task, X, y, Xt):
-    from sklearn.compose import make_column_transformer
-    from sklearn.linear_model import LogisticRegression, Ridge
-    from sklearn.pipeline import make_pipeline
-    from sklearn.preprocessing import OneHotEncoder, StandardScaler
-
-    cats = [c for c in X.columns if str(X[c].dtype) == "category"]
-    nums = [c for c in X.columns if c not in cats]
-    pre = make_column_transformer((StandardScaler(), nums), (OneHotEncoder(handle_unknown="ignore"), cats))
-    est = LogisticRegression(max_iter=2000, C=1.0) if task in ("multiclass", "binary") else Ridge(alpha=1.0)
-    model = make_pipeline(pre, est).fit(X, y)
-    if task == "multiclass":
-        return model.predict_proba(Xt)
-    if task == "binary":
-        return model.predict_proba(Xt)[:, 1]
-    return model.predict(Xt)
-
-
-def optimise_weights(preds: list[np.ndarray], y: np.ndarray, task: str) -> np.ndarray:
-    """Non-negative weights summing to 1 that minimise logloss (classification) or MSE on OOF."""
-    from scipy.optimize import minimize
-
-    from .metrics import logloss
-
-    def loss(w):
-        w = np.abs(w) / np.abs(w).sum()
-        blend = sum(wi * p for wi, p in zip(w, preds))
-        return logloss(y, blend) if task in ("multiclass", "binary") else float(np.mean((blend - y) ** 2))
-
-    n = len(preds)
-    res = minimize(loss, np.ones(n) / n, method="SLSQP", bounds=[(0, 1)] * n,
-                   constraints=[{"type": "eq", "fun": lambda w: w.sum() - 1}])
-    w = np.clip(res.x, 0, None)
-    return w / w.sum()
-
-
 def run(cfg: dict, force: bool = False) -> Path:
     scfg = cfg["stack"]
     comp = cfg["competition"]
@@ -135,11 +65,11 @@ def run(cfg: dict, force: bool = False) -> Path:
     task = {"ordinal": "regression"}.get(comp["task"], comp["task"])
     metric = get_metric(comp["metric"])
     exps = stack_inputs(cfg)
-    out = Path("features") / name
+    out = features_dir(cfg, name)
     train_df = load_train(cfg, check_images=False)
     test_df = load_test(cfg, check_images=False)
     folds_df, folds_hash = load_folds(cfg)
-    fold = train_df[[id_col]].merge(folds_df, on=id_col, how="left")["fold"].to_numpy()
+    fold = fold_of(cfg, train_df, folds_df)
     metas = {}
     X_parts, T_parts = [], []
     for exp in exps:
@@ -159,53 +89,24 @@ def run(cfg: dict, force: bool = False) -> Path:
     y = train_df[target].to_numpy()
     n_classes = int(comp["num_classes"] or (y.max() + 1)) if task == "multiclass" else 1
     model_kind = scfg["model"]
-    shape = (len(X), n_classes) if task == "multiclass" else (len(X),)
-    oof_pred = np.zeros(shape)
-    test_preds, best_iters, importances = [], [], []
-    if model_kind == "weighted":
-        head = targets(cfg)[0]
-        P = [head_prediction(x_df, e, head, scfg["stat"]) for e, x_df in zip(exps, X_parts)]
-        PT = [head_prediction(t_df, e, head, scfg["stat"]) for e, t_df in zip(exps, T_parts)]
-        weights_per_fold = []
-        for k in sorted(np.unique(fold)):
-            tr, va = fold != k, fold == k
-            w = optimise_weights([p[tr] for p in P], y[tr], task)
-            weights_per_fold.append(w)
-            oof_pred[va] = sum(wi * p[va] for wi, p in zip(w, P))
-        w_all = optimise_weights(P, y, task)
-        test_pred = sum(wi * p for wi, p in zip(w_all, PT))
-        log("[stack] weights on OOF: " + ", ".join(f"{e}={w:.3f}" for e, w in zip(exps, w_all)))
-    else:
-        for k in sorted(np.unique(fold)):
-            tr, va = fold != k, fold == k
-            if model_kind == "lgbm":
-                m = _lgbm_fit(scfg["lgbm"] or {}, task, n_classes, X[tr], y[tr], X[va], y[va], seed=cfg["seed"])
-                best_iters.append(int(m.best_iteration))
-                oof_pred[va] = m.predict(X[va])
-                test_preds.append(m.predict(T))
-                importances.append(pd.Series(m.booster.feature_importance("gain"), index=X.columns))
-            elif model_kind == "linear":
-                oof_pred[va] = _linear(task, X[tr], y[tr], X[va])
-                test_preds.append(_linear(task, X[tr], y[tr], T))
-            else:
-                raise InputError(f"stack.model must be lgbm, linear or weighted, got '{model_kind}'.")
-        if model_kind == "lgbm" and scfg["test_mode"] == "refit":
-            n_iter = max(1, int(np.mean(best_iters) * scfg["refit_coef"]))
-            log(f"[stack] refit on all rows with {n_iter} iterations (mean best iteration × {scfg['refit_coef']})")
-            test_pred = _lgbm_fit(scfg["lgbm"] or {}, task, n_classes, X, y, n_estimators=n_iter, seed=cfg["seed"]).predict(T)
-        else:
-            test_pred = np.mean(test_preds, axis=0)
-
+    head = targets(cfg)[0]
+    data = Level2Data(X, T, y, fold, task, n_classes, exps,
+                      [head_prediction(x_df, e, head, scfg["stat"]) for e, x_df in zip(exps, X_parts)]
+                      if model_kind == "weighted" else [],
+                      [head_prediction(t_df, e, head, scfg["stat"]) for e, t_df in zip(exps, T_parts)]
+                      if model_kind == "weighted" else [], scfg, cfg["seed"])
+    result = LEVEL2_MODELS[model_kind](data)
+    oof_pred, test_pred, best_iters = result.oof, result.test, result.best_iterations
     per_fold = {f"fold{k}": metric(y[fold == k], oof_pred[fold == k]) for k in sorted(np.unique(fold))}
     cv = {"overall": metric(y, oof_pred), **per_fold}
-    inputs = {e: read_json(Path("features") / e / "cv.json").get("overall", {}) if (Path("features") / e / "cv.json").exists()
-              else {} for e in exps}
+    inputs = {e: read_json(features_dir(cfg, e) / "cv.json").get("overall", {})
+              if (features_dir(cfg, e) / "cv.json").exists() else {} for e in exps}
     write_outputs(cfg, out, key, folds_hash, oof_pred, test_pred, fold, train_df, test_df, cv, inputs, best_iters)
     leaderboard.record(cfg, "stack", started, cv=cv["overall"], folds=per_fold, experiment=name,
                        artifacts=[str(out / "oof.parquet"), str(out / "test.parquet")],
                        note=f"{model_kind} on {', '.join(exps)}")
-    if importances:
-        save_figure(out / "importance.png", plot_importance(pd.concat(importances, axis=1).mean(axis=1), name))
+    if result.importance is not None:
+        plots.save_figure(out / "importance.png", plots.importance(result.importance, name))
     lines = [f"[stack] {name} ({model_kind}) level-2 CV {metric.name}: {cv['overall']:.4f} "
              f"(folds: {', '.join(f'{v:.4f}' for v in per_fold.values())})"]
     for e, c in inputs.items():
@@ -218,35 +119,12 @@ def run(cfg: dict, force: bool = False) -> Path:
 def write_outputs(cfg, out, key, folds_hash, oof_pred, test_pred, fold, train_df, test_df, cv, inputs, best_iters):
     name, id_col, head = stack_name(cfg), cfg["competition"]["id"], targets(cfg)[0]
 
-    def frame(ids, pred):
-        pred = pred.reshape(len(pred), -1)
-        df = pd.DataFrame({id_col: ids})
-        for j in range(pred.shape[1]):
-            df[f"{name}__{head}__{j}__mean"] = pred[:, j]
-        return df
-
-    oof = frame(train_df[id_col].to_numpy(), oof_pred)
-    oof.insert(1, "fold", fold)
+    oof = prediction_frame(train_df[id_col].to_numpy(), id_col, name, head, oof_pred, fold)
     meta = provenance(cfg, "stack", key, folds_hash=folds_hash, cv=cv, inputs=inputs, best_iterations=best_iters,
                       experiments=stack_inputs(cfg), name=name)
     write_parquet(out / "oof.parquet", oof, meta)
-    write_parquet(out / "test.parquet", frame(test_df[id_col].to_numpy(), test_pred), meta)
+    write_parquet(out / "test.parquet", prediction_frame(test_df[id_col].to_numpy(), id_col, name, head, test_pred), meta)
     write_json(out / "cv.json", {"overall": {"tta": cv["overall"], "no_tta": cv["overall"]}, **{
         k: {"tta": v, "no_tta": v} for k, v in cv.items() if k != "overall"}})
     write_resolved_config(out / "config.yaml", cfg)
     write_json(out / "meta.json", meta)
-
-
-def plot_importance(imp: pd.Series, title: str, top: int = 30):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    imp = imp.sort_values(ascending=True).tail(top)
-    fig, ax = plt.subplots(figsize=(7, 0.25 * len(imp) + 1.2))
-    ax.barh(imp.index, imp.to_numpy(), color="tab:green")
-    ax.set(title=f"{title}: LightGBM gain importance (mean over folds)", xlabel="gain")
-    ax.tick_params(axis="y", labelsize=7)
-    fig.tight_layout()
-    return fig

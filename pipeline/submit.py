@@ -13,14 +13,12 @@ import numpy as np
 import pandas as pd
 
 from . import leaderboard
-from .competition import InputError, read_table, table_path
+from .competition import read_table, table_path
 from .config import stack_name, targets
-from .io import atomic_path, head_prediction, log, read_parquet_meta, write_json
+from .errors import InputError, SubmissionError
+from .io import atomic_path, log, read_parquet_meta, write_json
 from .metrics import get_metric, to_labels
-
-
-class SubmissionError(ValueError):
-    """A submission that the leaderboard would reject; the message says why."""
+from .paths import features_dir, head_prediction, leaderboard_db, submissions_dir
 
 
 def validate(sub: pd.DataFrame, sample: pd.DataFrame, id_col: str, where: str = "submission") -> None:
@@ -105,8 +103,8 @@ def run(cfg: dict, force: bool = False) -> Path:
     if not source:  # the furthest stage of this config's chain that exists: post-processed, level 2, level 1
         pp = cfg["postprocess"]["name"]
         chain = ([pp] if pp else [f"{stack_name(cfg)}-pp", f"{cfg['name']}-pp"]) + [stack_name(cfg), cfg["name"]]
-        source = next((c for c in chain if (Path("features") / c / "test.parquet").exists()), cfg["name"])
-    feats = Path("features") / source / "test.parquet"
+        source = next((c for c in chain if (features_dir(cfg, c) / "test.parquet").exists()), cfg["name"])
+    feats = features_dir(cfg, source) / "test.parquet"
     if not feats.exists():
         raise InputError(f"{feats}: no test predictions for '{source}'; run `make features` (or `make stack`) first, "
                          "or set submit.source to an experiment that has them.")
@@ -116,7 +114,7 @@ def run(cfg: dict, force: bool = False) -> Path:
     pred = head_prediction(test, source, targets(cfg)[0], cfg["submit"]["stat"])
     sub = to_submission(cfg, pred, test[comp["id"]].astype(str), sample)
     validate(sub, sample, comp["id"], where=f"submission for '{source}'")
-    out = Path("submissions") / (f"{source}.csv" + (".gz" if cfg["submit"]["gzip"] else ""))
+    out = submissions_dir(cfg) / (f"{source}.csv" + (".gz" if cfg["submit"]["gzip"] else ""))
     with atomic_path(out) as tmp:
         sub.to_csv(tmp, index=False, compression="gzip" if cfg["submit"]["gzip"] else None)
     scores = score_local(cfg, sub)
@@ -127,7 +125,7 @@ def run(cfg: dict, force: bool = False) -> Path:
     write_json(out.with_name(out.name.split(".csv")[0] + ".json"), summary)
     leaderboard.record(cfg, "submit", started, experiment=source, submission=str(out), artifacts=[str(out)])
     if scores:
-        leaderboard.set_score(leaderboard.db_path(cfg), str(out), scores.get("public"), scores.get("private"),
+        leaderboard.set_score(leaderboard_db(cfg), str(out), scores.get("public"), scores.get("private"),
                               source="local", description="scored against solution.csv")
     msg = f"[submit] wrote {out} ({len(sub)} rows, validated against {sample_path})"
     if scores:

@@ -6,9 +6,11 @@ import torch.nn as nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from pipeline import features as FE
+from pipeline import tta as TTA
+from pipeline.io import read_parquet_meta
 from pipeline import folds as FO
 from pipeline import train as T
-from pipeline.competition import InputError
+from pipeline.errors import InputError
 from pipeline.models import Head, Net
 from tests.conftest import tiny_cfg
 
@@ -43,8 +45,8 @@ def loader(n=10, size=8, seed=0):
 def test_d4_of_an_invariant_model_has_zero_variance():
     torch.manual_seed(0)
     net = Net(PointwiseBackbone(), [Head("t", ["t"], "multiclass", 3)])
-    out = FE.predict_views(net, net.head_specs, loader(), FE.tta_views("d4"), "cpu")
-    df = FE.aggregate("e", out, ["mean", "var", "max", "min"], keep_views=False)
+    out = TTA.predict_views(net, net.head_specs, loader(), TTA.tta_views("d4"), "cpu")
+    df = TTA.aggregate("e", out, ["mean", "var", "max", "min"], keep_views=False)
     assert out["t"].shape == (8, 10, 3)
     assert np.allclose(df.filter(like="__var").to_numpy(), 0, atol=1e-12)
 
@@ -56,8 +58,8 @@ def test_mean_over_views_equals_ttach_merged_mean_and_batched_equals_loop():
     from pipeline.models import create_backbone
 
     net = Net(create_backbone("test_resnet", 1), [Head("t", ["t"], "multiclass", 3)]).eval()
-    out = FE.predict_views(net, net.head_specs, loader(size=16), FE.tta_views("d4"), "cpu")
-    ours = FE.aggregate("e", out, ["mean"], False).to_numpy()
+    out = TTA.predict_views(net, net.head_specs, loader(size=16), TTA.tta_views("d4"), "cpu")
+    ours = TTA.aggregate("e", out, ["mean"], False).to_numpy()
     wrapped = tta.ClassificationTTAWrapper(lambda x: net(x)["t"].softmax(-1), tta.aliases.d4_transform(), merge_mode="mean")
     with torch.no_grad():
         theirs = torch.cat([wrapped(x) for x, _, _ in loader(size=16)]).numpy()
@@ -65,7 +67,7 @@ def test_mean_over_views_equals_ttach_merged_mean_and_batched_equals_loop():
     # one forward pass per view gives the same numbers as the stacked batch
     with torch.no_grad():
         loop = np.stack([torch.cat([net(v(x))["t"].softmax(-1) for x, _, _ in loader(size=16)]).numpy()
-                         for v in FE.tta_views("d4")])
+                         for v in TTA.tta_views("d4")])
     assert np.allclose(out["t"], loop, atol=1e-5)
 
 
@@ -82,7 +84,7 @@ def test_identity_tta_equals_plain_inference_and_oof_is_out_of_fold(trained):
         assert np.allclose(mine[[f"tiny__target__{j}__mean" for j in range(3)]].to_numpy(), plain, atol=1e-5)
     test = pd.read_parquet(out / "test.parquet")
     assert list(test["id"]) == list(pd.read_csv("comp/test.csv", dtype={"id": str})["id"])
-    meta = FE.read_parquet_meta(out / "oof.parquet")
+    meta = read_parquet_meta(out / "oof.parquet")
     assert meta["folds_hash"] and meta["config_hash"] and "commit" in meta["git"]
 
 
@@ -142,7 +144,7 @@ def test_embedding_with_pca_fitted_on_fold_train_rows(trained):
     ids_valid = folds["id"][folds["fold"] == 0]
     from pipeline.images import ImageDataset
 
-    e = FE.predict_views(model, model.head_specs, loader(ImageDataset(image_paths(cfg, ids_valid), 1,
+    e = TTA.predict_views(model, model.head_specs, loader(ImageDataset(image_paths(cfg, ids_valid), 1,
                          build_transform(cfg["data"]))), [lambda x: x], "cpu", embed=True)["embedding"]
     mine = oof.set_index("id").loc[list(ids_valid), emb].to_numpy()
     assert np.allclose(pca.transform(e), mine, atol=1e-4)

@@ -5,7 +5,7 @@ import pandas as pd
 import pytest
 
 from pipeline import folds as F
-from pipeline.competition import InputError
+from pipeline.errors import InputError
 from pipeline.config import load_config
 from pipeline.io import read_json
 from tests.conftest import config_for, make_competition

@@ -12,7 +12,9 @@ from pipeline.config import load_config
 
 
 def cfg_for(db, metric="accuracy", name="exp"):
-    return load_config(None, [f"leaderboard.path={db}", f"competition.metric={metric}", f"name={name}"])
+    task = "regression" if metric in ("rmse", "mae") else "multiclass"
+    return load_config(None, [f"leaderboard.path={db}", f"competition.metric={metric}", f"competition.task={task}",
+                              f"name={name}"])
 
 
 def test_two_processes_recording_200_runs_each_lose_nothing(tmp_path):

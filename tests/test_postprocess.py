@@ -3,6 +3,7 @@ import pandas as pd
 import pytest
 
 from pipeline import features as FE
+from pipeline.io import read_json
 from pipeline import postprocess as PP
 from pipeline import submit as SU
 from pipeline import train as T
@@ -93,7 +94,7 @@ def test_stage_writes_a_feature_set_that_submit_picks(workdir):
     FE.run(c)
     out = PP.run(c)
     assert out.name == "tiny-pp"
-    res = FE.read_json(out / "postprocess.json")
+    res = read_json(out / "postprocess.json")
     assert {"in_sample_gain", "nested_gain", "params"} <= set(res)
     assert SU.run(c).name == "tiny-pp.csv"
     assert len(pd.read_parquet(out / "test.parquet")) == len(pd.read_csv("comp/test.csv"))

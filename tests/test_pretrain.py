@@ -4,7 +4,7 @@ import torch
 
 from pipeline import pretrain as P
 from pipeline import train as T
-from pipeline.competition import InputError
+from pipeline.errors import InputError
 from tests.conftest import tiny_cfg
 
 

@@ -3,10 +3,12 @@ import pandas as pd
 import pytest
 
 from pipeline import features as FE
+from pipeline.io import read_json, read_parquet_meta, write_parquet
+from pipeline import level2 as L2
 from pipeline import stack as S
 from pipeline import submit as SU
 from pipeline import train as T
-from pipeline.competition import InputError
+from pipeline.errors import InputError
 from tests.conftest import tiny_cfg
 
 
@@ -32,17 +34,17 @@ def test_stack_uses_same_folds_and_writes_a_feature_set(level1):
 def test_level2_refuses_in_fold_outputs(level1):
     path = "features/tiny/oof.parquet"
     df = pd.read_parquet(path)
-    meta = FE.read_parquet_meta(path)
+    meta = read_parquet_meta(path)
     df.loc[0, "fold"] = (df.loc[0, "fold"] + 1) % 3  # this row's features now claim a model that trained on it
-    FE.write_parquet(path, df, meta)
+    write_parquet(path, df, meta)
     with pytest.raises(InputError, match="in-fold leak"):
         S.run(level1)
 
 
 def test_level2_refuses_features_from_another_folds_file(level1):
     path = "features/tiny/oof.parquet"
-    meta = FE.read_parquet_meta(path)
-    FE.write_parquet(path, pd.read_parquet(path), {**meta, "folds_hash": "0123456789ab"})
+    meta = read_parquet_meta(path)
+    write_parquet(path, pd.read_parquet(path), {**meta, "folds_hash": "0123456789ab"})
     with pytest.raises(InputError, match="SAME folds as level 1"):
         S.run(level1)
 
@@ -52,10 +54,10 @@ def test_weighted_average_finds_the_right_experiment():
     y = rng.integers(0, 3, 300)
     good = np.eye(3)[y] * 0.8 + 0.2 / 3
     noise = rng.dirichlet(np.ones(3), 300)
-    w = S.optimise_weights([noise, good], y, "multiclass")
+    w = L2.optimise_weights([noise, good], y, "multiclass")
     assert w.sum() == pytest.approx(1) and (w >= 0).all() and w[1] > 0.9
     yr = rng.normal(size=300)
-    w = S.optimise_weights([yr + rng.normal(scale=0.1, size=300), yr + rng.normal(scale=0.1, size=300)], yr, "regression")
+    w = L2.optimise_weights([yr + rng.normal(scale=0.1, size=300), yr + rng.normal(scale=0.1, size=300)], yr, "regression")
     assert w == pytest.approx([0.5, 0.5], abs=0.15)
 
 
@@ -79,7 +81,7 @@ def test_submit_writes_sample_shape_and_scores_public_private(level1):
     sub, sample = pd.read_csv(out, dtype={"id": str}), pd.read_csv("comp/sample_submission.csv", dtype={"id": str})
     assert list(sub.columns) == list(sample.columns) and list(sub["id"]) == list(sample["id"])
     assert sub["target"].dtype.kind == "i"
-    summary = FE.read_json("submissions/tiny-l2.json")
+    summary = read_json("submissions/tiny-l2.json")
     sol = pd.read_csv("comp/solution.csv", dtype={"id": str})
     pub = sol["Usage"] == "Public"
     assert summary["local"]["public"] == pytest.approx((sub["target"][pub] == sol["target"][pub]).mean())

@@ -7,8 +7,12 @@ import pandas as pd
 import pytest
 import torch
 
+from pipeline import losses as L
+from pipeline import lr_find as LF
+from pipeline import optim as O
 from pipeline import train as T
-from pipeline.competition import InputError
+from pipeline import trainer as TR
+from pipeline.errors import InputError
 from pipeline.models import Head, build_model, load_backbone_weights, load_model
 from tests.conftest import tiny_cfg
 
@@ -90,7 +94,7 @@ def test_ema_weights_differ_from_raw_and_are_the_ones_evaluated_and_saved(workdi
 
 
 def test_early_stopping_stops(workdir):
-    T.run(tiny_cfg(workdir / "comp", "train.folds=[0]", "train.epochs=8", "train.early_stopping=1", "train.lr=0"))
+    T.run(tiny_cfg(workdir / "comp", "train.folds=[0]", "train.epochs=8", "train.early_stopping=1", "train.lr=1e-12"))
     log = pd.read_csv("models/tiny/fold0/log.csv")
     assert len(log) == 2  # lr=0: no improvement after epoch 1, patience 1
 
@@ -119,7 +123,7 @@ def test_head_only_warmup_then_unfreeze_and_frozen_stages(workdir):
 
 
 def build_model_for(cfg):
-    T.seed_everything(T.epoch_seed(cfg["seed"], 0, -1))
+    TR.seed_everything(TR.epoch_seed(cfg["seed"], 0, -1))
     return build_model(cfg, [Head("target", ["target"], "multiclass", 3)])
 
 
@@ -128,18 +132,18 @@ def test_losses():
     tc = {"label_smoothing": 0.0, "focal_gamma": 2.0, "ohem": 1.0, "loss": "ce"}
     logits = torch.tensor([[4.0, 0.0, 0.0], [0.0, 0.5, 0.0]])
     y = torch.tensor([0, 2])
-    ce = T.HeadLoss(h, "ce", tc)(logits, y)
+    ce = L.HeadLoss(h, "ce", tc)(logits, y)
     assert torch.allclose(ce, torch.nn.functional.cross_entropy(logits, y, reduction="none"))
-    smooth = T.HeadLoss(h, "ce", {**tc, "label_smoothing": 0.1})(logits, y)
+    smooth = L.HeadLoss(h, "ce", {**tc, "label_smoothing": 0.1})(logits, y)
     assert torch.allclose(smooth, torch.nn.functional.cross_entropy(logits, y, reduction="none", label_smoothing=0.1))
-    focal = T.HeadLoss(h, "focal", tc)(logits, y)
+    focal = L.HeadLoss(h, "focal", tc)(logits, y)
     assert (focal < ce).all() and focal[0] / ce[0] < focal[1] / ce[1]  # easy example down-weighted more
-    crit = T.Criterion([h], {**tc, "ohem": 0.5}, {"t"})
+    crit = L.Criterion([h], {**tc, "ohem": 0.5}, {"t"})
     assert torch.isclose(crit({"t": logits}, {"t": y}), ce.max())  # top-k keeps the hardest half
-    w = T.class_weight_tensor({"class_weights": "balanced"}, np.array([0, 0, 0, 1]), 2)
+    w = L.class_weight_tensor({"class_weights": "balanced"}, np.array([0, 0, 0, 1]), 2)
     assert w[1] > w[0]
     r = Head("r", ["r"], "regression", 1)
-    rm = T.Criterion([r], {**tc, "loss": "rmse"}, {"r"})({"r": torch.tensor([[1.0], [3.0]])}, {"r": torch.tensor([0.0, 0.0])})
+    rm = L.Criterion([r], {**tc, "loss": "rmse"}, {"r"})({"r": torch.tensor([[1.0], [3.0]])}, {"r": torch.tensor([0.0, 0.0])})
     assert torch.isclose(rm, torch.tensor(np.sqrt(5.0), dtype=torch.float32))
 
 
@@ -148,10 +152,10 @@ def test_mixup_cutmix_and_switch_off():
     x = torch.arange(2 * 1 * 4 * 4, dtype=torch.float32).reshape(2, 1, 4, 4)
     y = {"t": torch.tensor([0, 1])}
     tc = {"mixup": 1.0, "cutmix": 0.0, "mix_prob": 1.0, "mix_off_epoch": 3}
-    xm, y2, lam = T.mix_batch(x, y, tc, epoch=0)
+    xm, y2, lam = TR.mix_batch(x, y, tc, epoch=0)
     assert y2 is not None and 0 < lam < 1 and not torch.equal(xm, x)
-    assert T.mix_batch(x, y, tc, epoch=3)[1] is None  # switched off from mix_off_epoch
-    xc, y2, lam = T.mix_batch(x, y, {**tc, "mixup": 0.0, "cutmix": 1.0}, epoch=0)
+    assert TR.mix_batch(x, y, tc, epoch=3)[1] is None  # switched off from mix_off_epoch
+    xc, y2, lam = TR.mix_batch(x, y, {**tc, "mixup": 0.0, "cutmix": 1.0}, epoch=0)
     if y2 is not None and lam < 1:
         changed = (xc != x).float().mean().item()
         assert abs(changed - (1 - lam)) < 1e-6 or changed == 0
@@ -160,12 +164,12 @@ def test_mixup_cutmix_and_switch_off():
 def test_schedules():
     base = {"epochs": 10, "warmup_epochs": 1, "min_lr_ratio": 0.0, "scheduler": "cosine", "cycle_epochs": 0,
             "gamma": 0.1, "milestones": [5, 8]}
-    f = T.lr_lambda(base, 10)
+    f = O.lr_lambda(base, 10)
     assert f(0) == pytest.approx(0.1) and f(9) == pytest.approx(1.0) and f(99) < 1e-3
     assert f(10) > f(50) > f(90)
-    step = T.lr_lambda({**base, "scheduler": "step", "warmup_epochs": 0}, 10)
+    step = O.lr_lambda({**base, "scheduler": "step", "warmup_epochs": 0}, 10)
     assert (step(0), step(50), step(85)) == (1.0, pytest.approx(0.1), pytest.approx(0.01))
-    rs = T.lr_lambda({**base, "scheduler": "restarts", "warmup_epochs": 0, "cycle_epochs": 5}, 10)
+    rs = O.lr_lambda({**base, "scheduler": "restarts", "warmup_epochs": 0, "cycle_epochs": 5}, 10)
     assert rs(0) == 1.0 and rs(49) < 0.01 and rs(50) == 1.0
 
 
@@ -181,7 +185,7 @@ def test_discriminative_lr_groups(workdir):
     from pipeline.models import heads_for
 
     df = load_train(cfg)
-    tr = T.FoldTrainer(cfg, heads_for(cfg, df), df, np.arange(60), np.arange(60, 90), 0, workdir / "x", "k", "h")
+    tr = TR.FoldTrainer(cfg, heads_for(cfg, df), df, np.arange(60), np.arange(60, 90), 0, workdir / "x", "k", "h")
     assert [g["lr"] for g in tr.opt.param_groups] == [pytest.approx(0.001), pytest.approx(0.01)]
 
 
@@ -250,7 +254,7 @@ def test_ddp_two_cpu_processes_with_gloo(workdir):
 
 def test_lr_finder_writes_plot_and_a_sane_suggestion(workdir, capsys):
     cfg = tiny_cfg(workdir / "comp", "lr_find.steps=40", "lr_find.start=1e-5", "lr_find.end=10")
-    png = T.lr_find(cfg)
+    png = LF.run(cfg)
     assert png.read_bytes()[:4] == b"\x89PNG"
     df = pd.read_csv(workdir / "models/tiny/lr_find.csv")
     import re
@@ -306,7 +310,7 @@ def test_optimizers(workdir, opt, cls):
     from pipeline.models import heads_for
 
     df = load_train(cfg)
-    tr = T.FoldTrainer(cfg, heads_for(cfg, df), df, np.arange(60), np.arange(60, 90), 0, workdir / "x", "k", "h")
+    tr = TR.FoldTrainer(cfg, heads_for(cfg, df), df, np.arange(60), np.arange(60, 90), 0, workdir / "x", "k", "h")
     assert type(tr.opt) is cls
     assert tr.opt.param_groups[0]["lr"] == pytest.approx(cfg["train"]["lr"])
     from pipeline.config import DEFAULTS
@@ -343,7 +347,7 @@ def test_channels_last_and_image_cache(workdir):
     from pipeline.models import heads_for
 
     df = load_train(cfg)
-    tr = T.FoldTrainer(cfg, heads_for(cfg, df), df, np.arange(60), np.arange(60, 90), 0, workdir / "x", "k", "h")
+    tr = TR.FoldTrainer(cfg, heads_for(cfg, df), df, np.arange(60), np.arange(60, 90), 0, workdir / "x", "k", "h")
     conv = next(p for p in tr.model.parameters() if p.ndim == 4)
     assert conv.is_contiguous(memory_format=torch.channels_last)
     tr.train_epoch(0)

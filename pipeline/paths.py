@@ -1,0 +1,108 @@
+"""Where every artifact lives, and how feature-set columns are named.
+
+All outputs go under one workspace root, ``workdir`` (default: the current directory; e.g.
+``workdir=/kaggle/working`` or a team share), never under ``competition.root``:
+
+    <workdir>/folds/<competition>.csv           folds + report, config, meta
+    <workdir>/models/<exp>/fold<k>/             checkpoints, log, meta        (train)
+    <workdir>/models/pretrain/<name>-<bb>.pt    jigsaw backbone               (pretrain)
+    <workdir>/features/<set>/                   oof.parquet, test.parquet     (features, stack, postprocess)
+    <workdir>/submissions/<set>.csv             submission + leaderboard.db   (submit)
+
+A feature set's prediction columns are ``<set>__<head>__<output>__<stat>``: ``feature_column`` writes
+that scheme and ``parse_column`` / ``head_prediction`` read it; no other module spells it out.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import NamedTuple
+
+from .errors import InputError
+
+SEP = "__"
+
+
+def workdir(cfg: dict) -> Path:
+    return Path(cfg.get("workdir") or ".")
+
+
+def under(cfg: dict, path: str | Path) -> Path:
+    """A configured path resolved against the workspace (absolute paths are kept)."""
+    path = Path(path)
+    return path if path.is_absolute() else workdir(cfg) / path
+
+
+def folds_file(cfg: dict) -> Path:
+    return under(cfg, cfg["folds"]["file"].format(competition=cfg["competition"]["name"], name=cfg["name"]))
+
+
+def sidecar(path: Path, suffix: str) -> Path:
+    """``folds/demo.csv`` -> ``folds/demo<suffix>`` (report, config, meta beside the folds file)."""
+    return path.with_name(path.stem + suffix)
+
+
+def models_dir(cfg: dict, experiment: str | None = None) -> Path:
+    return workdir(cfg) / "models" / (experiment or cfg["name"])
+
+
+def fold_dir(cfg: dict, fold, experiment: str | None = None) -> Path:
+    return models_dir(cfg, experiment) / f"fold{fold}"
+
+
+def pretrain_file(cfg: dict) -> Path:
+    return under(cfg, cfg["pretrain"]["output"].format(backbone=cfg["model"]["backbone"], name=cfg["name"]))
+
+
+def features_dir(cfg: dict, name: str | None = None) -> Path:
+    return workdir(cfg) / "features" / (name or cfg["name"])
+
+
+def submissions_dir(cfg: dict) -> Path:
+    return workdir(cfg) / "submissions"
+
+
+def leaderboard_db(cfg: dict | None) -> Path:
+    path = ((cfg or {}).get("leaderboard") or {}).get("path") or "submissions/leaderboard.db"
+    return under(cfg, path) if cfg else Path(path)
+
+
+# ------------------------------------------------------------------------ feature-set column scheme
+class Column(NamedTuple):
+    feature_set: str
+    head: str
+    output: str  # the output index (class j), or the embedding component
+    stat: str  # mean | var | max | min | v<i> (one view) | view0 (identity, internal) | value (embedding)
+
+
+def feature_column(feature_set: str, head: str, output, stat: str) -> str:
+    return SEP.join([feature_set, head, str(output), stat])
+
+
+def parse_column(name: str) -> Column | None:
+    """The parts of a prediction column, or None for other columns (id, fold, tabular)."""
+    parts = name.split(SEP)
+    return Column(*parts) if len(parts) == 4 else None
+
+
+def head_prediction(df, feature_set: str, head: str, stat: str = "mean"):
+    """The (N,) or (N, C) prediction of one head of a feature set, from its columns."""
+    cols = [(int(c.output), name) for name in df.columns
+            if (c := parse_column(name)) and c.feature_set == feature_set and c.head == head and c.stat == stat]
+    if not cols:
+        raise InputError(f"no '{stat}' columns for head '{head}' of feature set '{feature_set}' in the features.")
+    arr = df[[name for _, name in sorted(cols)]].to_numpy()
+    return arr[:, 0] if arr.shape[1] == 1 else arr
+
+
+def prediction_frame(ids, id_col: str, feature_set: str, head: str, pred, fold=None):
+    """Predictions (N,) or (N, C) as a feature-set frame keyed by id (``stat`` = mean)."""
+    import numpy as np
+    import pandas as pd
+
+    pred = np.asarray(pred).reshape(len(pred), -1)
+    df = pd.DataFrame({id_col: ids})
+    if fold is not None:
+        df["fold"] = fold
+    for j in range(pred.shape[1]):
+        df[feature_column(feature_set, head, j, "mean")] = pred[:, j]
+    return df

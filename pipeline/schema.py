@@ -1,0 +1,324 @@
+"""The typed config: every key, its type, allowed values, range and default, checked before any work.
+
+``Config`` (pydantic) is the one home of the defaults; ``DEFAULTS`` is its dump. Enumerated values
+that name a builder (optimizer, scheduler, loss, level-2 model, TTA set) are checked against the
+registry that holds the builders, so adding one means one function and one table entry there.
+"""
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal, Optional, Union
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from .errors import ConfigError
+
+
+
+def _optimizer(v: str) -> str:
+    from .optim import OPTIMIZERS
+
+    return OPTIMIZERS.check(v)
+
+
+def _scheduler(v: str) -> str:
+    from .optim import SCHEDULERS
+
+    return SCHEDULERS.check(v)
+
+
+def _tta_set(v: str) -> str:
+    from .tta import TTA_SETS
+
+    return TTA_SETS.check(v)
+
+
+def _level2(v: str) -> str:
+    from .level2 import LEVEL2_MODELS
+
+    return LEVEL2_MODELS.check(v)
+
+
+Optimizer = Annotated[str, AfterValidator(_optimizer)]
+Scheduler = Annotated[str, AfterValidator(_scheduler)]
+TASKS = ("binary", "multiclass", "regression", "ordinal")
+# which competition metrics make sense for which task (a metric on the wrong task is refused)
+METRIC_TASKS = {
+    "accuracy": ("binary", "multiclass", "ordinal"),
+    "macro_f1": ("binary", "multiclass", "ordinal"),
+    "logloss": ("binary", "multiclass"),
+    "auc": ("binary",),
+    "rmse": ("regression", "ordinal"),
+    "mae": ("regression", "ordinal"),
+    "qwk": ("ordinal", "multiclass", "regression"),
+}
+# the kind of the main target's head for each task (losses are registered per head kind)
+HEAD_KIND = {"multiclass": "multiclass", "binary": "binary", "regression": "regression", "ordinal": "regression"}
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class Competition(_Section):
+    name: str = "demo"
+    root: str = "data/demo"
+    train: str = "train.csv"
+    test: str = "test.csv"
+    sample_submission: str = "sample_submission.csv"
+    solution: str = "solution.csv"
+    image: str = "images/{id}.png"
+    id: str = "id"
+    target: Union[str, list[str]] = "target"
+    task: Literal["binary", "multiclass", "regression", "ordinal"] = "multiclass"
+    num_classes: Optional[int] = Field(None, ge=2)  # inferred from train.csv when None (classification)
+    metric: Literal["accuracy", "logloss", "auc", "rmse", "mae", "qwk", "macro_f1"] = "accuracy"
+    group: Optional[str] = None
+    tabular: list[str] = []
+    categorical: list[str] = []
+    aux_targets: list[Union[str, dict[str, Any]]] = []
+    check_images: bool = True
+
+    @model_validator(mode="after")
+    def _metric_fits_task(self):
+        if self.task not in METRIC_TASKS[self.metric]:
+            raise ValueError(f"competition.metric '{self.metric}' does not apply to task '{self.task}'; for "
+                             f"'{self.task}' use one of {', '.join(m for m, t in METRIC_TASKS.items() if self.task in t)}")
+        return self
+
+
+class Folds(_Section):
+    file: str = "folds/{competition}.csv"  # relative to workdir
+    method: Literal["auto", "stratified_group", "stratified", "group", "kfold"] = "auto"
+    n_splits: int = Field(5, ge=2)
+    seed: int = 42
+    bins: int = Field(10, ge=2)  # quantile bins used to stratify a continuous target
+    balance: bool = False  # move whole groups (or rows) so fold sizes match
+    search: int = Field(1, ge=1)  # try this many seeds and keep the best-stratified split
+
+
+class Data(_Section):
+    in_chans: int = Field(3, ge=1)
+    image_size: int = Field(32, ge=1)
+    mean: Optional[list[float]] = None  # per-channel; None = (0.5,)*in_chans
+    std: Optional[list[float]] = None
+    cache: bool = False
+    num_workers: int = Field(0, ge=0)
+
+
+class Model(_Section):
+    backbone: str = "resnet18"
+    init: Optional[str] = None  # local weights file (our jigsaw pretraining or a user's), never a download
+    pool: Literal["avg", "gem", "avgmax"] = "avg"
+    bnneck: bool = False
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    freeze_stages: int = Field(0, ge=0)  # freeze the stem and the first N stages for the whole run
+
+
+class Train(_Section):
+    epochs: int = Field(5, ge=1)
+    batch_size: int = Field(64, ge=1)
+    optimizer: Optimizer = "adam"  # registry: pipeline.optim.OPTIMIZERS
+    lr: float = Field(3e-4, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    momentum: float = Field(0.9, ge=0, lt=1)
+    optimizer_args: dict[str, Any] = {}
+    backbone_lr_mult: float = Field(1.0, ge=0)  # discriminative lr: backbone lr = lr * this
+    freeze_backbone_epochs: int = Field(0, ge=0)  # train the heads only for this many epochs, then unfreeze
+    scheduler: Scheduler = "cosine"  # registry: pipeline.optim.SCHEDULERS
+    warmup_epochs: int = Field(0, ge=0)
+    min_lr_ratio: float = Field(0.0, ge=0, le=1)
+    cycle_epochs: int = Field(0, ge=0)  # restarts: epochs per cosine cycle; a snapshot is saved at each cycle end
+    milestones: list[int] = []
+    gamma: float = Field(0.1, gt=0)
+    patience: int = Field(2, ge=0)  # plateau: epochs without improvement before the lr is cut by gamma
+    loss: str = "auto"  # registry: pipeline.losses.LOSSES[head kind]
+    label_smoothing: float = Field(0.0, ge=0, lt=1)
+    class_weights: Union[None, Literal["balanced"], list[float]] = None  # per-class weights for ce/focal
+    focal_gamma: float = Field(2.0, ge=0)
+    ohem: float = Field(1.0, gt=0, le=1)  # top-k loss: keep this fraction of the hardest samples of each batch
+    loss_weights: dict[str, float] = {}
+    grad_clip: float = Field(0.0, ge=0)
+    accumulate: int = Field(1, ge=1)
+    amp: bool = True  # only on CUDA: bf16 where supported, else fp16 with a grad scaler
+    channels_last: bool = False
+    ema: bool = False
+    ema_decay: float = Field(0.999, gt=0, lt=1)
+    swa: bool = False
+    swa_start: float = Field(0.75, gt=0)  # < 1: fraction of the epochs after which weights are averaged
+    multiscale: list[int] = []  # e.g. [24, 32, 40]: a random input size per batch
+    sync_bn: bool = False  # under torchrun: SyncBatchNorm across processes
+    mixup: float = Field(0.0, ge=0)  # alpha; 0 = off
+    cutmix: float = Field(0.0, ge=0)
+    mix_prob: float = Field(0.5, ge=0, le=1)
+    mix_off_epoch: Optional[int] = Field(None, ge=0)
+    early_stopping: int = Field(0, ge=0)  # patience in epochs; 0 = off
+    folds: Union[None, int, list[int]] = None  # subset of folds to train, e.g. [0, 2]
+    full: bool = False  # also train one model on all rows
+    device: str = "auto"
+    augment: list[Union[str, dict[str, Any]]] = []  # albumentations transforms: [{HorizontalFlip: {p: 0.5}}, ...]
+
+    @field_validator("multiscale")
+    @classmethod
+    def _sizes(cls, v):
+        if any(s < 8 for s in v):
+            raise ValueError("every size must be >= 8 pixels")
+        return v
+
+
+class LrFind(_Section):
+    start: float = Field(1e-7, gt=0)
+    end: float = Field(1.0, gt=0)
+    steps: int = Field(100, ge=3)
+    smoothing: float = Field(0.9, ge=0, lt=1)  # exponential smoothing of the loss curve
+    diverge: float = Field(4.0, gt=1)  # stop once the smoothed loss exceeds this multiple of its minimum
+
+
+class Pretrain(_Section):
+    formulation: Literal["position", "permutation"] = "position"
+    grid: int = Field(3, ge=2)
+    n_permutations: int = Field(100, ge=2)  # permutation formulation: chosen for maximal Hamming distance
+    gap: int = Field(2, ge=0)  # pixels dropped between tiles, with random jitter in training
+    tile_norm: bool = True  # normalise every tile on its own (no brightness shortcut)
+    dihedral: bool = True  # random flip/rotation (the 8 D4 views) of each image as extra inputs
+    epochs: int = Field(5, ge=1)
+    batch_size: int = Field(128, ge=1)
+    lr: float = Field(1e-3, gt=0)
+    optimizer: Optimizer = "adam"
+    scheduler: Scheduler = "cosine"
+    valid_fraction: float = Field(0.05, gt=0, lt=1)  # held-out images for the puzzle accuracy
+    max_images: int = Field(0, ge=0)  # 0 = every train and test image
+    init: Optional[str] = None  # continue from a local weights file
+    output: str = "models/pretrain/{name}-{backbone}.pt"  # relative to workdir
+
+
+class Features(_Section):
+    tta: Annotated[str, AfterValidator(_tta_set)] = "none"  # registry: pipeline.tta.TTA_SETS (identity view first)
+    scales: list[float] = [1.0]  # multi-scale TTA: input scale factors, e.g. [0.875, 1.0, 1.125]
+    stats: list[Literal["mean", "var", "max", "min"]] = ["mean", "var", "max", "min"]
+    keep_views: bool = False
+    batch_size: int = Field(256, ge=1)
+    embedding: bool = False  # also dump the pooled backbone embedding (identity view)
+    pca: int = Field(0, ge=0)  # reduce it to this many components, PCA fitted inside each fold on its train rows
+    use_full: bool = False
+
+    @field_validator("scales")
+    @classmethod
+    def _scales(cls, v):
+        if not v or any(s <= 0 for s in v):
+            raise ValueError("scales must be a non-empty list of positive factors, e.g. [1.0, 1.125]")
+        return v
+
+    @field_validator("stats")
+    @classmethod
+    def _stats(cls, v):
+        if not v:
+            raise ValueError("name at least one statistic (mean, var, max, min)")
+        return v
+
+
+class Stack(_Section):
+    name: Optional[str] = None  # output feature set; default: the experiment name (+ "-l2" if it is also an input)
+    experiments: list[str] = []  # level-1 experiments to stack; default: this config's own experiment
+    model: Annotated[str, AfterValidator(_level2)] = "lgbm"  # registry: pipeline.level2.LEVEL2_MODELS
+    stat: str = "mean"  # weighted: which per-view statistic (or view, e.g. v0) of each experiment to blend
+    use_tabular: bool = True
+    test_mode: Literal["mean", "refit"] = "mean"
+    refit_coef: float = Field(1.0, gt=0)
+    lgbm: dict[str, Any] = {}
+
+
+class Postprocess(_Section):
+    source: Optional[str] = None  # feature set to post-process; default: this config's level 2, else its level 1
+    name: Optional[str] = None  # output feature set; default: <source>-pp
+    blend_with: Optional[str] = None  # a level-1 experiment to blend with (the atmaCup11 author used 0.5)
+    blend_weight: Optional[float] = Field(None, ge=0, le=1)  # fixed weight of the source; None = tuned on OOF
+    force_from: Optional[dict[str, str]] = None  # {experiment: x, head: y}: force class i when p > t
+    force_threshold: Optional[float] = Field(None, gt=0, lt=1)  # fixed t (the author used 0.94); None = tuned
+    class_scale: bool = False  # per-class probability multipliers (multiclass)
+    threshold: bool = False  # decision threshold (binary)
+    rounding: bool = False  # optimised rounding thresholds (ordinal / regression, e.g. QWK)
+    clip: Union[bool, list[float]] = False  # true = clip to the train target's range, or [lo, hi]
+
+    @field_validator("force_from")
+    @classmethod
+    def _force_from(cls, v):
+        if v is not None and "experiment" not in v:
+            raise ValueError("force_from needs 'experiment' (and optionally 'head')")
+        return v
+
+    @field_validator("clip")
+    @classmethod
+    def _clip(cls, v):
+        if isinstance(v, list) and (len(v) != 2 or v[0] > v[1]):
+            raise ValueError("clip must be true/false or [lo, hi] with lo <= hi")
+        return v
+
+
+class Leaderboard(_Section):
+    enabled: bool = True
+    path: str = "submissions/leaderboard.db"  # relative to workdir
+    mlflow: bool = False  # also log to MLflow when the package is installed
+    mlflow_uri: Optional[str] = None  # default: a local file store, file:./mlruns
+
+
+class Submit(_Section):
+    source: Optional[str] = None  # feature set submitted; default: this config's furthest stage that exists
+    stat: str = "mean"
+    gzip: bool = False
+
+
+class Config(_Section):
+    name: str = "experiment"
+    seed: int = 42
+    workdir: str = "."  # where folds/, models/, features/, submissions/ go (never under competition.root)
+    competition: Competition = Competition()
+    folds: Folds = Folds()
+    data: Data = Data()
+    model: Model = Model()
+    train: Train = Train()
+    lr_find: LrFind = LrFind()
+    pretrain: Pretrain = Pretrain()
+    features: Features = Features()
+    stack: Stack = Stack()
+    postprocess: Postprocess = Postprocess()
+    leaderboard: Leaderboard = Leaderboard()
+    submit: Submit = Submit()
+
+    @model_validator(mode="after")
+    def _loss_fits_head(self):
+        from .losses import LOSSES
+
+        kind = HEAD_KIND[self.competition.task]
+        allowed = ["auto", *LOSSES[kind]]
+        if self.train.loss not in allowed:
+            raise ValueError(f"train.loss '{self.train.loss}' does not apply to a {kind} head (task "
+                             f"'{self.competition.task}'); allowed: {', '.join(allowed)}")
+        return self
+
+
+def _explain(exc: ValidationError, where: str) -> str:
+    lines = []
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in err["loc"] if not str(p).startswith(("function-after", "literal")))
+        msg = err["msg"].removeprefix("Value error, ")
+        value = err.get("input")
+        if err["type"] == "value_error" and (not loc or msg.startswith(loc + ".")):
+            lines.append(msg)  # a check across keys: its message names them
+        elif isinstance(value, dict):
+            lines.append(f"{loc}: {msg}")
+        else:
+            lines.append(f"{loc} = {value!r}: {msg}")
+    head = f"{where}: invalid config value" + ("s" if len(lines) > 1 else "")
+    return head + ": " + "; ".join(dict.fromkeys(lines))
+
+
+def validate(cfg: dict, where: str = "config") -> dict:
+    """The config checked against the schema (types coerced, e.g. '3' -> 3), or a ConfigError naming
+    every bad key, its value and what is allowed."""
+    try:
+        return Config.model_validate(cfg).model_dump()
+    except ValidationError as exc:
+        raise ConfigError(_explain(exc, where)) from None
+
+
+DEFAULTS: dict[str, Any] = Config().model_dump()

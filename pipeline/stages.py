@@ -1,0 +1,36 @@
+"""The stages by name, and ``run_stage`` to run one in-process (a notebook, a script, the CLI).
+
+    from pipeline import load_config, run_stage
+    cfg = load_config("configs/demo.yaml", ["workdir=/kaggle/working"])
+    run_stage("features", cfg)
+
+Each stage is a module with one entry point ``run(cfg, force=False)``; stages never import each
+other, they meet only through the files they write (see ``pipeline.paths``).
+"""
+from __future__ import annotations
+
+import importlib
+
+from .errors import ConfigError
+
+# stage name -> module holding its ``run(cfg, force=...)`` entry point, in chain order
+STAGES = {
+    "data": "demo",
+    "folds": "folds",
+    "pretrain": "pretrain",
+    "train": "train",
+    "lr-find": "lr_find",
+    "features": "features",
+    "stack": "stack",
+    "postprocess": "postprocess",
+    "submit": "submit",
+}
+
+
+def run_stage(stage: str, cfg: dict, force: bool = False):
+    """Run one stage on a resolved config (``load_config``); returns what the stage returns (its output
+    path, or the training summary)."""
+    if stage not in STAGES:
+        raise ConfigError(f"unknown stage '{stage}'; stages: {', '.join(STAGES)}.")
+    module = importlib.import_module(f"pipeline.{STAGES[stage]}")
+    return module.run(cfg, force=force)

@@ -1,0 +1,379 @@
+"""The training loop of one fold: epochs and batches, validation, checkpoints, resume.
+
+``FoldTrainer`` is used by the ``train`` stage (one per fold), by ``pretrain`` (the jigsaw task, through
+its own datasets and metric) and by ``lr_find``. It owns the tricks that act inside the loop: EMA
+weights (the ones validated and saved), SWA, mixup/cutmix, multi-scale batches, gradient
+accumulation and clipping, AMP on CUDA, channels_last, DDP under torchrun, early stopping. Every
+epoch is reseeded from (seed, fold, epoch), so a resumed run ends with the same weights as an
+uninterrupted one.
+"""
+from __future__ import annotations
+
+import copy
+import math
+import os
+import random
+import signal
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.data import DataLoader
+
+from .competition import image_paths
+from .config import targets
+from .images import ImageDataset, build_transform
+from .io import atomic_path, log, write_parquet
+from .losses import Criterion, class_weight_tensor, head_targets
+from .metrics import get_metric
+from .models import Head, activate, build_model, freeze_stages, pick_device, save_checkpoint_model
+from .optim import OPTIMIZERS, SCHEDULERS, steps_each_batch
+from .averaging import ModelEma
+from .distributed import Dist
+
+
+# ---------------------------------------------------------------------------------------- utilities
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def epoch_seed(seed: int, fold, epoch: int) -> int:
+    f = int(fold) if str(fold).isdigit() else {"full": -1}.get(str(fold), -2)
+    return (seed * 1_000_003 + (f + 2) * 10_007 + epoch * 101) % 2**31
+
+
+def mix_batch(x, y: dict, tcfg: dict, epoch: int):
+    """Mixup or cutmix (chosen at random when both are on); returns x, y of the partner rows, lambda."""
+    alphas = [(n, tcfg[n]) for n in ("mixup", "cutmix") if tcfg[n] > 0]
+    off = tcfg["mix_off_epoch"]
+    if not alphas or (off is not None and epoch >= off) or torch.rand(()) >= tcfg["mix_prob"]:
+        return x, None, 1.0
+    kind, alpha = alphas[int(torch.randint(len(alphas), ()))]
+    lam = float(torch.distributions.Beta(alpha, alpha).sample())
+    perm = torch.randperm(x.size(0))
+    y2 = {k: v[perm] for k, v in y.items()}
+    if kind == "mixup":
+        return lam * x + (1 - lam) * x[perm], y2, lam
+    h, w = x.shape[-2:]
+    cut = math.sqrt(1 - lam)
+    ch, cw = int(h * cut), int(w * cut)
+    cy, cx = int(torch.randint(h, ())), int(torch.randint(w, ()))
+    y0, y1, x0, x1 = max(cy - ch // 2, 0), min(cy + ch // 2, h), max(cx - cw // 2, 0), min(cx + cw // 2, w)
+    x = x.clone()
+    x[..., y0:y1, x0:x1] = x[perm][..., y0:y1, x0:x1]
+    lam = 1 - (y1 - y0) * (x1 - x0) / (h * w)
+    return x, y2, lam
+
+
+def _kill_hook(where: str, value: int) -> None:
+    """Test hook: PIPELINE_KILL_AT=epoch:N or step:N sends this process SIGKILL there."""
+    spec = os.environ.get("PIPELINE_KILL_AT", "")
+    if spec == f"{where}:{value}":
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def to_device(y: dict, device) -> dict:
+    return {k: v.to(device, non_blocking=True) for k, v in y.items()}
+
+
+
+class FoldTrainer:
+    """Trains one fold: the loop over epochs and batches, validation, checkpoints, resume."""
+
+    def __init__(self, cfg: dict, heads: list[Head], train_df: pd.DataFrame, tr_idx, va_idx, fold, out_dir: Path,
+                 key: str, folds_hash: str, datasets: tuple | None = None, metric=None):
+        """``datasets`` = (train, valid, valid targets) replaces the competition's labelled images (the
+        jigsaw pretext task trains through this same loop); ``metric`` replaces the competition metric."""
+        self.cfg, self.tcfg, self.heads, self.fold = cfg, cfg["train"], heads, fold
+        self.out_dir, self.key, self.folds_hash = out_dir, key, folds_hash
+        self.metric = metric or get_metric(cfg["competition"]["metric"])
+        self.dist = Dist()
+        self.device = self.dist.setup(pick_device(self.tcfg["device"]))
+        self.ids = train_df[cfg["competition"]["id"]].to_numpy()
+        self.tr_idx, self.va_idx = np.asarray(tr_idx), np.asarray(va_idx)
+        main_targets = {h.name for h in heads if h.name in targets(cfg)} or {heads[0].name}
+        cw = None
+        if datasets is None:
+            ys = head_targets(heads, train_df)
+            paths = image_paths(cfg, self.ids)
+            dcfg = cfg["data"]
+            self.train_ds = ImageDataset([paths[i] for i in self.tr_idx], dcfg["in_chans"],
+                                         build_transform(dcfg, self.tcfg["augment"], seed=cfg["seed"]),
+                                         {k: v[self.tr_idx] for k, v in ys.items()}, dcfg["cache"])
+            self.valid_ds = ImageDataset([paths[i] for i in self.va_idx], dcfg["in_chans"], build_transform(dcfg),
+                                         {k: v[self.va_idx] for k, v in ys.items()}, dcfg["cache"])
+            self.y_valid = ys[heads[0].name][self.va_idx]
+            main_head = heads[0]
+            cw = class_weight_tensor(self.tcfg, ys[main_head.name][self.tr_idx] if main_head.kind == "multiclass"
+                                     else None, main_head.out)
+        else:
+            self.train_ds, self.valid_ds, self.y_valid = datasets
+        self.criterion = Criterion(heads, self.tcfg, main_targets, cw).to(self.device)
+        self.steps_per_epoch = max(1, math.ceil(len(self.tr_idx) / self.tcfg["batch_size"] / self.tcfg["accumulate"]))
+        self.build()
+
+    # -- construction
+    def build(self):
+        cfg, tcfg = self.cfg, self.tcfg
+        seed_everything(epoch_seed(cfg["seed"], self.fold, -1))
+        self.model = build_model(cfg, self.heads).to(self.device)
+        self.frozen = freeze_stages(self.model.backbone, cfg["model"]["freeze_stages"])
+        if tcfg["channels_last"]:
+            self.model = self.model.to(memory_format=torch.channels_last)
+        self.net = self.model  # what the training forward pass runs (DDP-wrapped under torchrun)
+        if self.dist.enabled:
+            if tcfg["sync_bn"] and self.device.type == "cuda":
+                self.model = nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
+            elif tcfg["sync_bn"] and self.dist.main:
+                log("[train] train.sync_bn: SyncBatchNorm needs CUDA; each CPU process keeps its own BatchNorm statistics")
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.net = nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
+        backbone = [p for p in self.model.backbone.parameters() if p.requires_grad]
+        rest = [p for n, p in self.model.named_parameters() if not n.startswith("backbone.") and p.requires_grad]
+        groups = [{"params": backbone, "lr": tcfg["lr"] * tcfg["backbone_lr_mult"]}, {"params": rest, "lr": tcfg["lr"]}]
+        self.opt = OPTIMIZERS[tcfg["optimizer"]](groups, tcfg)
+        self.sched = SCHEDULERS[tcfg["scheduler"]](self.opt, tcfg, self.steps_per_epoch, self.metric.higher_is_better)
+        self.ema = ModelEma(self.model, tcfg["ema_decay"]) if tcfg["ema"] else None
+        self.swa = None
+        self.amp_dtype = None
+        if tcfg["amp"] and self.device.type == "cuda":
+            self.amp_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16)
+        self.state = {"epoch": 0, "best": None, "best_epoch": -1, "bad_epochs": 0, "log": [], "swa_n": 0}
+
+    # -- checkpoints
+    def eval_model(self) -> nn.Module:
+        return self.ema.module if self.ema is not None else self.model
+
+    def save_last(self):
+        if not self.dist.main:
+            return
+        ckpt = {"key": self.key, "state": self.state, "model": self.model.state_dict(), "opt": self.opt.state_dict(),
+                "sched": self.sched.state_dict(), "scaler": self.scaler.state_dict(),
+                "ema": self.ema.state_dict() if self.ema else None, "ema_updates": self.ema.updates if self.ema else 0,
+                "swa": self.swa.state_dict() if self.swa is not None else None,
+                "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}}
+        with atomic_path(self.out_dir / "last.pt") as tmp:
+            torch.save(ckpt, tmp)
+
+    def try_resume(self) -> bool:
+        path = self.out_dir / "last.pt"
+        if not path.exists():
+            return False
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+        if ckpt.get("key") != self.key:
+            log(f"[train] fold {self.fold}: {path} belongs to another config; starting over")
+            return False
+        self.model.load_state_dict(ckpt["model"])
+        self.opt.load_state_dict(ckpt["opt"])
+        self.sched.load_state_dict(ckpt["sched"])
+        self.scaler.load_state_dict(ckpt["scaler"])
+        if self.ema is not None and ckpt["ema"] is not None:
+            self.ema.load_state_dict(ckpt["ema"])
+            self.ema.updates = ckpt["ema_updates"]
+        if ckpt.get("swa") is not None:
+            self.swa = self._new_swa()
+            self.swa.load_state_dict(ckpt["swa"])
+        self.state = ckpt["state"]
+        torch.set_rng_state(ckpt["rng"]["torch"])
+        np.random.set_state(ckpt["rng"]["numpy"])
+        random.setstate(ckpt["rng"]["python"])
+        log(f"[train] fold {self.fold}: resuming from {path} at epoch {self.state['epoch']}")
+        return True
+
+    def _new_swa(self):
+        from torch.optim.swa_utils import AveragedModel
+
+        return AveragedModel(self.model)
+
+    def save_weights(self, model: nn.Module, name: str, score, epoch, preds=None):
+        if not self.dist.main:
+            return
+        extra = {"fold": self.fold, "epoch": epoch, "score": score, "metric": self.metric.name,
+                 "stage_key": self.key, "folds_hash": self.folds_hash}
+        with atomic_path(self.out_dir / name) as tmp:
+            torch.save(save_checkpoint_model(model, self.cfg, extra), tmp)
+        if preds is not None:
+            write_parquet(self.out_dir / name.replace(".pt", "_valid.parquet"), preds,
+                          {"fold": self.fold, "epoch": epoch, "stage_key": self.key})
+
+    # -- loops
+    def loader(self, ds, shuffle: bool, epoch: int = 0) -> DataLoader:
+        seed = epoch_seed(self.cfg["seed"], self.fold, epoch)
+        g = torch.Generator().manual_seed(seed)
+        workers = self.cfg["data"]["num_workers"]
+        sampler = None
+        if shuffle and self.dist.enabled:  # each process trains on its own shard of the fold
+            from torch.utils.data.distributed import DistributedSampler
+
+            sampler = DistributedSampler(ds, num_replicas=self.dist.world, rank=self.dist.rank, shuffle=True, seed=seed)
+        return DataLoader(ds, batch_size=self.tcfg["batch_size"] if shuffle else max(self.tcfg["batch_size"], 64),
+                          shuffle=shuffle and sampler is None, sampler=sampler, generator=g, num_workers=workers,
+                          drop_last=False, pin_memory=self.device.type == "cuda", persistent_workers=False)
+
+    def set_backbone_trainable(self, epoch: int):
+        frozen_epochs = self.tcfg["freeze_backbone_epochs"]
+        trainable = epoch >= frozen_epochs
+        for n, p in self.model.backbone.named_parameters():
+            top = n.split(".")[0]
+            p.requires_grad_(trainable and top not in self.frozen)
+
+    def train_epoch(self, epoch: int) -> float:
+        from tqdm.auto import tqdm
+
+        tcfg = self.tcfg
+        self.model.train()
+        self.set_backbone_trainable(epoch)
+        seed = epoch_seed(self.cfg["seed"], self.fold, epoch)
+        seed_everything(seed)
+        self.train_ds.set_epoch(seed)
+        loader = self.loader(self.train_ds, shuffle=True, epoch=epoch)
+        total, n, t0 = 0.0, 0, time.time()
+        bar = tqdm(loader, desc=f"fold {self.fold} ep {epoch + 1}/{tcfg['epochs']}", leave=False, mininterval=1,
+                   dynamic_ncols=True, disable=not self.dist.main)
+        accum = tcfg["accumulate"]
+        self.opt.zero_grad(set_to_none=True)
+        for step, (x, y, _) in enumerate(bar):
+            _kill_hook("step", step + epoch * len(loader))
+            x = x.to(self.device, non_blocking=True)
+            y = to_device(y, self.device)
+            if tcfg["multiscale"]:
+                size = int(tcfg["multiscale"][int(torch.randint(len(tcfg["multiscale"]), ()))])
+                x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
+            if tcfg["channels_last"]:
+                x = x.contiguous(memory_format=torch.channels_last)
+            x, y2, lam = mix_batch(x, y, tcfg, epoch)
+            with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
+                out = self.net(x)
+                loss = self.criterion(out, y, y2, lam)
+            self.scaler.scale(loss / accum).backward()
+            last = step + 1 == len(loader)
+            if (step + 1) % accum == 0 or last:
+                if tcfg["grad_clip"]:
+                    self.scaler.unscale_(self.opt)
+                    nn.utils.clip_grad_norm_(self.model.parameters(), tcfg["grad_clip"])
+                self.scaler.step(self.opt)
+                self.scaler.update()
+                self.opt.zero_grad(set_to_none=True)
+                if self.ema is not None:
+                    self.ema.update(self.model)
+                if steps_each_batch(self.sched):
+                    self.sched.step()
+            total += float(loss.detach()) * len(x)
+            n += len(x)
+            best = self.state["best"]
+            bar.set_postfix({"loss": f"{total / n:.4f}", f"best {self.metric.name}": "-" if best is None else f"{best:.4f}",
+                             "lr": f"{self.opt.param_groups[-1]['lr']:.2e}",
+                             "img/s": f"{n / max(time.time() - t0, 1e-9):.0f}"}, refresh=False)
+        bar.close()
+        return total / max(n, 1)
+
+    @torch.no_grad()
+    def predict(self, model: nn.Module) -> tuple[dict[str, np.ndarray], float]:
+        model.eval()
+        outs: dict[str, list] = {h.name: [] for h in self.heads}
+        total, n = 0.0, 0
+        for x, y, _ in self.loader(self.valid_ds, shuffle=False):
+            x = x.to(self.device)
+            if self.tcfg["channels_last"]:
+                x = x.contiguous(memory_format=torch.channels_last)
+            with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
+                out = model(x)
+            total += float(self.criterion(out, to_device(y, self.device))) * len(x)
+            n += len(x)
+            for h in self.heads:
+                outs[h.name].append(activate(h, out[h.name]).cpu().numpy())
+        return {k: np.concatenate(v) for k, v in outs.items()}, total / max(n, 1)
+
+    def preds_frame(self, preds: dict[str, np.ndarray]) -> pd.DataFrame:
+        id_col = self.cfg["competition"]["id"]
+        df = pd.DataFrame({id_col: self.ids[self.va_idx]})
+        for name, p in preds.items():
+            p = p.reshape(len(p), -1)
+            for j in range(p.shape[1]):
+                df[f"{name}__{j}"] = p[:, j]
+        return df
+
+    def fit(self) -> dict:
+        tcfg = self.tcfg
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self.try_resume()
+        has_valid = len(self.va_idx) > 0
+        epochs = tcfg["epochs"]
+        swa_start = int(tcfg["swa_start"] * epochs) if tcfg["swa_start"] < 1 else int(tcfg["swa_start"])
+        while self.state["epoch"] < epochs:
+            epoch = self.state["epoch"]
+            t0 = time.time()
+            train_loss = self.train_epoch(epoch)
+            if tcfg["swa"] and epoch >= swa_start:
+                if self.swa is None:
+                    self.swa = self._new_swa()
+                self.swa.update_parameters(self.eval_model())
+            row = {"fold": self.fold, "epoch": epoch + 1, "train_loss": train_loss,
+                   "lr": self.opt.param_groups[-1]["lr"], "seconds": 0.0}
+            improved = False
+            if has_valid:
+                preds, valid_loss = self.predict(self.eval_model())
+                score = self.metric(self.y_valid, preds[self.heads[0].name])
+                row.update(valid_loss=valid_loss, score=score)
+                improved = self.metric.better(score, self.state["best"])
+                if improved:
+                    self.state.update(best=score, best_epoch=epoch + 1, bad_epochs=0)
+                    self.save_weights(self.eval_model(), "best.pt", score, epoch + 1, self.preds_frame(preds))
+                else:
+                    self.state["bad_epochs"] += 1
+                if not steps_each_batch(self.sched):
+                    self.sched.step(score)
+            if tcfg["scheduler"] == "restarts" and tcfg["cycle_epochs"] and (epoch + 1) % tcfg["cycle_epochs"] == 0:
+                self.save_weights(self.eval_model(), f"snapshot_e{epoch + 1}.pt", row.get("score"), epoch + 1)
+            row["seconds"] = round(time.time() - t0, 2)
+            self.state["log"].append(row)
+            self.state["epoch"] = epoch + 1
+            stop = bool(tcfg["early_stopping"] and has_valid and self.state["bad_epochs"] >= tcfg["early_stopping"])
+            if stop:
+                self.state["epoch"] = epochs  # a resumed run must not train on
+            self.save_last()
+            if self.dist.main:
+                pd.DataFrame(self.state["log"]).to_csv(self.out_dir / "log.csv", index=False)
+            self.dist.barrier()
+            msg = f"[train] fold {self.fold} epoch {epoch + 1}/{epochs} loss {train_loss:.4f}"
+            if has_valid:
+                msg += f" valid_loss {row['valid_loss']:.4f} {self.metric.name} {row['score']:.4f}" + (" *" if improved else "")
+            if self.dist.main:
+                log(msg + f" ({row['seconds']:.1f}s)")
+            _kill_hook("epoch", epoch + 1)
+            if stop:
+                log(f"[train] fold {self.fold}: early stopping after {epoch + 1} epochs "
+                    f"(best {self.state['best']:.4f} at epoch {self.state['best_epoch']})")
+                break
+        if self.swa is not None:
+            self.finish_swa(has_valid)
+        if not has_valid:  # the all-data model: its final weights are the ones kept
+            self.save_weights(self.eval_model(), "best.pt", None, self.state["epoch"])
+        return {"fold": self.fold, "best": self.state["best"], "best_epoch": self.state["best_epoch"],
+                "epochs": self.state["epoch"], "rows_train": int(len(self.tr_idx)), "rows_valid": int(len(self.va_idx))}
+
+    def finish_swa(self, has_valid: bool):
+        """Recompute BatchNorm statistics for the averaged weights; they become the fold's model."""
+        from torch.optim.swa_utils import update_bn
+
+        loader = self.loader(self.train_ds, shuffle=True, epoch=10_000)
+        update_bn((x.to(self.device) for x, _, _ in loader), self.swa, device=self.device)
+        swa_model = self.swa.module
+        if has_valid:
+            preds, _ = self.predict(swa_model)
+            score = self.metric(self.y_valid, preds[self.heads[0].name])
+            log(f"[train] fold {self.fold}: SWA of {int(self.swa.n_averaged)} epochs scores {score:.4f} "
+                f"(best single epoch {self.state['best']:.4f}); SWA weights saved as best.pt")
+            self.state.update(best=score, best_epoch="swa")
+            self.save_weights(swa_model, "best.pt", score, "swa", self.preds_frame(preds))
+        else:
+            self.save_weights(swa_model, "best.pt", None, "swa")
+
+
