@@ -55,8 +55,11 @@ lr-find: folds
 features: train
 	$(RUN) features $(FLAGS)
 
-# level 2 reads the features of stack.experiments (default: this config's own experiment)
+# level 2 reads the features of stack.experiments (default: this config's own experiment): each is
+# brought up to date first, with the config that defines it (`pipeline inputs` finds it by name)
 stack: folds
+	@inputs=$$($(RUN) inputs -c $(CONFIG) $(ARGS)) || exit 2; \
+	for c in $$inputs; do $(MAKE) --no-print-directory features CONFIG=$$c ARGS="$(ARGS)" || exit 2; done
 	$(RUN) stack $(FLAGS)
 
 postprocess: setup
@@ -67,10 +70,8 @@ submit: setup
 
 # The whole chain on the bundled demo: two level-1 experiments, LightGBM level 2, submissions.
 demo: setup
-	$(MAKE) --no-print-directory features CONFIG=configs/demo.yaml ARGS="$(ARGS)"
-	$(MAKE) --no-print-directory submit CONFIG=configs/demo.yaml ARGS="$(ARGS)"
-	$(MAKE) --no-print-directory features CONFIG=configs/demo-small.yaml ARGS="$(ARGS)"
-	$(MAKE) --no-print-directory submit CONFIG=configs/demo-small.yaml ARGS="$(ARGS)"
+	$(MAKE) --no-print-directory features submit CONFIG=configs/demo.yaml ARGS="$(ARGS)"
+	$(MAKE) --no-print-directory features submit CONFIG=configs/demo-small.yaml ARGS="$(ARGS)"
 	$(MAKE) --no-print-directory stack submit CONFIG=configs/demo-stack.yaml ARGS="$(ARGS)"
 	$(RUN) lb
 

@@ -72,7 +72,8 @@ def _show_config(argv: list[str]) -> int:
 def _inputs(argv: list[str]) -> int:
     """``inputs -c x.yaml [key=value ...]``: one config file per level-1 experiment the stack of x.yaml
     reads (Make brings their features up to date before stacking)."""
-    from .config import config_for_experiment, load_config, stack_inputs
+    from .config import config_for_experiment, load_config
+    from .paths import stack_inputs
 
     parser = argparse.ArgumentParser(prog="python -m pipeline inputs")
     parser.add_argument("-c", "--config", required=True)

@@ -11,10 +11,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .config import targets
 from .errors import InputError
 from .io import file_hash
-from .paths import folds_file
+from .paths import folds_file, targets
 
 
 def root(cfg: dict) -> Path:

@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import copy
 import difflib
-import hashlib
-import json
 import re
 from pathlib import Path
 from typing import Any, Iterable
@@ -17,6 +15,7 @@ from typing import Any, Iterable
 import yaml
 
 from .errors import ConfigError
+from .io import config_hash, dump_yaml  # noqa: F401  (re-exported: the config's hash and YAML form)
 from .schema import DEFAULTS
 from .schema import validate as _validate_schema
 
@@ -152,32 +151,6 @@ def load_config(path: str | Path | None = None, overrides: Iterable[str] = ()) -
     return _validate_schema(cfg, where=where)
 
 
-def targets(cfg: dict) -> list[str]:
-    t = cfg["competition"]["target"]
-    return [t] if isinstance(t, str) else list(t)
-
-
-def stack_inputs(cfg: dict) -> list[str]:
-    return list(cfg["stack"]["experiments"] or [cfg["name"]])
-
-
-def stack_name(cfg: dict) -> str:
-    """Name of the level-2 feature set a config's stack stage writes (features/<name>/)."""
-    if cfg["stack"]["name"]:
-        return cfg["stack"]["name"]
-    return cfg["name"] + "-l2" if cfg["name"] in stack_inputs(cfg) else cfg["name"]
-
-
-def config_hash(obj: Any) -> str:
-    """Stable short hash of a (sub-)config: canonical JSON, sorted keys."""
-    blob = json.dumps(obj, sort_keys=True, default=str, separators=(",", ":"))
-    return hashlib.sha256(blob.encode()).hexdigest()[:12]
-
-
-def dump_yaml(cfg: dict) -> str:
-    return yaml.safe_dump(cfg, sort_keys=False)
-
-
 def config_for_experiment(experiment: str, config_path: str | Path, cfg: dict) -> str:
     """The config file that defines ``experiment`` (for Make to bring its features up to date):
     the given config itself when it names it; else a YAML beside it whose ``name`` is it (the naming
@@ -192,7 +165,7 @@ def config_for_experiment(experiment: str, config_path: str | Path, cfg: dict) -
             continue
         if data.get("name") == experiment:
             return str(candidate)
-    from .paths import features_dir, models_dir
+    from .paths import features_dir, models_dir, stack_inputs  # noqa: F401
 
     for saved in (features_dir(cfg, experiment) / "config.yaml", models_dir(cfg, experiment) / "config.yaml"):
         if saved.exists():

@@ -19,14 +19,30 @@ from torch.utils.data import DataLoader
 
 from . import leaderboard
 from .competition import image_paths, load_folds, load_test, load_train, table_path
-from .config import config_hash, targets
 from .errors import InputError
 from .images import ImageDataset, build_transform
-from .io import (file_hash, is_up_to_date, log, provenance, read_json, read_parquet_meta, write_json, write_parquet,
-                 write_resolved_config)
+from .io import (
+    config_hash,
+    file_hash,
+    is_up_to_date,
+    log,
+    provenance,
+    read_json,
+    read_parquet_meta,
+    write_json,
+    write_parquet,
+    write_resolved_config,
+)
 from .metrics import get_metric
 from .models import load_model, pick_device
-from .paths import feature_column, features_dir, head_prediction, models_dir, parse_column
+from .paths import (
+    feature_column,
+    features_dir,
+    head_prediction,
+    models_dir,
+    parse_column,
+    targets,
+)
 from .tta import aggregate, predict_views, tta_views
 
 

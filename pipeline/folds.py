@@ -15,10 +15,19 @@ import pandas as pd
 
 from . import leaderboard, plots
 from .competition import load_train, table_path
-from .config import config_hash, targets
 from .errors import InputError
-from .io import file_hash, is_up_to_date, log, provenance, write_csv, write_json, write_resolved_config, write_text
-from .paths import folds_file, sidecar
+from .io import (
+    config_hash,
+    file_hash,
+    is_up_to_date,
+    log,
+    provenance,
+    write_csv,
+    write_json,
+    write_resolved_config,
+    write_text,
+)
+from .paths import folds_file, sidecar, targets
 
 CLASSIFICATION = ("binary", "multiclass", "ordinal")
 
@@ -67,7 +76,12 @@ def _check_splittable(cfg: dict, method: str, labels: np.ndarray | None, groups:
 
 
 def split(method: str, n_splits: int, seed: int, labels: np.ndarray | None, groups: np.ndarray | None) -> np.ndarray:
-    from sklearn.model_selection import GroupKFold, KFold, StratifiedGroupKFold, StratifiedKFold
+    from sklearn.model_selection import (
+        GroupKFold,
+        KFold,
+        StratifiedGroupKFold,
+        StratifiedKFold,
+    )
 
     n = len(labels) if labels is not None else len(groups)
     X = np.zeros(n)

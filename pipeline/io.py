@@ -11,7 +11,17 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterator
 
-from .config import config_hash, dump_yaml
+import yaml
+
+
+def config_hash(obj: Any) -> str:
+    """Stable short hash of a (sub-)config: canonical JSON, sorted keys."""
+    blob = json.dumps(obj, sort_keys=True, default=str, separators=(",", ":"))
+    return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+def dump_yaml(cfg: dict) -> str:
+    return yaml.safe_dump(cfg, sort_keys=False)
 
 
 def _umask() -> int:

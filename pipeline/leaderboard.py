@@ -118,8 +118,7 @@ def record(cfg: dict, stage: str, started: float, cv: float | None = None, folds
     lcfg = cfg.get("leaderboard", {})
     if not lcfg.get("enabled", True):
         return None
-    from .config import config_hash
-    from .io import git_info
+    from .io import config_hash, git_info
     from .metrics import get_metric
 
     metric = get_metric(cfg["competition"]["metric"])
@@ -167,7 +166,8 @@ def _mlflow(cfg, stage, cv, folds, experiment):
     mlflow.set_tracking_uri(uri)
     mlflow.set_experiment(experiment)
     with mlflow.start_run(run_name=stage):
-        from .config import _flatten, config_hash
+        from .config import _flatten
+        from .io import config_hash
 
         mlflow.log_params({k: str(v)[:250] for k, v in _flatten(cfg).items()})
         mlflow.set_tag("config_hash", config_hash(cfg))

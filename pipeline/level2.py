@@ -38,6 +38,7 @@ class Level2Result:
     test: np.ndarray
     best_iterations: list[int] = field(default_factory=list)
     importance: pd.Series | None = None
+    info: dict = field(default_factory=dict)  # recorded in the level-2 meta (weights, refit iterations)
 
 
 # the atmaCup11 author's settings: gbdt, 31 leaves, lr 0.05, feature_fraction 0.9, bagging 0.8 every 5
@@ -132,9 +133,10 @@ def lgbm(d: Level2Data) -> Level2Result:
         log(f"[stack] refit on all rows with {n_iter} iterations (mean best iteration × {d.scfg['refit_coef']})")
         test = _lgbm_fit(d.scfg["lgbm"] or {}, d.task, d.n_classes, d.X, d.y, n_estimators=n_iter,
                          seed=d.seed).predict(d.T)
+        info = {"test_mode": "refit", "refit_iterations": n_iter}
     else:
-        test = np.mean(tests, axis=0)
-    return Level2Result(oof, test, iters, pd.concat(imps, axis=1).mean(axis=1))
+        test, info = np.mean(tests, axis=0), {"test_mode": "mean"}
+    return Level2Result(oof, test, iters, pd.concat(imps, axis=1).mean(axis=1), info)
 
 
 @LEVEL2_MODELS.register("linear")
@@ -150,11 +152,13 @@ def linear(d: Level2Data) -> Level2Result:
 @LEVEL2_MODELS.register("weighted")
 def weighted(d: Level2Data) -> Level2Result:
     """Non-negative weights summing to 1 over the experiments' predictions, fitted per fold on OOF."""
-    oof = _empty(d)
+    oof, per_fold = _empty(d), {}
     for k in sorted(np.unique(d.fold)):
         tr, va = d.fold != k, d.fold == k
         w = optimise_weights([p[tr] for p in d.preds], d.y[tr], d.task)
         oof[va] = sum(wi * p[va] for wi, p in zip(w, d.preds))
+        per_fold[f"fold{k}"] = dict(zip(d.experiments, map(float, w)))
     w_all = optimise_weights(d.preds, d.y, d.task)
     log("[stack] weights on OOF: " + ", ".join(f"{e}={w:.3f}" for e, w in zip(d.experiments, w_all)))
-    return Level2Result(oof, sum(wi * p for wi, p in zip(w_all, d.test_preds)))
+    return Level2Result(oof, sum(wi * p for wi, p in zip(w_all, d.test_preds)),
+                        info={"weights": dict(zip(d.experiments, map(float, w_all))), "fold_weights": per_fold})

@@ -14,6 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .errors import InputError
+from .paths import targets
 
 
 @dataclass
@@ -33,8 +34,6 @@ def heads_for(cfg: dict, train=None) -> list[Head]:
     An auxiliary target is a column name (a regression head) or a mapping
     ``{name, columns, task, num_classes, weight}``; ``task: vector`` regresses several columns at once.
     """
-    from .config import targets
-
     comp = cfg["competition"]
     weights = cfg["train"]["loss_weights"] or {}
     heads = []

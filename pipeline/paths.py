@@ -67,6 +67,22 @@ def leaderboard_db(cfg: dict | None) -> Path:
 
 
 # ------------------------------------------------------------------------ feature-set column scheme
+def targets(cfg: dict) -> list[str]:
+    t = cfg["competition"]["target"]
+    return [t] if isinstance(t, str) else list(t)
+
+
+def stack_inputs(cfg: dict) -> list[str]:
+    return list(cfg["stack"]["experiments"] or [cfg["name"]])
+
+
+def stack_name(cfg: dict) -> str:
+    """Name of the level-2 feature set a config's stack stage writes (features/<name>/)."""
+    if cfg["stack"]["name"]:
+        return cfg["stack"]["name"]
+    return cfg["name"] + "-l2" if cfg["name"] in stack_inputs(cfg) else cfg["name"]
+
+
 class Column(NamedTuple):
     feature_set: str
     head: str
@@ -91,6 +107,18 @@ def head_prediction(df, feature_set: str, head: str, stat: str = "mean"):
     if not cols:
         raise InputError(f"no '{stat}' columns for head '{head}' of feature set '{feature_set}' in the features.")
     arr = df[[name for _, name in sorted(cols)]].to_numpy()
+    return arr[:, 0] if arr.shape[1] == 1 else arr
+
+
+def valid_column(head: str, output) -> str:
+    """A column of a fold's ``best_valid.parquet`` (its validation rows' predictions): ``<head>__<j>``."""
+    return f"{head}{SEP}{output}"
+
+
+def valid_prediction(df, head: str):
+    """(N,) or (N, C) prediction of one head from a ``best_valid.parquet`` frame."""
+    cols = sorted(((int(c.split(SEP)[1]), c) for c in df.columns if c.startswith(head + SEP)))
+    arr = df[[c for _, c in cols]].to_numpy()
     return arr[:, 0] if arr.shape[1] == 1 else arr
 
 

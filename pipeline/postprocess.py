@@ -22,11 +22,19 @@ import pandas as pd
 
 from . import leaderboard
 from .competition import fold_of, load_folds, load_train
-from .config import config_hash, stack_name, targets
 from .errors import InputError
-from .io import is_up_to_date, log, provenance, read_parquet_meta, write_json, write_parquet, write_resolved_config
+from .io import (
+    config_hash,
+    is_up_to_date,
+    log,
+    provenance,
+    read_parquet_meta,
+    write_json,
+    write_parquet,
+    write_resolved_config,
+)
 from .metrics import get_metric
-from .paths import features_dir, head_prediction, prediction_frame
+from .paths import features_dir, head_prediction, prediction_frame, stack_name, targets
 
 GRID = np.round(np.linspace(0, 1, 21), 3)
 

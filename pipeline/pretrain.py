@@ -23,10 +23,17 @@ from torch.utils.data import Dataset
 
 from . import leaderboard
 from .competition import image_paths, load_test, load_train
-from .config import config_hash
 from .errors import InputError
 from .images import build_transform, read_image
-from .io import atomic_path, is_up_to_date, log, provenance, write_json, write_resolved_config
+from .io import (
+    atomic_path,
+    config_hash,
+    is_up_to_date,
+    log,
+    provenance,
+    write_json,
+    write_resolved_config,
+)
 from .metrics import Metric
 from .models import Head, create_backbone, load_backbone_weights
 from .paths import pretrain_file

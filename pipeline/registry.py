@@ -26,7 +26,7 @@ class Registry:
     def check(self, name: str) -> str:
         """``name`` if registered, else a ValueError listing the allowed names (the schema reports it)."""
         if name not in self._items:
-            raise ValueError(f"unknown {self.key} '{name}'; allowed: {', '.join(self._items)}")
+            raise ValueError(f"unknown value; allowed: {', '.join(self._items)}")
         return name
 
     def __getitem__(self, name: str) -> Callable:

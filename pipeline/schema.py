@@ -8,10 +8,17 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal, Optional, Union
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from .errors import ConfigError
-
 
 
 def _optimizer(v: str) -> str:
@@ -296,20 +303,31 @@ class Config(_Section):
         return self
 
 
+_TYPE_TAGS = {"int", "str", "float", "bool", "none"}
+
+
 def _explain(exc: ValidationError, where: str) -> str:
-    lines = []
+    """One line per bad key: ``key = value: what is wrong`` (a union's alternatives joined by 'or')."""
+    by_key: dict[str, tuple] = {}
     for err in exc.errors():
-        loc = ".".join(str(p) for p in err["loc"] if not str(p).startswith(("function-after", "literal")))
+        loc = ".".join(str(p) for p in err["loc"] if "[" not in str(p) and str(p) not in _TYPE_TAGS)
         msg = err["msg"].removeprefix("Value error, ")
-        value = err.get("input")
         if err["type"] == "value_error" and (not loc or msg.startswith(loc + ".")):
-            lines.append(msg)  # a check across keys: its message names them
+            by_key[msg] = (None, [msg])  # a check across keys: its message names them
+            continue
+        value, msgs = by_key.get(loc, (err.get("input"), []))
+        by_key[loc] = (value, msgs + [msg])
+    lines = []
+    for key, (value, msgs) in by_key.items():
+        text = " or ".join(dict.fromkeys(m[0].lower() + m[1:] if i else m for i, m in enumerate(msgs)))
+        if value is None and msgs == [key]:
+            lines.append(key)
         elif isinstance(value, dict):
-            lines.append(f"{loc}: {msg}")
+            lines.append(f"{key}: {text}")
         else:
-            lines.append(f"{loc} = {value!r}: {msg}")
+            lines.append(f"{key} = {value!r}: {text}")
     head = f"{where}: invalid config value" + ("s" if len(lines) > 1 else "")
-    return head + ": " + "; ".join(dict.fromkeys(lines))
+    return head + ": " + "; ".join(lines)
 
 
 def validate(cfg: dict, where: str = "config") -> dict:

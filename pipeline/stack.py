@@ -16,12 +16,29 @@ import pandas as pd
 
 from . import leaderboard, plots
 from .competition import fold_of, load_folds, load_test, load_train
-from .config import config_hash, stack_inputs, stack_name, targets
 from .errors import InputError
-from .io import is_up_to_date, log, provenance, read_json, read_parquet_meta, write_json, write_parquet, write_resolved_config
+from .io import (
+    config_hash,
+    is_up_to_date,
+    log,
+    provenance,
+    read_json,
+    read_parquet_meta,
+    write_json,
+    write_parquet,
+    write_resolved_config,
+)
 from .level2 import LEVEL2_MODELS, Level2Data
 from .metrics import get_metric
-from .paths import features_dir, head_prediction, prediction_frame
+from .paths import (
+    features_dir,
+    head_prediction,
+    prediction_frame,
+    stack_inputs,
+    stack_name,
+    targets,
+)
+
 
 def load_level1(cfg: dict, exp: str, folds_df: pd.DataFrame, folds_hash: str) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
     """An experiment's OOF and test features, refusing any that could leak into level 2."""
@@ -101,7 +118,8 @@ def run(cfg: dict, force: bool = False) -> Path:
     cv = {"overall": metric(y, oof_pred), **per_fold}
     inputs = {e: read_json(features_dir(cfg, e) / "cv.json").get("overall", {})
               if (features_dir(cfg, e) / "cv.json").exists() else {} for e in exps}
-    write_outputs(cfg, out, key, folds_hash, oof_pred, test_pred, fold, train_df, test_df, cv, inputs, best_iters)
+    write_outputs(cfg, out, key, folds_hash, oof_pred, test_pred, fold, train_df, test_df, cv, inputs, best_iters,
+                  result.info)
     leaderboard.record(cfg, "stack", started, cv=cv["overall"], folds=per_fold, experiment=name,
                        artifacts=[str(out / "oof.parquet"), str(out / "test.parquet")],
                        note=f"{model_kind} on {', '.join(exps)}")
@@ -116,12 +134,13 @@ def run(cfg: dict, force: bool = False) -> Path:
     return out
 
 
-def write_outputs(cfg, out, key, folds_hash, oof_pred, test_pred, fold, train_df, test_df, cv, inputs, best_iters):
+def write_outputs(cfg, out, key, folds_hash, oof_pred, test_pred, fold, train_df, test_df, cv, inputs, best_iters,
+                  info):
     name, id_col, head = stack_name(cfg), cfg["competition"]["id"], targets(cfg)[0]
 
     oof = prediction_frame(train_df[id_col].to_numpy(), id_col, name, head, oof_pred, fold)
     meta = provenance(cfg, "stack", key, folds_hash=folds_hash, cv=cv, inputs=inputs, best_iterations=best_iters,
-                      experiments=stack_inputs(cfg), name=name)
+                      experiments=stack_inputs(cfg), name=name, model=cfg["stack"]["model"], level2=info)
     write_parquet(out / "oof.parquet", oof, meta)
     write_parquet(out / "test.parquet", prediction_frame(test_df[id_col].to_numpy(), id_col, name, head, test_pred), meta)
     write_json(out / "cv.json", {"overall": {"tta": cv["overall"], "no_tta": cv["overall"]}, **{

@@ -14,11 +14,17 @@ import pandas as pd
 
 from . import leaderboard
 from .competition import read_table, table_path
-from .config import stack_name, targets
 from .errors import InputError, SubmissionError
 from .io import atomic_path, log, read_parquet_meta, write_json
 from .metrics import get_metric, to_labels
-from .paths import features_dir, head_prediction, leaderboard_db, submissions_dir
+from .paths import (
+    features_dir,
+    head_prediction,
+    leaderboard_db,
+    stack_name,
+    submissions_dir,
+    targets,
+)
 
 
 def validate(sub: pd.DataFrame, sample: pd.DataFrame, id_col: str, where: str = "submission") -> None:

@@ -16,13 +16,20 @@ import pandas as pd
 
 from . import leaderboard, plots
 from .competition import fold_of, load_folds, load_train, table_path
-from .config import config_hash, targets
 from .distributed import Dist
 from .errors import InputError
-from .io import file_hash, log, provenance, read_json, write_json, write_resolved_config
+from .io import (
+    config_hash,
+    file_hash,
+    log,
+    provenance,
+    read_json,
+    write_json,
+    write_resolved_config,
+)
 from .metrics import get_metric
 from .models import heads_for
-from .paths import models_dir
+from .paths import models_dir, targets, valid_prediction
 from .trainer import FoldTrainer
 
 # keys that do not change what a fold's model is (so changing them does not retrain)
@@ -113,8 +120,7 @@ def summarize(cfg: dict, exp: Path, key: str, folds_hash: str) -> dict:
         id_col = cfg["competition"]["id"]
         o = pd.concat(oof).merge(train_df[[id_col, targets(cfg)[0]]], on=id_col)
         head = heads_for(cfg, train_df)[0].name
-        cols = [c for c in o.columns if c.startswith(f"{head}__")]
-        pred = o[cols].to_numpy() if len(cols) > 1 else o[cols[0]].to_numpy()
+        pred = valid_prediction(o, head)
         summary["oof_score"] = metric(o[targets(cfg)[0]].to_numpy(), pred)
         summary["oof_rows"] = int(len(o))
     write_json(exp / "summary.json", provenance(cfg, "train", key, folds_hash=folds_hash, summary=summary))

@@ -9,7 +9,6 @@ uninterrupted one.
 """
 from __future__ import annotations
 
-import copy
 import math
 import os
 import random
@@ -24,16 +23,23 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
+from .averaging import ModelEma
 from .competition import image_paths
-from .config import targets
+from .distributed import Dist
 from .images import ImageDataset, build_transform
 from .io import atomic_path, log, write_parquet
 from .losses import Criterion, class_weight_tensor, head_targets
 from .metrics import get_metric
-from .models import Head, activate, build_model, freeze_stages, pick_device, save_checkpoint_model
+from .models import (
+    Head,
+    activate,
+    build_model,
+    freeze_stages,
+    pick_device,
+    save_checkpoint_model,
+)
 from .optim import OPTIMIZERS, SCHEDULERS, steps_each_batch
-from .averaging import ModelEma
-from .distributed import Dist
+from .paths import targets, valid_column
 
 
 # ---------------------------------------------------------------------------------------- utilities
@@ -297,7 +303,7 @@ class FoldTrainer:
         for name, p in preds.items():
             p = p.reshape(len(p), -1)
             for j in range(p.shape[1]):
-                df[f"{name}__{j}"] = p[:, j]
+                df[valid_column(name, j)] = p[:, j]
         return df
 
     def fit(self) -> dict:

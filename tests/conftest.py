@@ -47,6 +47,16 @@ def make_competition(root: Path, n: int = 200, n_groups: int = 20, n_classes: in
     return root
 
 
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True)
+def _outside_the_repository(tmp_path, monkeypatch):
+    """Every test runs in its own temporary directory: nothing (leaderboard, folds, models) is written
+    into the repository's own workspace."""
+    monkeypatch.chdir(tmp_path)
+
+
 @pytest.fixture
 def competition(tmp_path):
     return make_competition(tmp_path / "comp")

@@ -30,3 +30,20 @@ def test_cli_reports_bad_input_with_exit_code_2(tmp_path, capsys):
 def test_cli_unknown_key(capsys):
     assert main(["folds", "folds.nsplits=3"]) == 2
     assert "folds.n_splits" in capsys.readouterr().err
+
+
+def test_debug_flag_shows_the_traceback(tmp_path):
+    import pytest
+
+    from pipeline.errors import InputError
+
+    with pytest.raises(InputError, match="train file not found"):
+        main(["--debug", "folds", f"competition.root={tmp_path}/missing"])
+
+
+def test_every_user_error_class_is_caught_by_the_cli(tmp_path, capsys):
+    # leaderboard errors (bad pattern, unknown experiment) end in `error:` and exit 2, not a traceback
+    assert main(["lb", "--pattern", "(", f"leaderboard.path={tmp_path}/lb.db"]) == 2
+    assert "not a valid pattern" in capsys.readouterr().err
+    assert main(["lb", "set", "nope", "--public", "1", f"leaderboard.path={tmp_path}/lb.db"]) == 2
+    assert "unknown experiment" in capsys.readouterr().err

@@ -18,13 +18,22 @@ def test_make_demo_chain(tmp_path):
     venv = Path(sys.executable).parent.parent
     args = "train.epochs=2 model.backbone=test_resnet"
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    # the command the product is known by, on a clean copy: stack brings the features it reads up to date
+    first = subprocess.run(["make", "folds", "train", "stack", "submit", f"VENV={venv}", f"ARGS={args}"], cwd=tmp_path,
+                           env=env, capture_output=True, text=True, timeout=1500)
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    assert "[features] wrote" in first.stdout and "level-2 CV accuracy" in first.stdout
+    assert (tmp_path / "submissions/demo-resnet-l2.csv").exists()
+    # then the whole demo: demo-resnet's models and features are reused, not retrained
     run = subprocess.run(["make", "demo", f"VENV={venv}", f"ARGS={args}"], cwd=tmp_path, env=env,
                          capture_output=True, text=True, timeout=1500)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     out = run.stdout
+    assert "demo-resnet fold 0:" not in out and "[train] demo-small fold 0:" in out
+    # (demo-resnet's submission is its level 2 from the first command: submit takes a config's furthest stage)
     for f in ("folds/demo.csv", "folds/demo.report.png", "models/demo-resnet/fold4/best.pt",
               "features/demo-resnet/oof.parquet", "features/demo-small/test.parquet", "features/demo-stack/oof.parquet",
-              "submissions/demo-resnet.csv", "submissions/demo-stack.csv"):
+              "submissions/demo-small.csv", "submissions/demo-stack.csv"):
         assert (tmp_path / f).exists(), f
     sub = pd.read_csv(tmp_path / "submissions/demo-stack.csv")
     sample = pd.read_csv(tmp_path / "data/demo/sample_submission.csv")

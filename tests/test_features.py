@@ -6,11 +6,11 @@ import torch.nn as nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from pipeline import features as FE
-from pipeline import tta as TTA
-from pipeline.io import read_parquet_meta
 from pipeline import folds as FO
 from pipeline import train as T
+from pipeline import tta as TTA
 from pipeline.errors import InputError
+from pipeline.io import read_parquet_meta
 from pipeline.models import Head, Net
 from tests.conftest import tiny_cfg
 

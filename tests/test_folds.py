@@ -5,8 +5,8 @@ import pandas as pd
 import pytest
 
 from pipeline import folds as F
-from pipeline.errors import InputError
 from pipeline.config import load_config
+from pipeline.errors import InputError
 from pipeline.io import read_json
 from tests.conftest import config_for, make_competition
 
@@ -156,7 +156,7 @@ def test_missing_image_is_named(competition, tmp_path):
 
 @pytest.mark.skipif(not SHARED.exists(), reason="mnist-writers data not beside this checkout")
 def test_mnist_writers_five_grouped_folds_within_one_point(tmp_path):
-    cfg = load_config("configs/mnist-writers.yaml", [f"competition.root={SHARED}", f"folds.file={tmp_path}/f.csv",
+    cfg = load_config(str(Path(__file__).resolve().parents[1] / "configs/mnist-writers.yaml"), [f"competition.root={SHARED}", f"folds.file={tmp_path}/f.csv",
                                                        "competition.check_images=false"])
     out = F.run(cfg)
     fold = pd.read_csv(out, dtype={"id": str}).set_index("id")["fold"]

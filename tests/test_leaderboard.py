@@ -46,8 +46,15 @@ def test_order_respects_metric_direction(tmp_path, metric, expected):
 def test_stack_beats_features_beats_train_for_an_experiment_row(tmp_path):
     db = tmp_path / "lb.db"
     LB.record(cfg_for(db, name="x"), "features", time.time(), cv=0.7)
-    LB.record(cfg_for(db, name="x"), "train", time.time(), cv=0.6)
-    assert LB.table(db)["cv"].tolist() == [0.7]
+    LB.record(cfg_for(db, name="x"), "train", time.time(), cv=0.6)  # later, but a less informed stage
+    t = LB.table(db)
+    assert (t["stage"].tolist(), t["cv"].tolist()) == (["features"], [0.7])
+    LB.record(cfg_for(db, name="x"), "stack", time.time(), cv=0.65)
+    LB.record(cfg_for(db, name="x"), "features", time.time(), cv=0.9)  # later, but stack outranks it
+    t = LB.table(db)
+    assert (t["stage"].tolist(), t["cv"].tolist()) == (["stack"], [0.65])
+    LB.record(cfg_for(db, name="x"), "stack", time.time(), cv=0.66)  # the latest run of the top stage wins
+    assert LB.table(db)["cv"].tolist() == [0.66]
 
 
 def _submitted(db, name, file):

@@ -3,11 +3,11 @@ import pandas as pd
 import pytest
 
 from pipeline import features as FE
-from pipeline.io import read_json
 from pipeline import postprocess as PP
 from pipeline import submit as SU
 from pipeline import train as T
 from pipeline.config import DEFAULTS
+from pipeline.io import read_json
 from pipeline.metrics import get_metric
 from tests.conftest import tiny_cfg
 

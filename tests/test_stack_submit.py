@@ -3,12 +3,12 @@ import pandas as pd
 import pytest
 
 from pipeline import features as FE
-from pipeline.io import read_json, read_parquet_meta, write_parquet
 from pipeline import level2 as L2
 from pipeline import stack as S
 from pipeline import submit as SU
 from pipeline import train as T
 from pipeline.errors import InputError
+from pipeline.io import read_json, read_parquet_meta, write_parquet
 from tests.conftest import tiny_cfg
 
 
@@ -61,17 +61,75 @@ def test_weighted_average_finds_the_right_experiment():
     assert w == pytest.approx([0.5, 0.5], abs=0.15)
 
 
-@pytest.mark.parametrize("model", ["linear", "weighted"])
-def test_simple_level2_models(level1, model):
-    out = S.run(tiny_cfg(level1["competition"]["root"], f"stack.model={model}", "train.epochs=2",
-                         "features.tta=hflip", f"stack.name=l2-{model}"))
+def _noise_feature_set(name="noise", seed=0):
+    """A copy of features/tiny with random class probabilities (same folds, same provenance)."""
+    import shutil
+
+    shutil.copytree("features/tiny", f"features/{name}")
+    rng = np.random.default_rng(seed)
+    for part in ("oof", "test"):
+        path = f"features/{name}/{part}.parquet"
+        df, meta = pd.read_parquet(path), read_parquet_meta(path)
+        cols = [c for c in df.columns if c.startswith("tiny__")]
+        df = df.rename(columns={c: c.replace("tiny__", f"{name}__", 1) for c in cols})
+        for stat in ("mean", "var", "max", "min"):
+            block = [c for c in df.columns if c.startswith(f"{name}__target__") and c.endswith(f"__{stat}")]
+            df[block] = rng.dirichlet(np.ones(len(block)), len(df))
+        write_parquet(path, df, meta)
+
+
+def _check_level2(out, level1):
+    """OOF rows carry the folds file's fold, and the recorded CV is the OOF score."""
+    oof = pd.read_parquet(out / "oof.parquet")
+    folds = pd.read_csv("folds/demo.csv", dtype={"id": str}).set_index("id")["fold"]
+    assert list(oof["fold"]) == list(folds.loc[oof["id"]])
+    y = pd.read_csv("comp/train.csv", dtype={"id": str}).set_index("id").loc[oof["id"], "target"].to_numpy()
+    p = oof[[c for c in oof.columns if c.endswith("__mean")]].to_numpy()
+    acc = float((p.argmax(1) == y).mean())
+    assert read_json(out / "cv.json")["overall"]["tta"] == pytest.approx(acc)
+    for k in range(3):
+        m = oof["fold"].to_numpy() == k
+        assert read_json(out / "cv.json")[f"fold{k}"]["tta"] == pytest.approx(float((p[m].argmax(1) == y[m]).mean()))
     assert len(pd.read_parquet(out / "test.parquet")) == len(pd.read_csv("comp/test.csv"))
+    return acc
 
 
-def test_refit_mode(level1, capsys):
-    S.run(tiny_cfg(level1["competition"]["root"], "stack.test_mode=refit", "stack.refit_coef=1.2", "train.epochs=2",
-                   "features.tta=hflip", "stack.name=refit"))
-    assert "refit on all rows" in capsys.readouterr().out
+def test_linear_level2(level1):
+    out = S.run(tiny_cfg(level1["competition"]["root"], "stack.model=linear", "train.epochs=2",
+                         "features.tta=hflip", "stack.name=l2-linear"))
+    level1_acc = read_json("features/tiny/cv.json")["overall"]["tta"]
+    assert _check_level2(out, level1) >= min(0.6, level1_acc - 0.1)  # 3 classes: chance is 0.33
+
+
+def test_weighted_level2_puts_its_weight_on_the_informative_experiment(level1):
+    _noise_feature_set()
+    out = S.run(tiny_cfg(level1["competition"]["root"], "stack.model=weighted", "stack.experiments=[tiny, noise]",
+                         "train.epochs=2", "features.tta=hflip", "stack.name=l2-weighted"))
+    _check_level2(out, level1)
+    info = read_parquet_meta(out / "oof.parquet")["level2"]
+    assert set(info["weights"]) == {"tiny", "noise"} and sum(info["weights"].values()) == pytest.approx(1)
+    assert info["weights"]["tiny"] > 0.7
+    assert sorted(info["fold_weights"]) == ["fold0", "fold1", "fold2"]
+    # each fold's OOF rows are that fold's weighted blend of the two experiments' OOF predictions
+    oof = pd.read_parquet(out / "oof.parquet")
+    src = {e: pd.read_parquet(f"features/{e}/oof.parquet").set_index("id").loc[oof["id"]] for e in ("tiny", "noise")}
+    for k, w in info["fold_weights"].items():
+        m = (oof["fold"] == int(k[4:])).to_numpy()
+        blend = sum(w[e] * src[e][[f"{e}__target__{j}__mean" for j in range(3)]].to_numpy()[m] for e in w)
+        assert np.allclose(oof[[f"l2-weighted__target__{j}__mean" for j in range(3)]].to_numpy()[m], blend, atol=1e-9)
+
+
+def test_refit_mode(level1):
+    mean_dir = S.run(level1)
+    refit = S.run(tiny_cfg(level1["competition"]["root"], "stack.test_mode=refit", "stack.refit_coef=1.2",
+                           "train.epochs=2", "features.tta=hflip", "stack.name=refit"))
+    meta = read_parquet_meta(refit / "oof.parquet")
+    assert meta["level2"]["refit_iterations"] == max(1, int(np.mean(meta["best_iterations"]) * 1.2))
+    # refit changes only the test predictions: OOF rows still come from the per-fold models
+    a, b = pd.read_parquet(mean_dir / "oof.parquet"), pd.read_parquet(refit / "oof.parquet")
+    assert np.allclose(a.filter(like="__mean").to_numpy(), b.filter(like="__mean").to_numpy())
+    ta, tb = pd.read_parquet(mean_dir / "test.parquet"), pd.read_parquet(refit / "test.parquet")
+    assert not np.allclose(ta.filter(like="__mean").to_numpy(), tb.filter(like="__mean").to_numpy())
 
 
 def test_submit_writes_sample_shape_and_scores_public_private(level1):

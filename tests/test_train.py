@@ -149,16 +149,31 @@ def test_losses():
 
 def test_mixup_cutmix_and_switch_off():
     torch.manual_seed(0)
-    x = torch.arange(2 * 1 * 4 * 4, dtype=torch.float32).reshape(2, 1, 4, 4)
-    y = {"t": torch.tensor([0, 1])}
+    n, h = 8, 16
+    x = torch.arange(n, dtype=torch.float32).reshape(n, 1, 1, 1).expand(n, 1, h, h).clone()  # image i is all i
+    y = {"t": torch.arange(n) * 10}
     tc = {"mixup": 1.0, "cutmix": 0.0, "mix_prob": 1.0, "mix_off_epoch": 3}
     xm, y2, lam = TR.mix_batch(x, y, tc, epoch=0)
-    assert y2 is not None and 0 < lam < 1 and not torch.equal(xm, x)
+    assert y2 is not None and 0 < lam < 1
+    partner = y2["t"] // 10  # mixup: every pixel of image i is lam * i + (1 - lam) * partner
+    assert torch.allclose(xm[:, 0, 0, 0], lam * torch.arange(n) + (1 - lam) * partner.float())
     assert TR.mix_batch(x, y, tc, epoch=3)[1] is None  # switched off from mix_off_epoch
-    xc, y2, lam = TR.mix_batch(x, y, {**tc, "mixup": 0.0, "cutmix": 1.0}, epoch=0)
-    if y2 is not None and lam < 1:
-        changed = (xc != x).float().mean().item()
-        assert abs(changed - (1 - lam)) < 1e-6 or changed == 0
+    assert TR.mix_batch(x, y, {**tc, "mix_prob": 0.0}, epoch=0)[1] is None  # never applied at probability 0
+    pasted = 0
+    for seed in range(20):
+        torch.manual_seed(seed)
+        xc, y2, lam = TR.mix_batch(x, y, {**tc, "mixup": 0.0, "cutmix": 1.0}, epoch=0)
+        src = y2["t"] // 10
+        for i in range(n):
+            changed = xc[i, 0] != x[i, 0]
+            if src[i] == i:
+                assert not changed.any()
+                continue
+            # the pasted box holds the partner's pixels, and its area is what lam says is not image i
+            assert (xc[i, 0][changed] == float(src[i])).all()
+            assert changed.float().mean().item() == pytest.approx(1 - lam, abs=1e-6)
+            pasted += int(changed.any())
+    assert pasted > 20  # boxes were really pasted (not an empty-box pass)
 
 
 def test_schedules():
@@ -350,7 +365,16 @@ def test_channels_last_and_image_cache(workdir):
     tr = TR.FoldTrainer(cfg, heads_for(cfg, df), df, np.arange(60), np.arange(60, 90), 0, workdir / "x", "k", "h")
     conv = next(p for p in tr.model.parameters() if p.ndim == 4)
     assert conv.is_contiguous(memory_format=torch.channels_last)
+    assert tr.train_ds._cache == {}
     tr.train_epoch(0)
+    assert sorted(tr.train_ds._cache) == list(range(60))  # every training image was read once and kept
+    before = tr.train_ds.image(5).copy()
     for p in (workdir / "comp" / "images").glob("r*.png"):
         p.unlink()
-    tr.train_epoch(1)  # every training image now comes from memory
+    assert (tr.train_ds.image(5) == before).all()  # served from memory: the file is gone
+    tr.train_epoch(1)
+    uncached = TR.FoldTrainer(tiny_cfg(workdir / "comp", "data.cache=false", "competition.check_images=false"),
+                              heads_for(cfg, df), df, np.arange(60), np.arange(60, 90), 0, workdir / "y", "k", "h")
+    assert uncached.train_ds._cache is None
+    with pytest.raises(InputError, match="does not exist"):
+        uncached.train_ds.image(5)
