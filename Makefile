@@ -15,7 +15,7 @@ RUN = $(PY) -m pipeline
 FOLDS_ARG = $(if $(FOLDS),train.folds=[$(FOLDS)])
 FLAGS = -c $(CONFIG) $(if $(FORCE),--force) $(ARGS)
 
-.PHONY: setup demo data folds pretrain train features stack postprocess submit lb lb-plot lr-find test clean
+.PHONY: setup demo data folds pretrain train features stack postprocess submit kaggle lb lb-plot lr-find tune test clean
 
 setup: $(VENV)/.installed
 
@@ -52,6 +52,11 @@ pretrain: data
 lr-find: folds
 	$(RUN) lr-find $(FLAGS)
 
+# Optuna search over the config's `tune:` section; TRIALS in total over every worker of the study: run the
+# same command on several machines (tune.storage=postgresql://...) or twice here to share the study
+tune: folds
+	$(RUN) tune $(FLAGS) $(if $(TRIALS),tune.trials=$(TRIALS))
+
 features: train
 	$(RUN) features $(FLAGS)
 
@@ -67,6 +72,11 @@ postprocess: setup
 
 submit: setup
 	$(RUN) submit $(FLAGS)
+
+# an offline bundle for a Kaggle notebook: kaggle/<EXP>/ (wheels, checkpoints, level 2, rules, inference.ipynb);
+# EXP = a feature set (experiment, stack or post-processed set), default: what `make submit` submits
+kaggle: setup
+	$(RUN) kaggle $(FLAGS) $(if $(EXP),kaggle.source=$(EXP))
 
 # The whole chain on the bundled demo: two level-1 experiments, LightGBM level 2, submissions.
 demo: setup

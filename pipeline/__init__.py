@@ -23,3 +23,11 @@ def run_stage(stage: str, cfg: dict, force: bool = False):
     from .stages import run_stage as _run
 
     return _run(stage, cfg, force=force)
+
+
+def predict_bundle(bundle, competition, output="/kaggle/working/submission.csv", device="auto"):
+    """Predict a competition's test set from a ``make kaggle`` bundle and write the validated submission
+    (see ``pipeline.inference``): ``predict_bundle("/kaggle/input/<bundle>", "/kaggle/input/<competition>")``."""
+    from .inference import predict_bundle as _predict
+
+    return _predict(bundle, competition, output, device)

@@ -7,7 +7,9 @@ with 2, with no traceback; ``--debug`` shows the traceback too.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+from pathlib import Path
 
 from .errors import PipelineError
 from .stages import STAGES, run_stage
@@ -32,6 +34,28 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
+def project_root(config: str | None) -> Path | None:
+    """The folder a config's relative paths mean: the parent of ``configs/`` for a config kept there (the
+    repository), else the config's own folder."""
+    if not config:
+        return None
+    folder = Path(config).resolve().parent
+    return folder.parent if folder.name == "configs" else folder
+
+
+def _enter_project(config: str | None) -> str | None:
+    """Run from the config's project root, so outputs, the leaderboard and relative paths in the config
+    mean the same whatever directory the command is typed in. Returns the config's absolute path."""
+    root = project_root(config)
+    if root is None:
+        return config
+    config = str(Path(config).resolve())
+    if root != Path.cwd().resolve():
+        print(f"[pipeline] working in {root} (the project of {config})", file=sys.stderr)
+        os.chdir(root)
+    return config
+
+
 def _stage(argv: list[str]) -> int:
     from .config import load_config
 
@@ -42,7 +66,8 @@ def _stage(argv: list[str]) -> int:
     parser.add_argument("--force", action="store_true", help="rerun even when the outputs are up to date")
     parser.add_argument("overrides", nargs="*", help="config overrides, e.g. train.epochs=3 folds.n_splits=4")
     args = parser.parse_intermixed_args(argv)
-    run_stage(args.stage, load_config(args.config, args.overrides), force=args.force)
+    config = _enter_project(args.config)
+    run_stage(args.stage, load_config(config, args.overrides), force=args.force)
     return 0
 
 
@@ -99,7 +124,7 @@ def _leaderboard(argv: list[str]) -> int:
             overrides.append(a)
         else:
             rest.append(a)
-    return leaderboard.main(rest, load_config(cfg_path, overrides))
+    return leaderboard.main(rest, load_config(_enter_project(cfg_path), overrides))
 
 
 if __name__ == "__main__":

@@ -76,6 +76,9 @@ def load_train(cfg: dict, check_images: bool | None = None) -> pd.DataFrame:
     require_columns(df, path, tgt, "competition.target")
     require_columns(df, path, aux_columns(cfg), "competition.aux_targets")
     require_columns(df, path, list(comp["tabular"]), "competition.tabular")
+    labels = class_labels(cfg)
+    if labels is not None:  # string class labels: train on their index; submit maps them back
+        df = encode_labels(df, tgt[0], labels, path)
     for col in tgt:
         bad = df[col].isna()
         if bad.any():
@@ -103,7 +106,7 @@ def load_train(cfg: dict, check_images: bool | None = None) -> pd.DataFrame:
             raise InputError(f"{path}: group column '{group}' is empty (NaN) at {_rows(np.flatnonzero(bad))}; "
                              "give every row a group (e.g. its own id) so folds can keep groups together.")
     if comp["check_images"] if check_images is None else check_images:
-        check_image_files(cfg, df[comp["id"]], path)
+        check_image_files(cfg, df[comp["id"]], path, "exists")
     return df
 
 
@@ -127,17 +130,65 @@ def load_test(cfg: dict, check_images: bool | None = None) -> pd.DataFrame:
     df = read_table(path, "test", comp["id"])
     require_columns(df, path, list(comp["tabular"]), "competition.tabular")
     if comp["check_images"] if check_images is None else check_images:
-        check_image_files(cfg, df[comp["id"]], path)
+        check_image_files(cfg, df[comp["id"]], path, "exists")
     return df
 
 
-def check_image_files(cfg: dict, ids, table: Path) -> None:
+def check_image_files(cfg: dict, ids, table: Path, mode="exists") -> None:
+    """Every id's image: ``exists`` (the file is there), ``header`` (PIL reads its header: a fast check
+    that it is an image), or ``decode`` (every pixel is decoded). The first failures are named."""
+    mode = "header" if mode is True else mode
     missing = [i for i in ids if not image_path(cfg, i).exists()]
     if missing:
         example = image_path(cfg, missing[0])
         raise InputError(f"{table}: {len(missing)} id(s) have no image file, e.g. id '{missing[0]}' -> {example} "
                          f"(first: {', '.join(map(str, missing[:5]))}); check competition.image "
                          f"('{cfg['competition']['image']}') or add the images.")
+    if mode not in ("header", "decode"):
+        return
+    from PIL import Image
+    from tqdm.auto import tqdm
+
+    broken = []
+    for i in tqdm(list(ids), desc=f"images ({mode} check)", leave=False, mininterval=1):
+        path = image_path(cfg, i)
+        try:
+            with Image.open(path) as img:
+                img.load() if mode == "decode" else img.size
+        except Exception as exc:  # PIL raises many types for a bad file
+            broken.append((i, path, exc))
+            if len(broken) >= 5:
+                break
+    if broken:
+        i, path, exc = broken[0]
+        raise InputError(f"{table}: image of id '{i}' ({path}) cannot be read ({type(exc).__name__}: {exc}); "
+                         f"{len(broken)}{'+' if len(broken) >= 5 else ''} broken, first ids: "
+                         f"{', '.join(str(b[0]) for b in broken)}. Replace those files or drop their rows.")
+
+
+def class_labels(cfg: dict) -> list | None:
+    """The original class labels when a classification target is not numeric ('cat', 'dog'): the
+    stages train on their index in this sorted list, and submit writes the labels back."""
+    comp = cfg["competition"]
+    if comp["task"] not in ("binary", "multiclass", "ordinal"):
+        return None
+    path = table_path(cfg, "train")
+    col = targets(cfg)[0]
+    values = pd.read_csv(path, usecols=[col], dtype={col: str})[col] if path.exists() else None
+    if values is None or pd.to_numeric(values.dropna(), errors="coerce").notna().all():
+        return None
+    return sorted(values.dropna().unique().tolist())
+
+
+def encode_labels(df: pd.DataFrame, column: str, labels: list, path: Path) -> pd.DataFrame:
+    """String class labels -> 0..K-1 (their index in ``labels``)."""
+    index = {v: k for k, v in enumerate(labels)}
+    codes = df[column].astype(str).map(index)
+    unknown = codes.isna() & df[column].notna()
+    if unknown.any():
+        raise InputError(f"{path}: column '{column}' has label {df[column][unknown].iloc[0]!r} at "
+                         f"{_rows(np.flatnonzero(unknown))}, not among the train labels {labels}.")
+    return df.assign(**{column: codes.where(df[column].notna())})
 
 
 def num_classes(cfg: dict, train: pd.DataFrame, column: str | None = None) -> int:

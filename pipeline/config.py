@@ -44,6 +44,7 @@ FREE_FORM = {
     "train.loss_weights",
     "train.optimizer_args",
     "stack.lgbm",
+    "tune.params",  # the search space: {dotted config key: {low, high, log, step | choices}}
 }
 
 
@@ -62,11 +63,20 @@ def known_keys() -> list[str]:
     return sorted(_flatten(DEFAULTS))
 
 
+# names other tools use for our keys (the last component of a dotted key)
+ALIASES = {"learning_rate": "lr", "num_epochs": "epochs", "n_epochs": "epochs", "max_epochs": "epochs", "bs": "batch_size",
+           "n_folds": "n_splits", "num_folds": "n_splits", "nfolds": "n_splits", "arch": "backbone", "model_name": "backbone",
+           "img_size": "image_size", "size": "image_size", "wd": "weight_decay", "tta_set": "tta"}
+
+
 def _suggest(key: str) -> str:
+    last = key.rsplit(".", 1)[-1]
+    alias = [k for k in known_keys() if k.rsplit(".", 1)[-1] == ALIASES.get(last)]
+    if alias:
+        return f" Did you mean: {', '.join(sorted(alias, key=lambda k: k.split('.')[0] != key.split('.')[0]))}?"
     close = difflib.get_close_matches(key, known_keys(), n=3, cutoff=0.5)
     if not close:
-        # also match on the last component alone (e.g. "lr" typed as "learning_rate")
-        last = key.rsplit(".", 1)[-1]
+        # also match on the last component alone (e.g. "epoch" typed for "epochs")
         close = [k for k in known_keys() if difflib.SequenceMatcher(None, k.rsplit(".", 1)[-1], last).ratio() > 0.7][:3]
     return f" Did you mean: {', '.join(close)}?" if close else " See pipeline/schema.py for the known keys."
 

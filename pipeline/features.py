@@ -18,21 +18,12 @@ import torch
 from torch.utils.data import DataLoader
 
 from . import leaderboard
+from .artifacts import ArtifactGroup, kill_point, stage_lock
 from .competition import image_paths, load_folds, load_test, load_train, table_path
 from .errors import InputError
 from .images import ImageDataset, build_transform
-from .io import (
-    config_hash,
-    file_hash,
-    is_up_to_date,
-    log,
-    provenance,
-    read_json,
-    read_parquet_meta,
-    write_json,
-    write_parquet,
-    write_resolved_config,
-)
+from .io import (config_hash, file_hash, is_up_to_date, log, provenance, read_json, read_parquet_meta,
+                 resolved_config_text, write_parquet)
 from .metrics import get_metric
 from .models import load_model, pick_device
 from .paths import (
@@ -66,6 +57,11 @@ def reduce_embedding(outputs: dict, pca) -> dict:
 
 
 def run(cfg: dict, force: bool = False) -> Path:
+    with stage_lock(features_dir(cfg)):
+        return _run(cfg, force)
+
+
+def _run(cfg: dict, force: bool) -> Path:
     fcfg = cfg["features"]
     exp = cfg["name"]
     id_col = cfg["competition"]["id"]
@@ -140,6 +136,7 @@ def run(cfg: dict, force: bool = False) -> Path:
                                                               fcfg["embedding"]), pca), fcfg["stats"], fcfg["keep_views"])
             t = pd.concat([pd.DataFrame({id_col: test_df[id_col].to_numpy()}), t], axis=1)
             write_parquet(part_test, t, {"key": pkey})
+        kill_point(f"features:fold{k}")
         if k != "full":
             oof_parts.append(pd.read_parquet(part_oof))
         test_parts.append(pd.read_parquet(part_test))
@@ -156,11 +153,12 @@ def run(cfg: dict, force: bool = False) -> Path:
     view_cols = [c for c in oof.columns if (col := parse_column(c)) and col.stat == "view0"]
     meta = provenance(cfg, "features", key, folds_hash=folds_hash, cv=cv, models=[str(m) for m in models],
                       views=len(views))
-    write_parquet(oof_path, oof.drop(columns=view_cols), meta)
-    write_parquet(test_path, test, meta)
-    write_resolved_config(out / "config.yaml", cfg)
-    write_json(out / "cv.json", cv)
-    write_json(out / "meta.json", meta)
+    with ArtifactGroup(out / "meta.json") as group:
+        group.parquet(oof_path, oof.drop(columns=view_cols), meta)
+        group.parquet(test_path, test, meta)
+        group.text(out / "config.yaml", resolved_config_text(cfg))
+        group.json(out / "cv.json", cv)
+        group.commit(meta)
     leaderboard.record(cfg, "features", started, cv=cv["overall"]["tta"],
                        folds={k: v["tta"] for k, v in cv.items() if k != "overall"},
                        artifacts=[str(oof_path), str(test_path)], note=f"{len(views)} TTA views; no-TTA CV "

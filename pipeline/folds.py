@@ -7,6 +7,7 @@ splitting a group. Writes ``folds/<name>.csv`` (id, fold) plus a report (table, 
 """
 from __future__ import annotations
 
+import hashlib
 import time
 from pathlib import Path
 
@@ -14,19 +15,10 @@ import numpy as np
 import pandas as pd
 
 from . import leaderboard, plots
-from .competition import load_train, table_path
+from .artifacts import ArtifactGroup, stage_lock
+from .competition import check_image_files, load_test, load_train, table_path
 from .errors import InputError
-from .io import (
-    config_hash,
-    file_hash,
-    is_up_to_date,
-    log,
-    provenance,
-    write_csv,
-    write_json,
-    write_resolved_config,
-    write_text,
-)
+from .io import config_hash, file_hash, is_up_to_date, log, provenance, resolved_config_text
 from .paths import folds_file, sidecar, targets
 
 CLASSIFICATION = ("binary", "multiclass", "ordinal")
@@ -214,33 +206,42 @@ def report_text(table: pd.DataFrame, summary: dict) -> str:
 
 
 def run(cfg: dict, force: bool = False) -> Path:
-    """Stage entry point: validate train.csv, split, write folds CSV + report; skip when up to date."""
+    """Stage entry point: validate train.csv, test.csv and every image, split, write the folds CSV and
+    its report as one group (under a lock, so concurrent runs never mix their files); skip when up to date."""
     out = folds_file(cfg)
     meta_path = sidecar(out, ".meta.json")
     train_file = table_path(cfg, "train")
     key_inputs = {"competition": cfg["competition"], "folds": cfg["folds"]}
-    key = config_hash([key_inputs, file_hash(train_file) if train_file.exists() else None])
-    if not force and is_up_to_date(meta_path, key, [out]):
-        log(f"[folds] up to date: {out} (change the config or train.csv, or pass --force, to rerun)")
-        return out
-    started = time.time()
-    df = load_train(cfg)
-    fold = make_folds(cfg, df, train_file)
-    table, summary = report(cfg, df, fold)
-    if summary.get("groups_in_several_folds", 0):
-        raise RuntimeError(f"internal error: {summary['groups_in_several_folds']} groups span several folds")
-    text = report_text(table, summary)
-    id_col = cfg["competition"]["id"]
-    folds_df = pd.DataFrame({id_col: df[id_col], "fold": fold})
-    fig = plots.fold_report(df, fold, targets(cfg)[0], cfg["competition"]["task"] in CLASSIFICATION)
-    # everything is computed; now write, the meta file last (it marks the stage complete)
-    write_csv(out, folds_df)
-    plots.save_figure(sidecar(out, ".report.png"), fig)
-    write_text(sidecar(out, ".report.txt"), text)
-    write_resolved_config(sidecar(out, ".config.yaml"), cfg)
-    write_json(meta_path, provenance(cfg, "folds", key, folds_hash=file_hash(out), train_hash=file_hash(train_file),
-                                     report=summary, stage_config_hash=config_hash(key_inputs)))
+    with stage_lock(out):
+        key = config_hash([key_inputs, file_hash(train_file) if train_file.exists() else None])
+        if not force and is_up_to_date(meta_path, key, [out]):
+            log(f"[folds] up to date: {out} (change the config or train.csv, or pass --force, to rerun)")
+            return out
+        started = time.time()
+        df = load_train(cfg, check_images=False)
+        test = load_test(cfg, check_images=False)
+        fold = make_folds(cfg, df, train_file)
+        mode = cfg["competition"]["check_images"]
+        if mode:  # every train and test image, before any training
+            id_col = cfg["competition"]["id"]
+            check_image_files(cfg, df[id_col], train_file, mode)
+            check_image_files(cfg, test[id_col], table_path(cfg, "test"), mode)
+        table, summary = report(cfg, df, fold)
+        if summary.get("groups_in_several_folds", 0):
+            raise RuntimeError(f"internal error: {summary['groups_in_several_folds']} groups span several folds")
+        text = report_text(table, summary)
+        id_col = cfg["competition"]["id"]
+        folds_csv = pd.DataFrame({id_col: df[id_col], "fold": fold}).to_csv(index=False)
+        fig = plots.fold_report(df, fold, targets(cfg)[0], cfg["competition"]["task"] in CLASSIFICATION)
+        with ArtifactGroup(meta_path) as group:
+            group.text(out, folds_csv)
+            group.figure(sidecar(out, ".report.png"), fig)
+            group.text(sidecar(out, ".report.txt"), text)
+            group.text(sidecar(out, ".config.yaml"), resolved_config_text(cfg))
+            group.commit(provenance(cfg, "folds", key, folds_hash=hashlib.sha256(folds_csv.encode()).hexdigest()[:12],
+                                    train_hash=file_hash(train_file), report=summary,
+                                    stage_config_hash=config_hash(key_inputs)))
     leaderboard.record(cfg, "folds", started, artifacts=[str(out)], experiment=cfg["competition"]["name"] + ":folds")
     log(text.rstrip())
-    log(f"[folds] wrote {out} ({len(folds_df)} rows) and its report {sidecar(out, '.report.png')}")
+    log(f"[folds] wrote {out} ({len(df)} rows) and its report {sidecar(out, '.report.png')}")
     return out

@@ -30,15 +30,21 @@ def _umask() -> int:
     return mask
 
 
-@contextlib.contextmanager
-def atomic_path(path: str | Path) -> Iterator[Path]:
-    """Yield a temporary path beside ``path``; rename it into place only if the block succeeds."""
+def temp_beside(path: str | Path) -> Path:
+    """A new empty temporary file in ``path``'s folder (same filesystem, so a rename is atomic), with
+    the mode a normal file gets under the umask (mkstemp alone makes 0600)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
-    tmp_path = Path(tmp)
-    os.chmod(tmp_path, 0o666 & ~_umask())  # mkstemp makes 0600; artifacts get the usual mode (0644 under 022)
+    os.chmod(tmp, 0o666 & ~_umask())
+    return Path(tmp)
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; rename it into place only if the block succeeds."""
+    tmp_path = temp_beside(path)
     try:
         yield tmp_path
         os.replace(tmp_path, path)
@@ -65,7 +71,7 @@ def write_csv(path: str | Path, df, **kwargs) -> None:
         df.to_csv(tmp, index=False, **kwargs)
 
 
-def write_parquet(path: str | Path, df, metadata: dict | None = None) -> None:
+def parquet_to(path: str | Path, df, metadata: dict | None = None) -> None:
     """Write a parquet file whose schema metadata carries ``metadata`` (provenance) as JSON."""
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -75,8 +81,12 @@ def write_parquet(path: str | Path, df, metadata: dict | None = None) -> None:
         meta = dict(table.schema.metadata or {})
         meta[b"pipeline"] = json.dumps(metadata, default=str).encode()
         table = table.replace_schema_metadata(meta)
+    pq.write_table(table, path)
+
+
+def write_parquet(path: str | Path, df, metadata: dict | None = None) -> None:
     with atomic_path(path) as tmp:
-        pq.write_table(table, tmp)
+        parquet_to(tmp, df, metadata)
 
 
 def read_parquet_meta(path: str | Path) -> dict:
@@ -122,8 +132,12 @@ def provenance(cfg: dict, stage: str, key: str, **extra) -> dict:
     }
 
 
+def resolved_config_text(cfg: dict) -> str:
+    return f"# resolved config, hash {config_hash(cfg)}\n" + dump_yaml(cfg)
+
+
 def write_resolved_config(path: str | Path, cfg: dict) -> None:
-    write_text(path, f"# resolved config, hash {config_hash(cfg)}\n" + dump_yaml(cfg))
+    write_text(path, resolved_config_text(cfg))
 
 
 def is_up_to_date(meta_path: str | Path, key: str, outputs: list[str | Path]) -> bool:

@@ -1,9 +1,11 @@
-"""The experiment leaderboard: CV next to public and private LB, in one SQLite file.
+"""The experiment leaderboard: CV next to public and private LB, in one SQLite file or a team's server.
 
 Every stage run is recorded (experiment, stage, config + hash, git commit and dirty flag, times,
-per-fold and overall CV, per-epoch metrics for training, artifacts, submission file). Leaderboard
-scores come from local scoring (``solution.csv``), ``lb set`` or an import of the Kaggle client's
-submissions CSV. WAL mode and immediate transactions with retries make concurrent writers safe.
+per-fold and overall CV, per-epoch metrics for training, artifacts, submission file, the Optuna trial
+of a ``tune`` run). Leaderboard scores come from local scoring (``solution.csv``), ``lb set`` or an
+import of the Kaggle client's submissions CSV. The rows live in ``leaderboard.path`` (SQLite, WAL,
+one machine) or ``leaderboard.url`` (PostgreSQL, any number of machines); ``pipeline.lbstore`` holds
+both backends, and their writers' lock that makes concurrent writers safe.
 
     python -m pipeline lb [--pattern demo-%] [--markdown LEADERBOARD.md]
     python -m pipeline lb set <experiment|submission.csv> --public 0.91 --private 0.90
@@ -16,95 +18,20 @@ import argparse
 import json
 import math
 import re
-import sqlite3
 import time
-from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
 
 from .errors import LeaderboardError
-from .paths import leaderboard_db
+from .lbstore import MIGRATIONS, SCHEMA_VERSION, connect, frame, insert_id, is_url  # noqa: F401
+from .paths import leaderboard_db, submissions_dir
 
-SCHEMA_VERSION = 1
 DEFAULT_DB = "submissions/leaderboard.db"
 
-MIGRATIONS = {
-    1: """
-    CREATE TABLE runs (
-        id INTEGER PRIMARY KEY AUTOINCREMENT,
-        experiment TEXT NOT NULL, stage TEXT NOT NULL, config_hash TEXT, config TEXT,
-        git_commit TEXT, git_dirty INTEGER, started TEXT, ended TEXT, duration REAL,
-        metric TEXT, higher_is_better INTEGER, cv REAL, cv_std REAL, folds TEXT,
-        artifacts TEXT, submission TEXT, note TEXT);
-    CREATE INDEX runs_experiment ON runs(experiment);
-    CREATE TABLE epochs (
-        run_id INTEGER REFERENCES runs(id), fold TEXT, epoch INTEGER,
-        train_loss REAL, valid_loss REAL, score REAL);
-    CREATE TABLE lb (
-        submission TEXT PRIMARY KEY, experiment TEXT, public REAL, private REAL,
-        source TEXT, description TEXT, updated TEXT);
-    """,
-}
 
-
-def db_path(cfg: dict | None) -> Path:
+def db_path(cfg: dict | None) -> Path | str:
+    """The leaderboard's location: its SQLite file, or ``leaderboard.url`` when set."""
     return leaderboard_db(cfg)
-
-
-@contextmanager
-def connect(path: str | Path, write: bool = False, retries: int = 200):
-    """A connection in WAL mode; with ``write`` an immediate transaction, retried while locked."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    con = sqlite3.connect(path, timeout=60, isolation_level=None)
-    try:
-        con.execute("PRAGMA journal_mode=WAL")
-        con.execute("PRAGMA busy_timeout=60000")
-        _migrate(con, path)
-        if not write:
-            yield con
-            return
-        for attempt in range(retries):
-            try:
-                con.execute("BEGIN IMMEDIATE")
-                break
-            except sqlite3.OperationalError as exc:
-                if "locked" not in str(exc) or attempt == retries - 1:
-                    raise
-                time.sleep(0.05)
-        try:
-            yield con
-            con.execute("COMMIT")
-        except BaseException:
-            con.execute("ROLLBACK")
-            raise
-    finally:
-        con.close()
-
-
-def _migrate(con: sqlite3.Connection, path: Path) -> None:
-    con.execute("CREATE TABLE IF NOT EXISTS schema (version INTEGER NOT NULL)")
-    row = con.execute("SELECT version FROM schema").fetchone()
-    version = row[0] if row else 0
-    if version > SCHEMA_VERSION:
-        raise LeaderboardError(f"{path} has schema version {version}, newer than this pipeline's {SCHEMA_VERSION}; "
-                               "upgrade the pipeline (or use another leaderboard.path) instead of downgrading it.")
-    if version == SCHEMA_VERSION:
-        return
-    con.execute("BEGIN IMMEDIATE")
-    try:
-        row = con.execute("SELECT version FROM schema").fetchone()  # another process may have migrated
-        version = row[0] if row else 0
-        for v in range(version + 1, SCHEMA_VERSION + 1):
-            for stmt in MIGRATIONS[v].split(";"):
-                if stmt.strip():
-                    con.execute(stmt)
-        con.execute("DELETE FROM schema")
-        con.execute("INSERT INTO schema VALUES (?)", (SCHEMA_VERSION,))
-        con.execute("COMMIT")
-    except BaseException:
-        con.execute("ROLLBACK")
-        raise
 
 
 def _now() -> str:
@@ -113,8 +40,9 @@ def _now() -> str:
 
 def record(cfg: dict, stage: str, started: float, cv: float | None = None, folds: dict | None = None,
            artifacts: list | dict | None = None, submission: str | None = None, epochs: list[dict] | None = None,
-           experiment: str | None = None, note: str | None = None) -> int | None:
-    """Record one stage run; returns its row id (None when the leaderboard is switched off)."""
+           experiment: str | None = None, note: str | None = None, trial: int | None = None) -> int | None:
+    """Record one stage run (``trial``: its Optuna trial number); returns its row id (None when the
+    leaderboard is switched off)."""
     lcfg = cfg.get("leaderboard", {})
     if not lcfg.get("enabled", True):
         return None
@@ -127,17 +55,16 @@ def record(cfg: dict, stage: str, started: float, cv: float | None = None, folds
     git = git_info()
     ended = time.time()
     with connect(db_path(cfg), write=True) as con:
-        cur = con.execute(
-            "INSERT INTO runs (experiment, stage, config_hash, config, git_commit, git_dirty, started, ended, duration,"
-            " metric, higher_is_better, cv, cv_std, folds, artifacts, submission, note)"
-            " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+        run_id = insert_id(
+            con, "INSERT INTO runs (experiment, stage, config_hash, config, git_commit, git_dirty, started, ended,"
+            " duration, metric, higher_is_better, cv, cv_std, folds, artifacts, submission, note, trial)"
+            " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
             (experiment or cfg["name"], stage, config_hash(cfg), json.dumps(cfg, default=str), git["commit"],
              None if git["dirty"] is None else int(git["dirty"]),
              datetime.fromtimestamp(started, timezone.utc).isoformat(timespec="seconds"),
              datetime.fromtimestamp(ended, timezone.utc).isoformat(timespec="seconds"), round(ended - started, 3),
              metric.name, int(metric.higher_is_better), cv, cv_std, json.dumps(folds or {}),
-             json.dumps(artifacts or [], default=str), submission, note))
-        run_id = cur.lastrowid
+             json.dumps(artifacts or [], default=str), submission, note, trial))
         if epochs:
             con.executemany("INSERT INTO epochs VALUES (?,?,?,?,?,?)",
                             [(run_id, str(e.get("fold")), int(e["epoch"]), e.get("train_loss"), e.get("valid_loss"),
@@ -207,7 +134,8 @@ def set_score(path, target: str, public=None, private=None, source: str = "manua
         if old:
             public = public if public is not None else old[0]
             private = private if private is not None else old[1]
-        con.execute("INSERT OR REPLACE INTO lb VALUES (?,?,?,?,?,?,?)",
+        con.execute("DELETE FROM lb WHERE submission=?", (submission,))  # an upsert both backends speak
+        con.execute("INSERT INTO lb VALUES (?,?,?,?,?,?,?)",
                     (submission, experiment, public, private, source, description, _now()))
     return experiment
 
@@ -259,8 +187,8 @@ def table(path, pattern: str | None = None):
     import pandas as pd
 
     with connect(path) as con:
-        runs = pd.read_sql_query("SELECT * FROM runs WHERE cv IS NOT NULL", con)
-        lb = pd.read_sql_query("SELECT * FROM lb ORDER BY updated", con)
+        runs = frame(con, "SELECT * FROM runs WHERE cv IS NOT NULL")
+        lb = frame(con, "SELECT * FROM lb ORDER BY updated")
     if pattern:
         regex = pattern.replace("%", ".*").replace("*", ".*")
         try:
@@ -320,8 +248,6 @@ def format_table(df, markdown: bool = False) -> str:
 
 def plot(path, out_dir: str | Path, experiment: str | None = None) -> list[Path]:
     """CV vs public and CV vs private (correlation, y = x), and an experiment's learning curves."""
-    import pandas as pd
-
     from . import plots
 
     out_dir = Path(out_dir)
@@ -333,10 +259,10 @@ def plot(path, out_dir: str | Path, experiment: str | None = None) -> list[Path]
         written.append(p)
     if experiment:
         with connect(path) as con:
-            ep = pd.read_sql_query(
-                "SELECT e.* FROM epochs e JOIN runs r ON e.run_id = r.id WHERE r.experiment=? AND r.id = "
+            ep = frame(
+                con, "SELECT e.* FROM epochs e JOIN runs r ON e.run_id = r.id WHERE r.experiment=? AND r.id = "
                 "(SELECT MAX(run_id) FROM epochs e2 JOIN runs r2 ON e2.run_id = r2.id WHERE r2.experiment=?)",
-                con, params=(experiment, experiment))
+                (experiment, experiment))
         if ep.empty:
             raise LeaderboardError(f"no per-epoch metrics recorded for experiment '{experiment}' (run `make train`).")
         p = out_dir / f"lb_curves_{experiment}.png"
@@ -354,9 +280,10 @@ def main(argv: list[str], cfg: dict | None = None) -> int:
     parser.add_argument("--pattern", help="only experiments whose name matches (regex, %% and * are wildcards)")
     parser.add_argument("--markdown", help="also write the table as Markdown to this file")
     parser.add_argument("--experiment", help="plot: learning curves of this experiment")
-    parser.add_argument("--db", help=f"database file (default: leaderboard.path or {DEFAULT_DB})")
+    parser.add_argument("--db", help=f"database file or postgresql:// URL (default: leaderboard.url, else "
+                                     f"leaderboard.path or {DEFAULT_DB})")
     args = parser.parse_args(argv)
-    path = Path(args.db) if args.db else db_path(cfg)
+    path = (args.db if is_url(args.db) else Path(args.db)) if args.db else db_path(cfg)
     if args.action == "set":
         if not args.target or (args.public is None and args.private is None):
             raise LeaderboardError("usage: lb set <experiment|submission file> --public X [--private Y]")
@@ -368,7 +295,7 @@ def main(argv: list[str], cfg: dict | None = None) -> int:
         matched = import_kaggle_csv(path, args.target)
         print(f"[lb] imported {len(matched)} row(s): " + ", ".join(f"{f} -> {e}" for f, e in matched))
     elif args.action == "plot":
-        for p in plot(path, path.parent, args.experiment):
+        for p in plot(path, submissions_dir(cfg or {}) if is_url(path) else path.parent, args.experiment):
             print(f"[lb] wrote {p}")
         return 0
     df = table(path, args.pattern)

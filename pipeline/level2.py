@@ -7,11 +7,14 @@ SAME folds as level 1, plus test predictions. Adding a model: one function + one
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from .io import log
+from .artifacts import kill_point
+from .errors import InputError
+from .io import log, read_json
 from .registry import Registry
 
 LEVEL2_MODELS = Registry("stack.model")
@@ -39,6 +42,7 @@ class Level2Result:
     best_iterations: list[int] = field(default_factory=list)
     importance: pd.Series | None = None
     info: dict = field(default_factory=dict)  # recorded in the level-2 meta (weights, refit iterations)
+    models: dict = field(default_factory=dict)  # fitted models stack saves ("fold<k>", "refit"): objects with .save(path)
 
 
 # the atmaCup11 author's settings: gbdt, 31 leaves, lr 0.05, feature_fraction 0.9, bagging 0.8 every 5
@@ -56,6 +60,10 @@ class _Booster:
 
     def predict(self, X):
         return self.booster.predict(X, num_iteration=self.best_iteration)
+
+    def save(self, path) -> None:
+        """LightGBM's text format, cut at the best iteration (a loaded copy predicts exactly as this one)."""
+        self.booster.save_model(str(path), num_iteration=self.best_iteration)
 
 
 def _lgbm_fit(params, task, n_classes, X, y, Xv=None, yv=None, n_estimators=None, seed=0):
@@ -120,23 +128,26 @@ def _empty(d: Level2Data) -> np.ndarray:
 
 @LEVEL2_MODELS.register("lgbm")
 def lgbm(d: Level2Data) -> Level2Result:
-    oof, tests, iters, imps = _empty(d), [], [], []
+    oof, tests, iters, imps, models = _empty(d), [], [], [], {}
     for k in sorted(np.unique(d.fold)):
         tr, va = d.fold != k, d.fold == k
-        m = _lgbm_fit(d.scfg["lgbm"] or {}, d.task, d.n_classes, d.X[tr], d.y[tr], d.X[va], d.y[va], seed=d.seed)
+        m = models[f"fold{k}"] = _lgbm_fit(d.scfg["lgbm"] or {}, d.task, d.n_classes, d.X[tr], d.y[tr], d.X[va],
+                                           d.y[va], seed=d.seed)
         iters.append(int(m.best_iteration))
         oof[va] = m.predict(d.X[va])
         tests.append(m.predict(d.T))
         imps.append(pd.Series(m.booster.feature_importance("gain"), index=d.X.columns))
+        kill_point(f"stack:fold{k}")
     if d.scfg["test_mode"] == "refit":
         n_iter = max(1, int(np.mean(iters) * d.scfg["refit_coef"]))
         log(f"[stack] refit on all rows with {n_iter} iterations (mean best iteration × {d.scfg['refit_coef']})")
-        test = _lgbm_fit(d.scfg["lgbm"] or {}, d.task, d.n_classes, d.X, d.y, n_estimators=n_iter,
-                         seed=d.seed).predict(d.T)
+        models["refit"] = _lgbm_fit(d.scfg["lgbm"] or {}, d.task, d.n_classes, d.X, d.y, n_estimators=n_iter,
+                                    seed=d.seed)
+        test = models["refit"].predict(d.T)
         info = {"test_mode": "refit", "refit_iterations": n_iter}
     else:
         test, info = np.mean(tests, axis=0), {"test_mode": "mean"}
-    return Level2Result(oof, test, iters, pd.concat(imps, axis=1).mean(axis=1), info)
+    return Level2Result(oof, test, iters, pd.concat(imps, axis=1).mean(axis=1), info, models)
 
 
 @LEVEL2_MODELS.register("linear")
@@ -162,3 +173,48 @@ def weighted(d: Level2Data) -> Level2Result:
     log("[stack] weights on OOF: " + ", ".join(f"{e}={w:.3f}" for e, w in zip(d.experiments, w_all)))
     return Level2Result(oof, sum(wi * p for wi, p in zip(w_all, d.test_preds)),
                         info={"weights": dict(zip(d.experiments, map(float, w_all))), "fold_weights": per_fold})
+
+
+# ------------------------------------------------------------------- saved level 2 (Kaggle bundles)
+SAVED = "level2.json"
+REPRODUCIBLE = ("lgbm", "weighted")  # level-2 models whose test predictions can be redone from saved files
+
+
+def stage_models(group, folder, d: Level2Data, result: Level2Result) -> None:
+    """Stage a stack's fitted models in its artifact group: ``<folder>/fold<k>.txt`` and ``refit.txt``
+    (LightGBM text models) and ``level2.json`` (the columns in order, which are categorical, the test
+    mode or the blend weights), so ``predict_saved`` redoes the level-2 test predictions from them alone."""
+    folder, files = Path(folder), {}
+    for name, model in result.models.items():
+        group.add(folder / f"{name}.txt", model.save)
+        files[name] = f"{name}.txt"
+    spec = {"model": d.scfg["model"], "reproducible": d.scfg["model"] in REPRODUCIBLE, "task": d.task,
+            "n_classes": d.n_classes, "experiments": list(d.experiments), "columns": [str(c) for c in d.T.columns],
+            "categorical": [str(c) for c in d.T.columns if isinstance(d.T[c].dtype, pd.CategoricalDtype)],
+            "test_mode": d.scfg["test_mode"], "stat": d.scfg["stat"], "files": files,
+            "weights": result.info.get("weights")}
+    group.json(folder / SAVED, spec)
+
+
+def predict_saved(folder, T: pd.DataFrame | None, preds: list[np.ndarray] | None = None) -> np.ndarray:
+    """Level-2 test predictions from a saved stack (``stage_models``): the mean of its fold models (or its
+    refit model) on ``T`` (test features with the stack's columns), or its blend weights on ``preds``
+    (each experiment's prediction, in ``experiments`` order)."""
+    folder = Path(folder)
+    spec = read_json(folder / SAVED)
+    if spec["model"] == "weighted":
+        return sum(spec["weights"][e] * p for e, p in zip(spec["experiments"], preds))
+    if spec["model"] != "lgbm":
+        raise InputError(f"{folder}: level-2 model '{spec['model']}' cannot be rebuilt from saved files; "
+                         f"use stack.model {' or '.join(REPRODUCIBLE)} for a bundle.")
+    missing = [c for c in spec["columns"] if c not in T.columns]
+    if missing:
+        raise InputError(f"{folder}: the test features lack {len(missing)} column(s) level 2 was fitted on, e.g. "
+                         f"{missing[:3]}; they must come from the same level-1 experiments and settings.")
+    import lightgbm as lgb
+
+    T = T[spec["columns"]].copy()
+    for c in spec["categorical"]:  # LightGBM maps the values onto the categories saved in the model
+        T[c] = T[c].astype(str).astype("category")
+    names = ["refit"] if spec["test_mode"] == "refit" else [n for n in spec["files"] if n != "refit"]
+    return np.mean([lgb.Booster(model_file=str(folder / spec["files"][n])).predict(T) for n in names], axis=0)

@@ -8,6 +8,7 @@ All outputs go under one workspace root, ``workdir`` (default: the current direc
     <workdir>/models/pretrain/<name>-<bb>.pt    jigsaw backbone               (pretrain)
     <workdir>/features/<set>/                   oof.parquet, test.parquet     (features, stack, postprocess)
     <workdir>/submissions/<set>.csv             submission + leaderboard.db   (submit)
+    <workdir>/tune/<study>/                     study.db, trial configs, plots (tune)
 
 A feature set's prediction columns are ``<set>__<head>__<output>__<stat>``: ``feature_column`` writes
 that scheme and ``parse_column`` / ``head_prediction`` read it; no other module spells it out.
@@ -61,9 +62,18 @@ def submissions_dir(cfg: dict) -> Path:
     return workdir(cfg) / "submissions"
 
 
-def leaderboard_db(cfg: dict | None) -> Path:
-    path = ((cfg or {}).get("leaderboard") or {}).get("path") or "submissions/leaderboard.db"
+def leaderboard_db(cfg: dict | None) -> Path | str:
+    """The leaderboard's SQLite file under workdir, or ``leaderboard.url`` (a server database) when set."""
+    lcfg = (cfg or {}).get("leaderboard") or {}
+    if lcfg.get("url"):
+        return lcfg["url"]
+    path = lcfg.get("path") or "submissions/leaderboard.db"
     return under(cfg, path) if cfg else Path(path)
+
+
+def tune_dir(cfg: dict, study: str) -> Path:
+    """``<workdir>/tune/<study>/``: the default SQLite study, trial configs, history and importance plots."""
+    return workdir(cfg) / "tune" / study
 
 
 # ------------------------------------------------------------------------ feature-set column scheme
@@ -81,6 +91,16 @@ def stack_name(cfg: dict) -> str:
     if cfg["stack"]["name"]:
         return cfg["stack"]["name"]
     return cfg["name"] + "-l2" if cfg["name"] in stack_inputs(cfg) else cfg["name"]
+
+
+def submission_source(cfg: dict) -> str:
+    """The feature set a config submits (``submit``) and bundles (``kaggle``): ``submit.source``, else the
+    furthest stage of its chain that has test predictions: post-processed, level 2, level 1."""
+    if cfg["submit"]["source"]:
+        return cfg["submit"]["source"]
+    pp = cfg["postprocess"]["name"]
+    chain = ([pp] if pp else [f"{stack_name(cfg)}-pp", f"{cfg['name']}-pp"]) + [stack_name(cfg), cfg["name"]]
+    return next((c for c in chain if (features_dir(cfg, c) / "test.parquet").exists()), cfg["name"])
 
 
 class Column(NamedTuple):

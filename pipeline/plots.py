@@ -96,3 +96,26 @@ def cv_vs_lb(df: pd.DataFrame):
         ax.set(title=f"CV vs {col} LB (r = {corr:.3f}, n = {len(d)})", xlabel="CV", ylabel=f"{col} LB")
     fig.tight_layout()
     return fig
+
+
+def optuna_figures(study, metric_name: str, out_dir: str | Path) -> list[Path]:
+    """Optuna's own optimisation-history and parameter-importance plots (its matplotlib backend) as
+    ``history.png`` and ``importance.png``; importance is left out while it cannot be computed (under two
+    completed trials). Optuna switches to the ggplot style: it is undone for the pipeline's own figures."""
+    import warnings
+
+    from optuna.visualization import matplotlib as ov
+
+    written = []
+    with plt.rc_context(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # Optuna marks its matplotlib backend experimental
+        for stem, draw in (("history", ov.plot_optimization_history), ("importance", ov.plot_param_importances)):
+            try:
+                fig = draw(study, target_name=metric_name).figure
+            except (ValueError, RuntimeError, ZeroDivisionError) as exc:
+                print(f"[tune] no {stem} plot yet: {exc}", flush=True)
+                continue
+            fig.set_size_inches(7, 4.2)
+            save_figure(Path(out_dir) / f"{stem}.png", fig)
+            written.append(Path(out_dir) / f"{stem}.png")
+    return written

@@ -22,18 +22,11 @@ import torch
 from torch.utils.data import Dataset
 
 from . import leaderboard
+from .artifacts import ArtifactGroup, stage_lock
 from .competition import image_paths, load_test, load_train
 from .errors import InputError
 from .images import build_transform, read_image
-from .io import (
-    atomic_path,
-    config_hash,
-    is_up_to_date,
-    log,
-    provenance,
-    write_json,
-    write_resolved_config,
-)
+from .io import config_hash, is_up_to_date, log, provenance, resolved_config_text
 from .metrics import Metric
 from .models import Head, create_backbone, load_backbone_weights
 from .paths import pretrain_file
@@ -160,6 +153,16 @@ def _perm_accuracy(y, p):
 
 
 def run(cfg: dict, force: bool = False) -> Path:
+    with stage_lock(pretrain_file(cfg)):
+        return _run(cfg, force)
+
+
+def _save_npy(path, array) -> None:
+    with open(path, "wb") as f:  # np.save on a path would append ".npy" to the staged file's name
+        np.save(f, array)
+
+
+def _run(cfg: dict, force: bool) -> Path:
     pc = cfg["pretrain"]
     out = pretrain_file(cfg)
     id_col = cfg["competition"]["id"]
@@ -206,14 +209,14 @@ def run(cfg: dict, force: bool = False) -> Path:
         return out
     best = torch.load(work / "best.pt", map_location="cpu", weights_only=False)
     backbone_state = {k[len("backbone."):]: v for k, v in best["model"].items() if k.startswith("backbone.")}
-    with atomic_path(out) as tmp:
-        torch.save(backbone_state, tmp)
-    np.save(out.with_name(out.stem + "_permutations.npy"), perms)
-    check = create_backbone(cfg["model"]["backbone"], cfg["data"]["in_chans"])
-    report = load_backbone_weights(check, out)
-    write_resolved_config(out.with_name(out.stem + ".config.yaml"), cfg)
-    write_json(meta_path, provenance(cfg, "pretrain", key, result=result, load_report=str(report),
-                                     min_hamming=min_hamming(perms), images=int(len(ids))))
+    with ArtifactGroup(meta_path) as group:
+        staged = group.add(out, lambda tmp: torch.save(backbone_state, tmp))
+        group.add(out.with_name(out.stem + "_permutations.npy"), lambda tmp: _save_npy(tmp, perms))
+        group.text(out.with_name(out.stem + ".config.yaml"), resolved_config_text(cfg))
+        check = create_backbone(cfg["model"]["backbone"], cfg["data"]["in_chans"])
+        report = load_backbone_weights(check, staged)
+        group.commit(provenance(cfg, "pretrain", key, result=result, load_report=str(report),
+                                min_hamming=min_hamming(perms), images=int(len(ids))))
     leaderboard.record(cfg, "pretrain", started, experiment=f"{cfg['name']}:pretrain", artifacts=[str(out)],
                        note=f"{metric.name} {result['best']:.4f} (puzzle, not the competition metric)")
     log(f"[pretrain] best {metric.name} {result['best']:.4f} at epoch {result['best_epoch']}; wrote {out} "

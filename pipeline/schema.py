@@ -6,6 +6,7 @@ registry that holds the builders, so adding one means one function and one table
 """
 from __future__ import annotations
 
+import re
 from typing import Annotated, Any, Literal, Optional, Union
 
 from pydantic import (
@@ -19,6 +20,7 @@ from pydantic import (
 )
 
 from .errors import ConfigError
+from .tune_schema import Tune
 
 
 def _optimizer(v: str) -> str:
@@ -83,7 +85,9 @@ class Competition(_Section):
     tabular: list[str] = []
     categorical: list[str] = []
     aux_targets: list[Union[str, dict[str, Any]]] = []
-    check_images: bool = True
+    # folds checks every train and test image before any training: header (fast) | decode (full) |
+    # exists | false; later stages only check that the files exist
+    check_images: Union[Literal["header", "decode", "exists"], bool] = "header"
 
     @model_validator(mode="after")
     def _metric_fits_task(self):
@@ -266,12 +270,31 @@ class Leaderboard(_Section):
     path: str = "submissions/leaderboard.db"  # relative to workdir
     mlflow: bool = False  # also log to MLflow when the package is installed
     mlflow_uri: Optional[str] = None  # default: a local file store, file:./mlruns
+    url: Optional[str] = None  # a server database for a team (postgresql://user@host/db); overrides path
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, v):
+        if v is not None and not re.match(r"^(postgresql|sqlite)(\+\w+)?://", v):
+            raise ValueError("must be a SQLAlchemy URL: postgresql://user@host:5432/db (password from PGPASSWORD "
+                             "or ~/.pgpass) or sqlite:///file.db; for a local file set leaderboard.path instead")
+        return v
 
 
 class Submit(_Section):
     source: Optional[str] = None  # feature set submitted; default: this config's furthest stage that exists
     stat: str = "mean"
     gzip: bool = False
+
+
+class Kaggle(_Section):  # make kaggle: an offline bundle for a Kaggle notebook (pipeline/bundle.py)
+    source: Optional[str] = None  # feature set to bundle; default: what submit submits (pp, level 2, level 1)
+    output: str = "kaggle/{name}"  # relative to workdir; {name} = the source
+    fp16: bool = False  # checkpoints' floating-point weights in half precision (half the size)
+    user: Optional[str] = None  # Kaggle user owning the dataset; default: $KAGGLE_USERNAME
+    dataset: Optional[str] = None  # dataset slug (6-50 of a-z, 0-9, -); default: <competition>-<source>
+    competition: Optional[str] = None  # the competition's slug on Kaggle (/kaggle/input/<it>); default: its name
+    verify: bool = True  # predict the local test set from the bundle; refuse it unless it matches the features
 
 
 class Config(_Section):
@@ -290,6 +313,8 @@ class Config(_Section):
     postprocess: Postprocess = Postprocess()
     leaderboard: Leaderboard = Leaderboard()
     submit: Submit = Submit()
+    kaggle: Kaggle = Kaggle()
+    tune: Tune = Tune()
 
     @model_validator(mode="after")
     def _loss_fits_head(self):

@@ -4,7 +4,9 @@ Level 2 = LightGBM (default), ridge/logistic regression, or a weighted average o
 predictions with non-negative weights summing to 1, fitted on OOF. Features made with another folds
 file, or whose rows did not come from their own held-out fold, are refused. The result is written as
 just another feature set (``features/<name>/oof.parquet`` and ``test.parquet``, columns
-``<name>__<head>__<j>__mean``), so it can be submitted, blended or stacked again.
+``<name>__<head>__<j>__mean``), so it can be submitted, blended or stacked again. The fitted models
+are saved too (``models/fold<k>.txt``, ``refit.txt``, ``level2.json``): a Kaggle bundle redoes the
+level-2 test predictions from them alone.
 """
 from __future__ import annotations
 
@@ -15,20 +17,11 @@ import numpy as np
 import pandas as pd
 
 from . import leaderboard, plots
+from .artifacts import ArtifactGroup, require_complete, stage_lock
 from .competition import fold_of, load_folds, load_test, load_train
 from .errors import InputError
-from .io import (
-    config_hash,
-    is_up_to_date,
-    log,
-    provenance,
-    read_json,
-    read_parquet_meta,
-    write_json,
-    write_parquet,
-    write_resolved_config,
-)
-from .level2 import LEVEL2_MODELS, Level2Data
+from .io import config_hash, is_up_to_date, log, provenance, read_json, read_parquet_meta, resolved_config_text
+from .level2 import LEVEL2_MODELS, SAVED, Level2Data, stage_models
 from .metrics import get_metric
 from .paths import (
     features_dir,
@@ -44,8 +37,8 @@ def load_level1(cfg: dict, exp: str, folds_df: pd.DataFrame, folds_hash: str) ->
     """An experiment's OOF and test features, refusing any that could leak into level 2."""
     d = features_dir(cfg, exp)
     oof_p, test_p = d / "oof.parquet", d / "test.parquet"
-    if not oof_p.exists() or not test_p.exists():
-        raise InputError(f"{d}: no features for experiment '{exp}'; run `make features CONFIG=<its config>` first.")
+    require_complete(d, ["oof.parquet", "test.parquet"], f"features for experiment '{exp}'",
+                     "run `make features CONFIG=<its config>` first")
     meta = read_parquet_meta(oof_p)
     if meta.get("folds_hash") != folds_hash:
         raise InputError(f"{oof_p} was made with folds file hash {meta.get('folds_hash')}, not the current "
@@ -76,6 +69,11 @@ def tabular(cfg: dict, train_df: pd.DataFrame, test_df: pd.DataFrame) -> tuple[p
 
 
 def run(cfg: dict, force: bool = False) -> Path:
+    with stage_lock(features_dir(cfg, stack_name(cfg))):
+        return _run(cfg, force)
+
+
+def _run(cfg: dict, force: bool) -> Path:
     scfg = cfg["stack"]
     comp = cfg["competition"]
     name, id_col, target = stack_name(cfg), comp["id"], targets(cfg)[0]
@@ -94,7 +92,8 @@ def run(cfg: dict, force: bool = False) -> Path:
         X_parts.append(train_df[[id_col]].merge(oof, on=id_col, how="left").drop(columns=[id_col]))
         T_parts.append(test_df[[id_col]].merge(test, on=id_col, how="left").drop(columns=[id_col]))
     key = config_hash([scfg, comp, folds_hash, [metas[e].get("stage_key") for e in exps], cfg["seed"]])
-    if not force and is_up_to_date(out / "meta.json", key, [out / "oof.parquet", out / "test.parquet"]):
+    if not force and is_up_to_date(out / "meta.json", key, [out / "oof.parquet", out / "test.parquet",
+                                                          out / "models" / SAVED]):
         log(f"[stack] up to date: {out}")
         return out
     started = time.time()
@@ -119,7 +118,7 @@ def run(cfg: dict, force: bool = False) -> Path:
     inputs = {e: read_json(features_dir(cfg, e) / "cv.json").get("overall", {})
               if (features_dir(cfg, e) / "cv.json").exists() else {} for e in exps}
     write_outputs(cfg, out, key, folds_hash, oof_pred, test_pred, fold, train_df, test_df, cv, inputs, best_iters,
-                  result.info)
+                  result.info, save_models=lambda group: stage_models(group, out / "models", data, result))
     leaderboard.record(cfg, "stack", started, cv=cv["overall"], folds=per_fold, experiment=name,
                        artifacts=[str(out / "oof.parquet"), str(out / "test.parquet")],
                        note=f"{model_kind} on {', '.join(exps)}")
@@ -135,15 +134,19 @@ def run(cfg: dict, force: bool = False) -> Path:
 
 
 def write_outputs(cfg, out, key, folds_hash, oof_pred, test_pred, fold, train_df, test_df, cv, inputs, best_iters,
-                  info):
+                  info, save_models=None):
     name, id_col, head = stack_name(cfg), cfg["competition"]["id"], targets(cfg)[0]
 
     oof = prediction_frame(train_df[id_col].to_numpy(), id_col, name, head, oof_pred, fold)
     meta = provenance(cfg, "stack", key, folds_hash=folds_hash, cv=cv, inputs=inputs, best_iterations=best_iters,
                       experiments=stack_inputs(cfg), name=name, model=cfg["stack"]["model"], level2=info)
-    write_parquet(out / "oof.parquet", oof, meta)
-    write_parquet(out / "test.parquet", prediction_frame(test_df[id_col].to_numpy(), id_col, name, head, test_pred), meta)
-    write_json(out / "cv.json", {"overall": {"tta": cv["overall"], "no_tta": cv["overall"]}, **{
-        k: {"tta": v, "no_tta": v} for k, v in cv.items() if k != "overall"}})
-    write_resolved_config(out / "config.yaml", cfg)
-    write_json(out / "meta.json", meta)
+    with ArtifactGroup(out / "meta.json") as group:
+        group.parquet(out / "oof.parquet", oof, meta)
+        group.parquet(out / "test.parquet", prediction_frame(test_df[id_col].to_numpy(), id_col, name, head, test_pred),
+                      meta)
+        group.json(out / "cv.json", {"overall": {"tta": cv["overall"], "no_tta": cv["overall"]}, **{
+            k: {"tta": v, "no_tta": v} for k, v in cv.items() if k != "overall"}})
+        group.text(out / "config.yaml", resolved_config_text(cfg))
+        if save_models is not None:  # models/: the fitted level-2 models (per fold, refit), for a Kaggle bundle
+            save_models(group)
+        group.commit(meta)

@@ -20,10 +20,12 @@ STAGES = {
     "pretrain": "pretrain",
     "train": "train",
     "lr-find": "lr_find",
+    "tune": "tune",  # Optuna search: trials run the train stage through run_stage
     "features": "features",
     "stack": "stack",
     "postprocess": "postprocess",
     "submit": "submit",
+    "kaggle": "bundle",  # an offline bundle + inference notebook for a Kaggle dataset (pipeline.inference runs it)
 }
 
 

@@ -8,6 +8,7 @@ EMA/SWA weights when those are on), ``last.pt`` (everything needed to resume aft
 """
 from __future__ import annotations
 
+import contextlib
 import time
 from pathlib import Path
 
@@ -15,6 +16,7 @@ import numpy as np
 import pandas as pd
 
 from . import leaderboard, plots
+from .artifacts import stage_lock
 from .competition import fold_of, load_folds, load_train, table_path
 from .distributed import Dist
 from .errors import InputError
@@ -42,6 +44,24 @@ def stage_key(cfg: dict, folds_hash: str, train_hash: str) -> str:
     return config_hash([cfg["competition"], data, cfg["model"], tcfg, cfg["seed"], folds_hash, train_hash])
 
 
+def fold_is_current(out: Path, key: str) -> bool:
+    """A fold is up to date when its meta.json AND every artifact it vouches for carry this stage key
+    (best.pt, best_valid.parquet): files of one config are never taken for another's."""
+    import torch
+
+    from .io import read_parquet_meta
+
+    meta, best, valid = out / "meta.json", out / "best.pt", out / "best_valid.parquet"
+    try:
+        if not meta.exists() or not best.exists() or read_json(meta).get("stage_key") != key:
+            return False
+        if torch.load(best, map_location="cpu", weights_only=False, mmap=True).get("stage_key") != key:
+            return False
+        return not valid.exists() or read_parquet_meta(valid).get("stage_key") == key
+    except (OSError, ValueError, RuntimeError):
+        return False
+
+
 def run(cfg: dict, force: bool = False) -> dict:
     started = time.time()
     train_df = load_train(cfg)
@@ -51,7 +71,6 @@ def run(cfg: dict, force: bool = False) -> dict:
     key = stage_key(cfg, folds_hash, file_hash(table_path(cfg, "train")))
     exp = models_dir(cfg)
     exp.mkdir(parents=True, exist_ok=True)
-    write_resolved_config(exp / "config.yaml", cfg)
     n_splits = int(fold.max()) + 1
     chosen = cfg["train"]["folds"]
     todo: list = list(range(n_splits)) if chosen is None else [int(k) for k in (chosen if isinstance(chosen, list) else [chosen])]
@@ -64,23 +83,30 @@ def run(cfg: dict, force: bool = False) -> dict:
     for k in todo:
         out = exp / f"fold{k}"
         meta_path = out / "meta.json"
-        if not force and meta_path.exists() and (out / "best.pt").exists() and read_json(meta_path).get("stage_key") == key:
-            log(f"[train] fold {k} up to date: {out}")
-            continue
-        if force and (out / "last.pt").exists():
-            (out / "last.pt").unlink()
-        tr = np.flatnonzero(fold != k) if k != "full" else np.arange(len(fold))
-        va = np.flatnonzero(fold == k) if k != "full" else np.array([], dtype=int)
-        trainer = FoldTrainer(cfg, heads, train_df, tr, va, k, out, key, folds_hash)
-        log(f"[train] {cfg['name']} fold {k}: {len(tr)} train rows, {len(va)} valid rows, device {trainer.device}"
-            + (f", DDP world size {trainer.dist.world}" if trainer.dist.enabled else ""))
-        result = trainer.fit()
-        if not trainer.dist.main:
-            trainer.dist.barrier()
-            continue
-        write_json(meta_path, provenance(cfg, "train", key, folds_hash=folds_hash, result=result))
+        # under torchrun every rank trains the same fold together: a lock held by one would deadlock
+        with stage_lock(out) if not Dist().enabled else contextlib.nullcontext():
+            if not force and fold_is_current(out, key):
+                log(f"[train] fold {k} up to date: {out}")
+                continue
+            if meta_path.exists():  # from here on this fold's files change: it is not up to date until the end
+                meta_path.unlink()
+            if force and (out / "last.pt").exists():
+                (out / "last.pt").unlink()
+            tr = np.flatnonzero(fold != k) if k != "full" else np.arange(len(fold))
+            va = np.flatnonzero(fold == k) if k != "full" else np.array([], dtype=int)
+            trainer = FoldTrainer(cfg, heads, train_df, tr, va, k, out, key, folds_hash)
+            log(f"[train] {cfg['name']} fold {k}: {len(tr)} train rows, {len(va)} valid rows, device {trainer.device}"
+                + (f", DDP world size {trainer.dist.world}" if trainer.dist.enabled else ""))
+            result = trainer.fit()
+            if not trainer.dist.main:
+                trainer.dist.barrier()
+                continue
+            write_resolved_config(out / "config.yaml", cfg)
+            write_json(meta_path, provenance(cfg, "train", key, folds_hash=folds_hash, result=result))
         trainer.dist.barrier()
         trained.append(k)
+    if trained:  # the experiment's config is the one its latest trained weights came from (a failed run keeps it)
+        write_resolved_config(exp / "config.yaml", cfg)
     if not Dist().main:
         return {}
     previous = read_json(exp / "summary.json") if (exp / "summary.json").exists() else {}

@@ -10,9 +10,7 @@ uninterrupted one.
 from __future__ import annotations
 
 import math
-import os
 import random
-import signal
 import time
 from pathlib import Path
 
@@ -23,6 +21,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
+from .artifacts import kill_point
 from .averaging import ModelEma
 from .competition import image_paths
 from .distributed import Dist
@@ -77,11 +76,9 @@ def mix_batch(x, y: dict, tcfg: dict, epoch: int):
     return x, y2, lam
 
 
-def _kill_hook(where: str, value: int) -> None:
-    """Test hook: PIPELINE_KILL_AT=epoch:N or step:N sends this process SIGKILL there."""
-    spec = os.environ.get("PIPELINE_KILL_AT", "")
-    if spec == f"{where}:{value}":
-        os.kill(os.getpid(), signal.SIGKILL)
+# called as hook(fold, epoch, score) after each validation; one may raise to stop training (the tune
+# stage reports the score to Optuna there and raises TrialPruned when the pruner says so)
+EPOCH_HOOKS: list = []
 
 
 def to_device(y: dict, device) -> dict:
@@ -246,7 +243,7 @@ class FoldTrainer:
         accum = tcfg["accumulate"]
         self.opt.zero_grad(set_to_none=True)
         for step, (x, y, _) in enumerate(bar):
-            _kill_hook("step", step + epoch * len(loader))
+            kill_point(f"step:{step + epoch * len(loader)}")
             x = x.to(self.device, non_blocking=True)
             y = to_device(y, self.device)
             if tcfg["multiscale"]:
@@ -353,7 +350,9 @@ class FoldTrainer:
                 msg += f" valid_loss {row['valid_loss']:.4f} {self.metric.name} {row['score']:.4f}" + (" *" if improved else "")
             if self.dist.main:
                 log(msg + f" ({row['seconds']:.1f}s)")
-            _kill_hook("epoch", epoch + 1)
+            kill_point(f"epoch:{epoch + 1}")
+            for hook in EPOCH_HOOKS if has_valid else ():
+                hook(self.fold, epoch + 1, row["score"])  # may raise (tune: optuna.TrialPruned)
             if stop:
                 log(f"[train] fold {self.fold}: early stopping after {epoch + 1} epochs "
                     f"(best {self.state['best']:.4f} at epoch {self.state['best_epoch']})")

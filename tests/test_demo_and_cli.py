@@ -47,3 +47,23 @@ def test_every_user_error_class_is_caught_by_the_cli(tmp_path, capsys):
     assert "not a valid pattern" in capsys.readouterr().err
     assert main(["lb", "set", "nope", "--public", "1", f"leaderboard.path={tmp_path}/lb.db"]) == 2
     assert "unknown experiment" in capsys.readouterr().err
+
+
+def test_outputs_go_to_the_project_whatever_the_current_directory(tmp_path, monkeypatch):
+    """`python -m pipeline folds -c /path/proj/configs/x.yaml` typed in another directory writes into the
+    project (folds/, the leaderboard), not where it was typed."""
+    import os
+
+    from tests.conftest import make_competition
+
+    proj = tmp_path / "proj"
+    make_competition(proj / "comp", n=60, n_groups=9, n_classes=3, size=16)
+    (proj / "configs").mkdir()
+    (proj / "configs" / "x.yaml").write_text("name: x\ncompetition: {root: comp, group: grp}\nfolds: {n_splits: 3}\n")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    assert main(["folds", "-c", str(proj / "configs" / "x.yaml")]) == 0
+    os.chdir(elsewhere)
+    assert (proj / "folds" / "demo.csv").exists() and (proj / "submissions" / "leaderboard.db").exists()
+    assert not any(elsewhere.iterdir())

@@ -1,0 +1,170 @@
+"""Predict a competition's test set from a bundle (``make kaggle``) and write a validated submission.
+
+    from pipeline.inference import predict_bundle
+    predict_bundle("/kaggle/input/demo-demo-stack-pp", "/kaggle/input/demo", "/kaggle/working/submission.csv")
+
+A bundle holds what the chain learned, listed in its ``bundle.json``: every fold model of each level-1
+experiment with its TTA settings, the level-2 models ``stack`` saved, the parameters ``postprocess``
+tuned, and the submit settings. Test features are made as ``features`` makes them (same views,
+statistics, mean over the fold models), then level 2, the rules, and the checks ``submit`` makes.
+Only ``test.csv``, ``sample_submission.csv`` and the test images are read from the competition folder
+(which may be read-only, like ``/kaggle/input``); nothing is written but ``output``.
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from .competition import image_paths, load_test, read_table, table_path
+from .errors import InputError
+from .io import atomic_path, log, read_json
+from .level2 import SAVED, predict_saved
+from .paths import head_prediction, prediction_frame, targets
+from .rules import apply_rules
+from .submission import to_submission, validate
+
+MANIFEST = "bundle.json"
+FORMAT = 1
+
+
+def read_manifest(bundle: str | Path) -> dict:
+    """``bundle.json``, once every file it lists is there with the size it had when built."""
+    bundle = Path(bundle)
+    path = bundle / MANIFEST
+    if not path.exists():
+        raise InputError(f"{bundle}: not a bundle (no {MANIFEST}); attach the dataset `make kaggle` built and "
+                         "point at its folder.")
+    manifest = read_json(path)
+    if manifest.get("format") != FORMAT:
+        raise InputError(f"{path}: bundle format {manifest.get('format')!r}, this pipeline reads {FORMAT}; install "
+                         "the pipeline wheel that came with the bundle (its wheels/ folder).")
+    files = manifest["files"]
+    missing = [f for f in files if not (bundle / f).is_file()]
+    if missing:
+        raise InputError(f"{bundle}: {missing[0]} is missing ({len(missing)} of the {len(files)} files {MANIFEST} "
+                         f"lists: {', '.join(missing[:5])}); rebuild the bundle with `make kaggle` and upload it again.")
+    for f, size in files.items():
+        if (bundle / f).stat().st_size != size:
+            raise InputError(f"{bundle / f}: {(bundle / f).stat().st_size} bytes, but {MANIFEST} says {size} (a "
+                             "truncated or replaced file); rebuild the bundle with `make kaggle` and upload it again.")
+    return manifest
+
+
+def competition_config(manifest: dict, competition: str | Path) -> dict:
+    """The part of a config the loaders need: the bundle's competition, rooted at ``competition``."""
+    return {"name": manifest["source"], "workdir": ".",
+            "competition": {**manifest["competition"], "root": str(competition)}}
+
+
+def _header(path: Path) -> list[str]:
+    return list(pd.read_csv(path, nrows=0).columns)
+
+
+def check_competition(manifest: dict, cfg: dict) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """test.csv and sample_submission.csv, refusing a folder of another competition (other columns) and
+    test rows without an image."""
+    comp = cfg["competition"]
+    root = Path(comp["root"])
+    name = manifest["competition"]["name"]
+    for which in ("test", "sample_submission"):
+        path = table_path(cfg, which)
+        if not path.is_file():
+            raise InputError(f"{path}: not found; is {root} the folder of competition '{name}' (the bundle "
+                             f"reads {comp['test']}, {comp['sample_submission']} and {comp['image']} there)?")
+    sample_path, test_path = table_path(cfg, "sample_submission"), table_path(cfg, "test")
+    if _header(sample_path) != manifest["sample_columns"]:
+        raise InputError(f"{sample_path}: columns {_header(sample_path)} differ from {manifest['sample_columns']} of "
+                         f"competition '{name}' the bundle was built for: the bundle is from another competition, or "
+                         "another competition is attached.")
+    need = manifest["test_columns"]
+    lacking = [c for c in need if c not in _header(test_path)]
+    if lacking:
+        raise InputError(f"{test_path}: column(s) {lacking} that the bundle's models read are missing (columns: "
+                         f"{_header(test_path)}; competition '{name}' has {need}): the bundle is from another "
+                         "competition, or another competition is attached.")
+    test = load_test(cfg, check_images=True)  # names the ids without an image file
+    return test, read_table(sample_path, "sample_submission", comp["id"])
+
+
+def level1_frame(bundle: Path, name: str, spec: dict, cfg: dict, test: pd.DataFrame, device) -> pd.DataFrame:
+    """An experiment's test features as ``features`` makes them: per fold model, every TTA view's outputs
+    aggregated (mean/var/max/min), then the mean over fold models; keyed by id, in test.csv order."""
+    from torch.utils.data import DataLoader
+
+    from .images import ImageDataset, build_transform
+    from .models import load_model
+    from .tta import aggregate, predict_views, tta_views
+
+    f, id_col = spec["features"], cfg["competition"]["id"]
+    views = tta_views(f["tta"], f.get("scales"))
+    paths = image_paths(cfg, test[id_col])
+    parts = []
+    for rel in spec["models"]:
+        model, ckpt = load_model(bundle / rel, str(device))
+        dcfg = ckpt["data_cfg"]  # the image size/normalisation the model was trained with
+        loader = DataLoader(ImageDataset(paths, dcfg["in_chans"], build_transform(dcfg)),
+                            batch_size=f["batch_size"], shuffle=False)
+        outputs = predict_views(model, model.head_specs, loader, views, device, f["embedding"])
+        parts.append(aggregate(name, outputs, f["stats"], f["keep_views"]))
+    cols = list(parts[0].columns)
+    mean = np.mean([p[cols].to_numpy() for p in parts], axis=0)
+    return pd.concat([pd.DataFrame({id_col: test[id_col].to_numpy()}), pd.DataFrame(mean, columns=cols)], axis=1)
+
+
+def predict(bundle: str | Path, competition: str | Path, device: str = "auto") -> tuple[pd.DataFrame, dict]:
+    """The validated submission frame and every feature set's test predictions ({name: frame keyed by id})."""
+    from .models import pick_device
+
+    bundle = Path(bundle)
+    manifest = read_manifest(bundle)
+    cfg = competition_config(manifest, competition)
+    test, sample = check_competition(manifest, cfg)
+    comp, device = cfg["competition"], pick_device(device)
+    id_col, head, task = comp["id"], targets(cfg)[0], comp["task"]
+    ids = test[id_col].to_numpy()
+    frames: dict[str, pd.DataFrame] = {}
+    for name, spec in manifest["sets"].items():  # in dependency order
+        started = time.time()
+        if spec["kind"] == "features":
+            frames[name] = level1_frame(bundle, name, spec, cfg, test, device)
+            what = f"{len(spec['models'])} fold model(s), TTA {spec['features']['tta']}"
+        elif spec["kind"] == "stack":
+            folder, exps = bundle / spec["level2"], spec["experiments"]
+            l2 = read_json(folder / SAVED)
+            T = pd.concat([frames[e].drop(columns=[id_col]) for e in exps]
+                          + [test[spec["tabular"]].reset_index(drop=True)], axis=1)
+            preds = [head_prediction(frames[e], e, head, l2["stat"]) for e in exps]
+            pred = predict_saved(folder, T, preds)
+            frames[name] = prediction_frame(ids, id_col, name, head, pred)
+            what = f"level 2 ({l2['model']}, {l2['test_mode']}) on {', '.join(exps)}"
+        else:  # postprocess
+            pp = read_json(bundle / spec["params"])
+            src, other, force = pp["source"], pp["blend_with"], pp["force_from"]
+            p = head_prediction(frames[src], src, head)
+            o = head_prediction(frames[other], other, head) if other else None
+            onehot = (head_prediction(frames[force["experiment"]], force["experiment"], force.get("head", head))
+                      if force else None)
+            frames[name] = prediction_frame(ids, id_col, name, head, apply_rules(pp["params"], task, p, o, onehot))
+            what = f"rules {sorted(pp['params'])} on {src}"
+        log(f"[inference] {name}: {what}, {len(ids)} test rows, {time.time() - started:.1f}s ({device})")
+    source = manifest["source"]
+    pred = head_prediction(frames[source], source, head, manifest["submit"]["stat"])
+    sub = to_submission(cfg, pred, test[id_col].astype(str), sample, manifest.get("class_labels"))
+    validate(sub, sample, id_col, where=f"submission of bundle '{source}'")
+    return sub, frames
+
+
+def predict_bundle(bundle: str | Path, competition: str | Path, output: str | Path = "/kaggle/working/submission.csv",
+                   device: str = "auto") -> Path:
+    """Predict ``competition``'s test set with the bundle and write the validated submission to ``output``."""
+    started = time.time()
+    sub, _ = predict(bundle, competition, device)
+    output = Path(output)
+    with atomic_path(output) as tmp:
+        sub.to_csv(tmp, index=False)
+    log(f"[inference] wrote {output} ({len(sub)} rows, validated against the competition's sample submission) "
+        f"in {time.time() - started:.1f}s")
+    return output
