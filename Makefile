@@ -38,7 +38,11 @@ NGPU ?= $(shell nvidia-smi -L 2>/dev/null | grep -c GPU)
 N_SPLITS = $(shell $(RUN) config -c $(CONFIG) $(ARGS) --get folds.n_splits)
 FOLD_IDS = $(if $(FOLDS),$(subst $(comma), ,$(FOLDS)),$(shell seq 0 $$(( $(N_SPLITS) - 1 ))))
 
+# a round of pseudo-labelling or distillation first brings its teacher's features up to date
+TEACHER_ARGS = $(filter-out name=% train.pseudo% train.distill% stack.%,$(ARGS))
 train: folds
+	@teachers=$$($(RUN) inputs --for train -c $(CONFIG) $(ARGS)) || exit 2; \
+	for c in $$teachers; do $(MAKE) --no-print-directory features CONFIG=$$c ARGS="$(TEACHER_ARGS)" || exit 2; done
 	$(MAKE) --no-print-directory $(addprefix train-fold-,$(FOLD_IDS))
 	$(RUN) train $(FLAGS) $(FOLDS_ARG)
 
@@ -64,7 +68,7 @@ features: train
 # brought up to date first, with the config that defines it (`pipeline inputs` finds it by name)
 stack: folds
 	@inputs=$$($(RUN) inputs -c $(CONFIG) $(ARGS)) || exit 2; \
-	for c in $$inputs; do $(MAKE) --no-print-directory features CONFIG=$$c ARGS="$(ARGS)" || exit 2; done
+	for c in $$inputs; do $(MAKE) --no-print-directory features CONFIG=$$c ARGS="$(TEACHER_ARGS)" || exit 2; done
 	$(RUN) stack $(FLAGS)
 
 postprocess: setup

@@ -23,7 +23,7 @@ from bench._common import OUT, synthetic_competition  # noqa: E402
 from pipeline.competition import load_train  # noqa: E402
 from pipeline.config import load_config  # noqa: E402
 from pipeline.models import build_model, heads_for  # noqa: E402
-from pipeline.train import FoldTrainer  # noqa: E402
+from pipeline.trainer import FoldTrainer  # noqa: E402
 
 
 def hand_loop(model, loader, device, amp_dtype=None, channels_last=False) -> float:
@@ -58,6 +58,11 @@ def measure(args, extra: list[str]):
     hand_model = build_model(cfg, heads).to(device)
     if cfg["train"]["channels_last"]:
         hand_model = hand_model.to(memory_format=torch.channels_last)
+    cache, trainer.train_ds._cache = trainer.train_ds._cache, None  # first: decode every image from disk
+    t0 = time.perf_counter()
+    n = sum(len(x) for x, _, _ in trainer.loader(trainer.train_ds, shuffle=True, epoch=0))
+    disk_ips = n / (time.perf_counter() - t0)
+    trainer.train_ds._cache = cache
     loader = trainer.loader(trainer.train_ds, shuffle=True, epoch=0)
     for x, _, _ in loader:  # fill the image cache so both sides read from memory
         pass
@@ -75,7 +80,7 @@ def measure(args, extra: list[str]):
         ours.append(len(trainer.train_ds) / (time.perf_counter() - t0))
         hand.append(hand_loop(hand_model, trainer.loader(trainer.train_ds, True, r + 1), device, trainer.amp_dtype,
                               cfg["train"]["channels_last"]))
-    return statistics.median(ours), statistics.median(hand), loader_ips, device
+    return statistics.median(ours), statistics.median(hand), (loader_ips, disk_ips, loader.num_workers), device
 
 
 def main():
@@ -92,7 +97,9 @@ def main():
     print(f"pipeline train step : {ours:8.1f} images/s")
     print(f"hand-written loop   : {hand:8.1f} images/s")
     print(f"ratio pipeline/hand : {ours / hand:8.3f}   (target >= 0.95)")
-    print(f"data loader alone   : {loader_ips:8.1f} images/s ({'faster' if loader_ips > ours else 'SLOWER'} than the model)")
+    cached, disk, workers = loader_ips
+    print(f"data loader alone   : {cached:8.1f} images/s from memory, {disk:8.1f} decoding PNGs from disk with "
+          f"data.num_workers=auto -> {workers} ({'faster' if disk > ours else 'SLOWER'} than the model)")
     if device.type == "cuda":
         ours, hand, _, _ = measure(args, ["train.amp=true", "train.channels_last=true"])
         print(f"CUDA AMP + channels_last: pipeline {ours:.1f}, hand {hand:.1f} images/s, ratio {ours / hand:.3f}")

@@ -17,7 +17,7 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from pipeline.features import predict_views, tta_views  # noqa: E402
+from pipeline.tta import predict_views, tta_views  # noqa: E402
 from pipeline.models import Head, Net, create_backbone, pick_device  # noqa: E402
 
 

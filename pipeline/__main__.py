@@ -95,17 +95,28 @@ def _show_config(argv: list[str]) -> int:
 
 
 def _inputs(argv: list[str]) -> int:
-    """``inputs -c x.yaml [key=value ...]``: one config file per level-1 experiment the stack of x.yaml
-    reads (Make brings their features up to date before stacking)."""
+    """``inputs [--for stack|train] -c x.yaml [key=value ...]``: one config file per experiment whose
+    features x.yaml reads: the level-1 experiments of its stack, or the teachers of its training
+    (pseudo-labels, distillation). Make brings their features up to date first."""
     from .config import config_for_experiment, load_config
+    from .errors import ConfigError
     from .paths import stack_inputs
 
     parser = argparse.ArgumentParser(prog="python -m pipeline inputs")
+    parser.add_argument("--for", dest="stage", choices=["stack", "train"], default="stack")
     parser.add_argument("-c", "--config", required=True)
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_intermixed_args(argv)
     cfg = load_config(args.config, args.overrides)
-    for exp in stack_inputs(cfg):
+    if args.stage == "train":
+        t = cfg["train"]
+        exps = list(dict.fromkeys(e for e in (t["pseudo"]["source"], t["distill"]["teacher"]) if e))
+        if cfg["name"] in exps:
+            raise ConfigError(f"experiment '{cfg['name']}' names itself as its teacher (train.pseudo.source / "
+                              "train.distill.teacher); a round's teacher is an earlier experiment.")
+    else:
+        exps = stack_inputs(cfg)
+    for exp in exps:
         print(config_for_experiment(exp, args.config, cfg))
     return 0
 

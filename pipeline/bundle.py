@@ -292,10 +292,11 @@ def verify(cfg: dict, folder: Path, manifest: dict) -> None:
     (with fp16 weights, only level 1 is compared, to 2e-2)."""
     id_col, fp16 = cfg["competition"]["id"], manifest["fp16"]
     _, frames = predict(folder, cfg["competition"]["root"], device=cfg["train"]["device"])
-    tol, worst = (2e-2 if fp16 else 1e-4), 0.0
+    tol, worst, compared = (2e-2 if fp16 else 1e-4), 0.0, []
     for name, frame in frames.items():
         if fp16 and manifest["sets"][name]["kind"] != "features":
             continue
+        compared.append(name)
         path = features_dir(cfg, name) / "test.parquet"
         made = pd.read_parquet(path).set_index(id_col).reindex(frame[id_col])
         cols = [c for c in frame.columns if c != id_col]
@@ -309,7 +310,7 @@ def verify(cfg: dict, folder: Path, manifest: dict) -> None:
                              "(`make features`/`stack`/`postprocess`) or set kaggle.verify=false.")
         worst = max(worst, diff)
     log(f"[kaggle] verified: from its own files, the bundle reproduces the local test predictions of "
-        f"{', '.join(frames)} (max |diff| {worst:.1e})")
+        f"{', '.join(compared)} (max |diff| {worst:.1e}" + (", fp16 weights: level 1 only)" if fp16 else ")"))
 
 
 def _size(n: float) -> str:

@@ -17,11 +17,11 @@ import pandas as pd
 import torch
 from torch.utils.data import DataLoader
 
-from . import leaderboard
+from . import leaderboard, teachers
 from .artifacts import ArtifactGroup, kill_point, stage_lock
 from .competition import image_paths, load_folds, load_test, load_train, table_path
 from .errors import InputError
-from .images import ImageDataset, build_transform
+from .images import ImageDataset, build_transform, loader_workers
 from .io import (config_hash, file_hash, is_up_to_date, log, provenance, read_json, read_parquet_meta,
                  resolved_config_text, write_parquet)
 from .metrics import get_metric
@@ -118,7 +118,7 @@ def _run(cfg: dict, force: bool) -> Path:
             tf = build_transform(dcfg)
             test_ds = ImageDataset(paths_test, dcfg["in_chans"], tf)
             loader = lambda ds: DataLoader(ds, batch_size=fcfg["batch_size"], shuffle=False,
-                                           num_workers=cfg["data"]["num_workers"])
+                                           num_workers=loader_workers(cfg["data"], device))
             pca = None
             if fcfg["embedding"] and fcfg["pca"] and k != "full":
                 pca = fit_fold_pca(model, heads, loader, [paths_train[i] for i in np.flatnonzero(fold_of != k)],
@@ -156,13 +156,16 @@ def _run(cfg: dict, force: bool) -> Path:
     with ArtifactGroup(out / "meta.json") as group:
         group.parquet(oof_path, oof.drop(columns=view_cols), meta)
         group.parquet(test_path, test, meta)
+        # each fold model's own test predictions (pseudo-labels for fold k come from fold k's model only)
+        group.parquet(out / "test_folds.parquet", pd.concat(
+            [p.assign(fold=str(m)) for p, m in zip(test_parts, models)], ignore_index=True), meta)
         group.text(out / "config.yaml", resolved_config_text(cfg))
         group.json(out / "cv.json", cv)
         group.commit(meta)
     leaderboard.record(cfg, "features", started, cv=cv["overall"]["tta"],
                        folds={k: v["tta"] for k, v in cv.items() if k != "overall"},
                        artifacts=[str(oof_path), str(test_path)], note=f"{len(views)} TTA views; no-TTA CV "
-                       f"{cv['overall']['no_tta']:.6f}")
+                       f"{cv['overall']['no_tta']:.6f}" + (f"; {teachers.leak_note(cfg)}" if teachers.leak_note(cfg) else ""))
     log(cv_text(cv, get_metric(cfg["competition"]["metric"]).name))
     log(f"[features] wrote {oof_path} ({oof.shape[0]} rows) and {test_path} ({test.shape[0]} rows), "
         f"{len(feat_cols)} feature columns")

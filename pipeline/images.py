@@ -93,3 +93,15 @@ class ImageDataset(Dataset):
             x = torch.from_numpy(np.ascontiguousarray(img.transpose(2, 0, 1))).float() / 255.0
         y = {k: torch.as_tensor(v[i]) for k, v in self.targets.items()}
         return x, y, i
+
+
+def loader_workers(data_cfg: dict, device) -> int:
+    """``data.num_workers`` resolved for the device (see the schema for what ``auto`` means)."""
+    n = data_cfg["num_workers"]
+    if n != "auto":
+        return int(n)
+    import os
+
+    if getattr(device, "type", str(device)) == "cpu":
+        return 0
+    return max(0, min((os.cpu_count() or 1) - 1, 8))

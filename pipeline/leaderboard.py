@@ -206,7 +206,9 @@ def table(path, pattern: str | None = None):
         vals = [v for v in folds.values() if v is not None]
         scores = lb[lb["experiment"] == r["experiment"]]
         last = scores.iloc[-1] if len(scores) else None
-        rows.append({"experiment": r["experiment"], "stage": r["stage"], "metric": r["metric"],
+        leaky = "LEAKY" in str(r.get("note") or "")  # e.g. distilled from OOF predictions (allow_leak)
+        rows.append({"experiment": r["experiment"] + (" (LEAKY)" if leaky else ""), "stage": r["stage"],
+                     "metric": r["metric"],
                      "hib": bool(r["higher_is_better"]), "cv": r["cv"],
                      "fold_mean": sum(vals) / len(vals) if vals else None,
                      "fold_std": _std(vals) if len(vals) > 1 else None,

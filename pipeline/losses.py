@@ -134,8 +134,21 @@ class HeadLoss(nn.Module):
         return self.fn(logits, y, self.head, self.opts, self.cw if self.cw.numel() else None)
 
 
+def distillation(logits, teacher_probs, temperature: float):
+    """Per-sample T^2 * KL(teacher_T || student_T): the teacher's probabilities and the student's logits
+    both softened by the temperature T (Hinton et al.); T^2 keeps its gradient scale comparable."""
+    t = float(temperature)
+    q = torch.softmax(torch.log(teacher_probs.float().clamp_min(1e-8)) / t, dim=-1)
+    logp = torch.log_softmax(logits.float() / t, dim=-1)
+    return (t * t) * (q * (torch.log(q.clamp_min(1e-8)) - logp)).sum(-1)
+
+
 class Criterion(nn.Module):
-    """Weighted sum over heads of the (optionally top-k) mean per-sample loss."""
+    """Weighted sum over heads of the (optionally top-k) mean per-sample loss.
+
+    Optional per-row inputs in the target dict: ``__weight`` (a row's loss weight, e.g. a pseudo-labelled
+    row's) and ``__teacher`` (distillation: the main head's loss becomes
+    ``(1 - alpha) * loss + alpha * distillation(logits, teacher, T)``)."""
 
     def __init__(self, heads: list[Head], tcfg: dict, main: set[str], class_weights=None):
         super().__init__()
@@ -144,17 +157,29 @@ class Criterion(nn.Module):
         self.weights = {h.name: h.weight for h in heads}
         self.rmse = {h.name for h in heads if h.name in main and tcfg["loss"] == "rmse"}
         self.ohem = tcfg["ohem"]
+        self.main = next((h.name for h in heads if h.name in main), heads[0].name)
+        distill = tcfg.get("distill") or {}
+        self.alpha, self.temperature = float(distill.get("alpha", 0.0)), float(distill.get("temperature", 1.0))
 
     def forward(self, out: dict, y: dict, y2: dict | None = None, lam: float = 1.0):
         total = 0.0
+        mixed = y2 is not None and lam < 1.0
+        w = y.get("__weight")
+        if w is not None and mixed:
+            w = lam * w + (1 - lam) * y2["__weight"]
         for name, fn in self.losses.items():
             per = fn(out[name], y[name])
-            if y2 is not None and lam < 1.0:
+            if mixed:
                 per = lam * per + (1 - lam) * fn(out[name], y2[name])
+            if name == self.main and "__teacher" in y:
+                teacher = lam * y["__teacher"] + (1 - lam) * y2["__teacher"] if mixed else y["__teacher"]
+                per = (1 - self.alpha) * per + self.alpha * distillation(out[name], teacher, self.temperature)
+            if w is not None:
+                per = per * w
             if self.ohem < 1.0:
                 k = max(1, int(math.ceil(self.ohem * len(per))))
                 per = per.topk(k).values
-            loss = per.mean()
+            loss = per.mean() if w is None or self.ohem < 1.0 else per.sum() / w.sum().clamp_min(1e-8)
             if name in self.rmse:
                 loss = (loss + 1e-8).sqrt()
             total = total + self.weights[name] * loss

@@ -113,7 +113,9 @@ class Data(_Section):
     mean: Optional[list[float]] = None  # per-channel; None = (0.5,)*in_chans
     std: Optional[list[float]] = None
     cache: bool = False
-    num_workers: int = Field(0, ge=0)
+    # data-loader processes; auto = min(cores - 1, 8) when training on a GPU (the loader must keep up with
+    # it), 0 on the CPU (the model already uses every core)
+    num_workers: Union[Literal["auto"], Annotated[int, Field(ge=0)]] = "auto"
 
 
 class Model(_Section):
@@ -123,6 +125,26 @@ class Model(_Section):
     bnneck: bool = False
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
     freeze_stages: int = Field(0, ge=0)  # freeze the stem and the first N stages for the whole run
+
+
+class Pseudo(_Section):
+    """Pseudo-labels: confidently predicted test rows join each fold's training rows. Fold k takes them
+    from the teacher's own fold-k model (which never saw fold k's validation rows)."""
+    source: Optional[str] = None  # feature set (level-1 experiment) whose per-fold test predictions label rows
+    threshold: float = Field(0.9, ge=0, le=1)  # keep a test row when its top class probability >= this
+    weight: float = Field(1.0, gt=0)  # loss weight of a pseudo-labelled row (a labelled row weighs 1)
+    soft: bool = False  # train on the teacher's probabilities instead of its arg-max class
+
+
+class Distill(_Section):
+    """Knowledge distillation: loss = (1 - alpha) * hard-label loss + alpha * T^2 * KL(teacher_T || student_T).
+    Fold k's soft targets come from the teacher's fold-k model (in-sample on fold k's training rows,
+    but it never saw fold k's validation rows); ``allow_leak`` uses the teacher's OOF predictions
+    instead, which carry fold k's validation labels into fold k's model (the leaderboard marks it)."""
+    teacher: Optional[str] = None  # a level-1 experiment with models/<teacher>/fold<k>/best.pt
+    alpha: float = Field(0.5, ge=0, le=1)
+    temperature: float = Field(2.0, gt=0)
+    allow_leak: bool = False
 
 
 class Train(_Section):
@@ -167,6 +189,8 @@ class Train(_Section):
     full: bool = False  # also train one model on all rows
     device: str = "auto"
     augment: list[Union[str, dict[str, Any]]] = []  # albumentations transforms: [{HorizontalFlip: {p: 0.5}}, ...]
+    pseudo: Pseudo = Pseudo()
+    distill: Distill = Distill()
 
     @field_validator("multiscale")
     @classmethod
@@ -335,7 +359,7 @@ def _explain(exc: ValidationError, where: str) -> str:
     """One line per bad key: ``key = value: what is wrong`` (a union's alternatives joined by 'or')."""
     by_key: dict[str, tuple] = {}
     for err in exc.errors():
-        loc = ".".join(str(p) for p in err["loc"] if "[" not in str(p) and str(p) not in _TYPE_TAGS)
+        loc = ".".join(str(p) for p in err["loc"] if not any(c in str(p) for c in "[-") and str(p) not in _TYPE_TAGS)
         msg = err["msg"].removeprefix("Value error, ")
         if err["type"] == "value_error" and (not loc or msg.startswith(loc + ".")):
             by_key[msg] = (None, [msg])  # a check across keys: its message names them

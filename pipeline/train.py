@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from . import leaderboard, plots
+from . import leaderboard, plots, teachers
 from .artifacts import stage_lock
 from .competition import fold_of, load_folds, load_train, table_path
 from .distributed import Dist
@@ -68,7 +68,11 @@ def run(cfg: dict, force: bool = False) -> dict:
     folds_df, folds_hash = load_folds(cfg)
     fold = fold_of(cfg, train_df, folds_df)
     heads = heads_for(cfg, train_df)
+    teachers.check_heads(cfg, heads)
     key = stage_key(cfg, folds_hash, file_hash(table_path(cfg, "train")))
+    if teachers.active(cfg):  # a changed teacher retrains the student
+        key = config_hash([key, teachers.teacher_key(cfg)])
+        log(f"[train] {cfg['name']}: {teachers.describe(cfg)}")
     exp = models_dir(cfg)
     exp.mkdir(parents=True, exist_ok=True)
     n_splits = int(fold.max()) + 1
@@ -119,7 +123,8 @@ def run(cfg: dict, force: bool = False) -> dict:
                             if (exp / f"fold{k}" / "log.csv").exists()]).to_dict("records")
         leaderboard.record(cfg, "train", started, cv=summary.get("oof_score", summary["cv_mean"]),
                            folds=summary["folds"], artifacts=[str(exp / f"fold{k}" / "best.pt") for k in names],
-                           epochs=epochs, note=f"trained folds {names}")
+                           epochs=epochs, note="; ".join(filter(None, [f"trained folds {names}",
+                                                                       teachers.leak_note(cfg)])))
     return summary
 
 

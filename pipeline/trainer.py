@@ -21,11 +21,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
+from . import teachers
 from .artifacts import kill_point
 from .averaging import ModelEma
 from .competition import image_paths
 from .distributed import Dist
-from .images import ImageDataset, build_transform
+from .images import ImageDataset, build_transform, loader_workers
 from .io import atomic_path, log, write_parquet
 from .losses import Criterion, class_weight_tensor, head_targets
 from .metrics import get_metric
@@ -106,9 +107,13 @@ class FoldTrainer:
             ys = head_targets(heads, train_df)
             paths = image_paths(cfg, self.ids)
             dcfg = cfg["data"]
-            self.train_ds = ImageDataset([paths[i] for i in self.tr_idx], dcfg["in_chans"],
-                                         build_transform(dcfg, self.tcfg["augment"], seed=cfg["seed"]),
-                                         {k: v[self.tr_idx] for k, v in ys.items()}, dcfg["cache"])
+            tr_paths, tr_y = [paths[i] for i in self.tr_idx], {k: v[self.tr_idx] for k, v in ys.items()}
+            if teachers.active(cfg):  # pseudo-labelled test rows and/or distillation targets
+                tr_paths, tr_y = teachers.extend(cfg, heads, fold, folds_hash, train_df, self.tr_idx, tr_paths, tr_y,
+                                                 self.device)
+            self.train_ds = ImageDataset(tr_paths, dcfg["in_chans"],
+                                         build_transform(dcfg, self.tcfg["augment"], seed=cfg["seed"]), tr_y,
+                                         dcfg["cache"])
             self.valid_ds = ImageDataset([paths[i] for i in self.va_idx], dcfg["in_chans"], build_transform(dcfg),
                                          {k: v[self.va_idx] for k, v in ys.items()}, dcfg["cache"])
             self.y_valid = ys[heads[0].name][self.va_idx]
@@ -118,7 +123,7 @@ class FoldTrainer:
         else:
             self.train_ds, self.valid_ds, self.y_valid = datasets
         self.criterion = Criterion(heads, self.tcfg, main_targets, cw).to(self.device)
-        self.steps_per_epoch = max(1, math.ceil(len(self.tr_idx) / self.tcfg["batch_size"] / self.tcfg["accumulate"]))
+        self.steps_per_epoch = max(1, math.ceil(len(self.train_ds) / self.tcfg["batch_size"] / self.tcfg["accumulate"]))
         self.build()
 
     # -- construction
@@ -210,7 +215,7 @@ class FoldTrainer:
     def loader(self, ds, shuffle: bool, epoch: int = 0) -> DataLoader:
         seed = epoch_seed(self.cfg["seed"], self.fold, epoch)
         g = torch.Generator().manual_seed(seed)
-        workers = self.cfg["data"]["num_workers"]
+        workers = loader_workers(self.cfg["data"], self.device)
         sampler = None
         if shuffle and self.dist.enabled:  # each process trains on its own shard of the fold
             from torch.utils.data.distributed import DistributedSampler
@@ -218,7 +223,9 @@ class FoldTrainer:
             sampler = DistributedSampler(ds, num_replicas=self.dist.world, rank=self.dist.rank, shuffle=True, seed=seed)
         return DataLoader(ds, batch_size=self.tcfg["batch_size"] if shuffle else max(self.tcfg["batch_size"], 64),
                           shuffle=shuffle and sampler is None, sampler=sampler, generator=g, num_workers=workers,
-                          drop_last=False, pin_memory=self.device.type == "cuda", persistent_workers=False)
+                          # a last training batch of one image would break BatchNorm: drop that one image
+                          drop_last=shuffle and len(ds) % self.tcfg["batch_size"] == 1,
+                          pin_memory=self.device.type == "cuda", persistent_workers=False)
 
     def set_backbone_trainable(self, epoch: int):
         frozen_epochs = self.tcfg["freeze_backbone_epochs"]

@@ -50,6 +50,16 @@ def test_make_demo_chain(tmp_path):
                            capture_output=True, text=True, timeout=600)
     assert again.returncode == 0
     assert "epoch 1/" not in again.stdout and "up to date" in again.stdout
+    # changing one stack.* key reruns stack, postprocess and submit only
+    third = subprocess.run(["make", "stack", "postprocess", "submit", "CONFIG=configs/demo-stack.yaml", f"VENV={venv}",
+                            f"ARGS={args} stack.lgbm.num_leaves=7"], cwd=tmp_path, env=env, capture_output=True,
+                           text=True, timeout=600)
+    assert third.returncode == 0, third.stdout[-3000:] + third.stderr[-3000:]
+    out3 = third.stdout
+    assert "epoch 1/" not in out3 and "[features] demo-" not in out3  # no training, no features recomputed
+    assert out3.count("[features] up to date") == 2 and "[folds] up to date" in out3
+    assert "[stack] demo-stack (lgbm) level-2 CV" in out3 and "[postprocess] demo-stack-pp" in out3
+    assert "[submit] wrote submissions/demo-stack-pp.csv" in out3
 
 
 def test_make_j2_trains_folds_in_parallel_then_summarises(tmp_path):

@@ -171,3 +171,27 @@ def test_all_data_model_joins_the_test_mean_when_asked(workdir):
     test = pd.read_parquet(out / "test.parquet")
     assert np.allclose(test[cols].to_numpy(), np.mean([p[cols].to_numpy() for p in parts], axis=0), atol=1e-6)
     assert not (out / "parts" / "foldfull_oof.parquet").exists()  # the all-data model never makes OOF rows
+
+
+@pytest.mark.parametrize("tta,scales", [("hflip", [1.0]), ("d4", [1.0]), ("none", [0.875, 1.0, 1.125]),
+                                        ("flip", [1.0, 1.25])])
+def test_each_tta_view_row_by_row_equals_the_model_on_that_transformed_image_alone(tta, scales):
+    """Batched, stacked-by-size view prediction must give, for every view and every row, exactly what the
+    fold model gives for that one transformed image (no view-order, resize or batching mix-up)."""
+    import timm
+
+    torch.manual_seed(0)
+    net = Net(timm.create_model("test_resnet", pretrained=False, num_classes=0, global_pool="", in_chans=1),
+              [Head("t", ["t"], "multiclass", 3)], "avg", False, 0.0).eval()
+    views = TTA.tta_views(tta, scales)
+    x = torch.rand(10, 1, 32, 32, generator=torch.Generator().manual_seed(1))
+    data = DataLoader(TensorDataset(x, torch.zeros(10), torch.arange(10)), batch_size=4,
+                      collate_fn=lambda b: (torch.stack([t[0] for t in b]), {}, None))
+    out = TTA.predict_views(net, net.head_specs, data, views, "cpu")["t"]  # (V, N, C)
+    assert out.shape == (len(views), 10, 3)
+    with torch.no_grad():
+        for v, view in enumerate(views):
+            for i in range(10):
+                alone = net(view(x[i:i + 1]))["t"].softmax(-1)[0].numpy()
+                np.testing.assert_allclose(out[v, i], alone, atol=1e-5, err_msg=f"view {v}, row {i}")
+    assert np.allclose(out[0], net(x)["t"].softmax(-1).detach().numpy(), atol=1e-5)  # view 0 is the identity
