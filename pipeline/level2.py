@@ -33,6 +33,7 @@ class Level2Data:
     test_preds: list[np.ndarray]
     scfg: dict
     seed: int
+    score: object = None  # the competition metric (y, pred) -> float, for `auto`
 
 
 @dataclass
@@ -45,10 +46,12 @@ class Level2Result:
     models: dict = field(default_factory=dict)  # fitted models stack saves ("fold<k>", "refit"): objects with .save(path)
 
 
-# the atmaCup11 author's settings: gbdt, 31 leaves, lr 0.05, feature_fraction 0.9, bagging 0.8 every 5
-LGBM_DEFAULTS = {"learning_rate": 0.05, "num_leaves": 31, "feature_fraction": 0.9, "bagging_fraction": 0.8,
-                 "bagging_freq": 5, "min_child_samples": 20, "n_estimators": 2000, "verbose": -1,
-                 "early_stopping_rounds": 20, "num_threads": 0}
+# Level 2 sees few rows and strongly correlated inputs: the defaults are regularised for small data
+# (fewer leaves, an L2 penalty, column and row subsampling) and stop early on an INNER split of each
+# fold's training rows, never on the fold being scored (stack.lgbm overrides any of them).
+LGBM_DEFAULTS = {"learning_rate": 0.03, "num_leaves": 15, "feature_fraction": 0.8, "bagging_fraction": 0.8,
+                 "bagging_freq": 5, "min_child_samples": 20, "lambda_l2": 1.0, "n_estimators": 2000, "verbose": -1,
+                 "early_stopping_rounds": 50, "num_threads": 0, "inner_valid": 0.2}
 
 
 class _Booster:
@@ -71,6 +74,7 @@ def _lgbm_fit(params, task, n_classes, X, y, Xv=None, yv=None, n_estimators=None
     import lightgbm as lgb
 
     p = {**LGBM_DEFAULTS, "seed": seed, **params}
+    p.pop("inner_valid", None)
     rounds = int(n_estimators if n_estimators is not None else p.pop("n_estimators"))
     p.pop("n_estimators", None)
     es = int(p.pop("early_stopping_rounds", 20))
@@ -126,13 +130,31 @@ def _empty(d: Level2Data) -> np.ndarray:
     return np.zeros((len(d.X), d.n_classes) if d.task == "multiclass" else (len(d.X),))
 
 
+def _inner_split(tr: np.ndarray, fraction: float, seed: int, k) -> tuple[np.ndarray, np.ndarray]:
+    """Indices of fold k's training rows split into (fit, early-stopping) parts, reproducibly."""
+    rows = np.flatnonzero(tr)
+    rng = np.random.default_rng([seed, int(k) if str(k).isdigit() else 99])
+    stop = rng.random(len(rows)) < fraction
+    return rows[~stop], rows[stop]
+
+
+def _fit_fold(d: Level2Data, tr: np.ndarray, k):
+    """Early stopping on an inner split of the training rows picks the number of trees; then the model is
+    refit on every training row with that many trees. The scored fold plays no part in either."""
+    params = d.scfg["lgbm"] or {}
+    fraction = float(params.get("inner_valid", LGBM_DEFAULTS["inner_valid"]))
+    fit, stop = _inner_split(tr, fraction, d.seed, k)
+    probe = _lgbm_fit(params, d.task, d.n_classes, d.X.iloc[fit], d.y[fit], d.X.iloc[stop], d.y[stop], seed=d.seed)
+    n_iter = max(1, int(probe.best_iteration))
+    return _lgbm_fit(params, d.task, d.n_classes, d.X[tr], d.y[tr], n_estimators=n_iter, seed=d.seed)
+
+
 @LEVEL2_MODELS.register("lgbm")
 def lgbm(d: Level2Data) -> Level2Result:
     oof, tests, iters, imps, models = _empty(d), [], [], [], {}
     for k in sorted(np.unique(d.fold)):
         tr, va = d.fold != k, d.fold == k
-        m = models[f"fold{k}"] = _lgbm_fit(d.scfg["lgbm"] or {}, d.task, d.n_classes, d.X[tr], d.y[tr], d.X[va],
-                                           d.y[va], seed=d.seed)
+        m = models[f"fold{k}"] = _fit_fold(d, tr, k)
         iters.append(int(m.best_iteration))
         oof[va] = m.predict(d.X[va])
         tests.append(m.predict(d.T))
@@ -175,6 +197,24 @@ def weighted(d: Level2Data) -> Level2Result:
                         info={"weights": dict(zip(d.experiments, map(float, w_all))), "fold_weights": per_fold})
 
 
+@LEVEL2_MODELS.register("auto")
+def auto(d: Level2Data) -> Level2Result:
+    """The weighted blend and LightGBM, each fitted fold by fold on the SAME folds; the better OOF score
+    wins, the simpler blend on a tie. (Both can be rebuilt from a Kaggle bundle; `linear` is not a
+    candidate for that reason.) Choosing among three on
+    the OOF score is itself a (small) fit to the OOF rows: the fold std in the leaderboard shows the noise."""
+    sign = 1 if getattr(d.score, "higher_is_better", True) else -1
+    results, scores = {}, {}
+    for name in ("weighted", "lgbm"):
+        results[name] = LEVEL2_MODELS[name](d)
+        scores[name] = float(d.score(d.y, results[name].oof))
+    best = max(scores, key=lambda n: (sign * scores[n], -list(scores).index(n)))
+    log("[stack] auto: " + ", ".join(f"{n} {v:.4f}" for n, v in scores.items()) + f" -> {best}")
+    chosen = results[best]
+    chosen.info = {**chosen.info, "auto": scores, "chosen": best}
+    return chosen
+
+
 # ------------------------------------------------------------------- saved level 2 (Kaggle bundles)
 SAVED = "level2.json"
 REPRODUCIBLE = ("lgbm", "weighted")  # level-2 models whose test predictions can be redone from saved files
@@ -188,7 +228,8 @@ def stage_models(group, folder, d: Level2Data, result: Level2Result) -> None:
     for name, model in result.models.items():
         group.add(folder / f"{name}.txt", model.save)
         files[name] = f"{name}.txt"
-    spec = {"model": d.scfg["model"], "reproducible": d.scfg["model"] in REPRODUCIBLE, "task": d.task,
+    kind = result.info.get("chosen", d.scfg["model"])  # `auto` saves the model it chose
+    spec = {"model": kind, "reproducible": kind in REPRODUCIBLE, "task": d.task,
             "n_classes": d.n_classes, "experiments": list(d.experiments), "columns": [str(c) for c in d.T.columns],
             "categorical": [str(c) for c in d.T.columns if isinstance(d.T[c].dtype, pd.CategoricalDtype)],
             "test_mode": d.scfg["test_mode"], "stat": d.scfg["stat"], "files": files,

@@ -20,6 +20,7 @@ from pydantic import (
 )
 
 from .errors import ConfigError
+from .kaggle_schema import Kaggle  # make kaggle (pipeline/bundle.py)
 from .tune_schema import Tune
 
 
@@ -254,7 +255,8 @@ class Features(_Section):
 class Stack(_Section):
     name: Optional[str] = None  # output feature set; default: the experiment name (+ "-l2" if it is also an input)
     experiments: list[str] = []  # level-1 experiments to stack; default: this config's own experiment
-    model: Annotated[str, AfterValidator(_level2)] = "lgbm"  # registry: pipeline.level2.LEVEL2_MODELS
+    # auto: the weighted blend or LightGBM, whichever scores better on OOF (registry: pipeline.level2.LEVEL2_MODELS)
+    model: Annotated[str, AfterValidator(_level2)] = "auto"
     stat: str = "mean"  # weighted: which per-view statistic (or view, e.g. v0) of each experiment to blend
     use_tabular: bool = True
     test_mode: Literal["mean", "refit"] = "mean"
@@ -309,16 +311,6 @@ class Submit(_Section):
     source: Optional[str] = None  # feature set submitted; default: this config's furthest stage that exists
     stat: str = "mean"
     gzip: bool = False
-
-
-class Kaggle(_Section):  # make kaggle: an offline bundle for a Kaggle notebook (pipeline/bundle.py)
-    source: Optional[str] = None  # feature set to bundle; default: what submit submits (pp, level 2, level 1)
-    output: str = "kaggle/{name}"  # relative to workdir; {name} = the source
-    fp16: bool = False  # checkpoints' floating-point weights in half precision (half the size)
-    user: Optional[str] = None  # Kaggle user owning the dataset; default: $KAGGLE_USERNAME
-    dataset: Optional[str] = None  # dataset slug (6-50 of a-z, 0-9, -); default: <competition>-<source>
-    competition: Optional[str] = None  # the competition's slug on Kaggle (/kaggle/input/<it>); default: its name
-    verify: bool = True  # predict the local test set from the bundle; refuse it unless it matches the features
 
 
 class Config(_Section):

@@ -106,22 +106,26 @@ def _run(cfg: dict, force: bool) -> Path:
     n_classes = int(comp["num_classes"] or (y.max() + 1)) if task == "multiclass" else 1
     model_kind = scfg["model"]
     head = targets(cfg)[0]
+    blend = model_kind in ("weighted", "auto")
     data = Level2Data(X, T, y, fold, task, n_classes, exps,
-                      [head_prediction(x_df, e, head, scfg["stat"]) for e, x_df in zip(exps, X_parts)]
-                      if model_kind == "weighted" else [],
-                      [head_prediction(t_df, e, head, scfg["stat"]) for e, t_df in zip(exps, T_parts)]
-                      if model_kind == "weighted" else [], scfg, cfg["seed"])
+                      [head_prediction(x_df, e, head, scfg["stat"]) for e, x_df in zip(exps, X_parts)] if blend else [],
+                      [head_prediction(t_df, e, head, scfg["stat"]) for e, t_df in zip(exps, T_parts)] if blend else [],
+                      scfg, cfg["seed"], metric)
     result = LEVEL2_MODELS[model_kind](data)
     oof_pred, test_pred, best_iters = result.oof, result.test, result.best_iterations
     per_fold = {f"fold{k}": metric(y[fold == k], oof_pred[fold == k]) for k in sorted(np.unique(fold))}
     cv = {"overall": metric(y, oof_pred), **per_fold}
+    guard = versus_best_input(metric, y, fold, oof_pred, {e: head_prediction(x_df, e, head, scfg["stat"])
+                                                          for e, x_df in zip(exps, X_parts)})
+    result.info = {**result.info, "versus_best_input": guard}
     inputs = {e: read_json(features_dir(cfg, e) / "cv.json").get("overall", {})
               if (features_dir(cfg, e) / "cv.json").exists() else {} for e in exps}
     write_outputs(cfg, out, key, folds_hash, oof_pred, test_pred, fold, train_df, test_df, cv, inputs, best_iters,
                   result.info, save_models=lambda group: stage_models(group, out / "models", data, result))
     leaderboard.record(cfg, "stack", started, cv=cv["overall"], folds=per_fold, experiment=name,
                        artifacts=[str(out / "oof.parquet"), str(out / "test.parquet")],
-                       note=f"{model_kind} on {', '.join(exps)}")
+                       note=f"{result.info.get('chosen', model_kind)} on {', '.join(exps)}"
+                       + ("" if guard["wins"] else f"; does not beat its input {guard['best_input']}"))
     if result.importance is not None:
         plots.save_figure(out / "importance.png", plots.importance(result.importance, name))
     lines = [f"[stack] {name} ({model_kind}) level-2 CV {metric.name}: {cv['overall']:.4f} "
@@ -129,8 +133,29 @@ def _run(cfg: dict, force: bool) -> Path:
     for e, c in inputs.items():
         if c:
             lines.append(f"        level-1 {e}: {c.get('no_tta', float('nan')):.4f} no TTA, {c.get('tta', float('nan')):.4f} TTA mean")
+    if not guard["wins"]:
+        verdict = "does not beat" if guard["ties"] else "is WORSE than"
+        lines.append(f"[stack] WARNING: level 2 ({cv['overall']:.4f}) {verdict} its best input {guard['best_input']} "
+                     f"({guard['best_input_cv']:.4f}) on the same rows and folds, and wins only "
+                     f"{guard['folds_won']}/{len(per_fold)} folds. Submit {guard['best_input']} instead, or try "
+                     "stack.model=weighted (or auto, which picks by CV).")
+    else:
+        lines.append(f"[stack] level 2 beats its best input {guard['best_input']} ({guard['best_input_cv']:.4f}) by "
+                     f"{abs(cv['overall'] - guard['best_input_cv']):.4f}, on {guard['folds_won']}/{len(per_fold)} folds")
     log("\n".join(lines))
     return out
+
+
+def versus_best_input(metric, y, fold, oof_pred, inputs: dict) -> dict:
+    """Level 2 against its best input, scored on the same rows with the same folds."""
+    scores = {e: metric(y, p) for e, p in inputs.items()}
+    sign = 1 if metric.higher_is_better else -1
+    best = max(scores, key=lambda e: sign * scores[e])
+    won = sum(sign * metric(y[fold == k], oof_pred[fold == k]) > sign * metric(y[fold == k], inputs[best][fold == k])
+              for k in np.unique(fold))
+    return {"best_input": best, "best_input_cv": float(scores[best]), "inputs_cv": scores, "folds_won": int(won),
+            "wins": bool(sign * metric(y, oof_pred) > sign * scores[best]),
+            "ties": bool(np.isclose(metric(y, oof_pred), scores[best], rtol=0, atol=1e-12))}
 
 
 def write_outputs(cfg, out, key, folds_hash, oof_pred, test_pred, fold, train_df, test_df, cv, inputs, best_iters,

@@ -52,7 +52,8 @@ def demo(tmp_path_factory):
     _make(project, "stack", "postprocess", "submit", "CONFIG=configs/demo-stack.yaml")
     _make(project, "submit", "CONFIG=configs/demo.yaml")  # demo-resnet alone (level 1)
     out = {"demo-resnet": _make(project, "kaggle", "CONFIG=configs/demo.yaml", "EXP=demo-resnet"),
-           "demo-stack-pp": _make(project, "kaggle", "CONFIG=configs/demo-stack.yaml")}  # EXP: what submit submits
+           "demo-stack-pp": _make(project, "kaggle", "CONFIG=configs/demo-stack.yaml"),  # EXP: what submit submits
+           "again": _make(project, "kaggle", "CONFIG=configs/demo-stack.yaml")}
     return project, out
 
 
@@ -210,8 +211,7 @@ def test_make_kaggle_bundles_what_inference_needs_and_says_so(demo):
     assert "--no-index" in code and "/kaggle/working" in code and "/kaggle/input" in code
     log = out["demo-stack-pp"]
     assert "[kaggle] verified" in log and "models/demo-resnet/fold0.pt" in log and "MiB" in log  # size + contents
-    again = _make(project, "kaggle", "CONFIG=configs/demo-stack.yaml")
-    assert "[kaggle] up to date" in again
+    assert "[kaggle] up to date" in out["again"]  # the same sets, models and code: nothing is rebuilt
 
 
 def test_bundle_reproduces_every_feature_sets_test_probabilities(demo, monkeypatch):

@@ -21,7 +21,7 @@ def level1(workdir):
 
 
 def test_stack_uses_same_folds_and_writes_a_feature_set(level1):
-    out = S.run(level1)
+    out = S.run({**level1, "stack": {**level1["stack"], "model": "lgbm"}})
     assert out.name == "tiny-l2"
     oof = pd.read_parquet(out / "oof.parquet")
     folds = pd.read_csv("folds/demo.csv", dtype={"id": str})
@@ -121,8 +121,8 @@ def test_weighted_level2_puts_its_weight_on_the_informative_experiment(level1):
 
 
 def test_refit_mode(level1):
-    mean_dir = S.run(level1)
-    refit = S.run(tiny_cfg(level1["competition"]["root"], "stack.test_mode=refit", "stack.refit_coef=1.2",
+    mean_dir = S.run({**level1, "stack": {**level1["stack"], "model": "lgbm"}})
+    refit = S.run(tiny_cfg(level1["competition"]["root"], "stack.model=lgbm", "stack.test_mode=refit", "stack.refit_coef=1.2",
                            "train.epochs=2", "features.tta=hflip", "stack.name=refit"))
     meta = read_parquet_meta(refit / "oof.parquet")
     assert meta["level2"]["refit_iterations"] == max(1, int(np.mean(meta["best_iterations"]) * 1.2))
@@ -173,3 +173,45 @@ def test_submission_validation_catches_malformed(sample, mutate, match):
     with pytest.raises(SU.SubmissionError, match=match):
         SU.validate(mutate(sample.copy()), sample, "id")
     SU.validate(sample.assign(target=[1, 2, 0]), sample, "id")  # a good one passes
+
+
+def test_level2_says_plainly_when_it_loses_to_its_best_input_and_auto_picks_by_cv(level1, capsys):
+    """Level 2 is scored against its best input on the same rows and folds; `auto` (the default) keeps
+    the weighted blend unless LightGBM beats it on OOF."""
+    _noise_feature_set()
+    cfg = tiny_cfg(level1["competition"]["root"], "stack.experiments=[tiny, noise]", "train.epochs=2",
+                   "features.tta=hflip", "stack.model=lgbm", "stack.name=l2-lgbm")
+    out = S.run(cfg)
+    guard = read_parquet_meta(out / "oof.parquet")["level2"]["versus_best_input"]
+    level1_acc = read_json("features/tiny/cv.json")["overall"]["tta"]
+    assert guard["best_input"] == "tiny" and guard["best_input_cv"] == pytest.approx(level1_acc)
+    l2 = read_json(out / "cv.json")["overall"]["tta"]
+    printed = capsys.readouterr().out
+    assert guard["wins"] == (l2 > level1_acc)
+    assert ("WARNING: level 2" in printed) == (not guard["wins"])
+    auto = S.run(tiny_cfg(level1["competition"]["root"], "stack.experiments=[tiny, noise]", "train.epochs=2",
+                          "features.tta=hflip", "stack.name=l2-auto"))
+    info = read_parquet_meta(auto / "oof.parquet")["level2"]
+    assert set(info["auto"]) == {"weighted", "lgbm"} and info["chosen"] == max(info["auto"], key=info["auto"].get)
+    assert read_json(auto / "cv.json")["overall"]["tta"] == pytest.approx(max(info["auto"].values()))
+
+
+def test_lgbm_early_stopping_never_looks_at_the_scored_fold():
+    """The number of trees of fold k's model is chosen on an inner split of its training rows: changing
+    fold k's labels cannot change fold k's model."""
+    rng = np.random.default_rng(0)
+    X = pd.DataFrame({"a": rng.normal(size=300), "b": rng.normal(size=300)})
+    y = (X["a"] + 0.5 * rng.normal(size=300) > 0).astype(int).to_numpy()
+    fold = np.arange(300) % 3
+
+    def fit(labels):
+        d = L2.Level2Data(X, X.iloc[:10], labels, fold, "binary", 1, ["e"], [], [],
+                          {"lgbm": {}, "test_mode": "mean", "refit_coef": 1.0, "model": "lgbm", "stat": "mean"}, 0)
+        return L2.lgbm(d)
+
+    a = fit(y)
+    flipped = y.copy()
+    flipped[fold == 0] = 1 - flipped[fold == 0]  # only the scored fold's labels change
+    b = fit(flipped)
+    assert a.best_iterations[0] == b.best_iterations[0]
+    assert np.allclose(a.oof[fold == 0], b.oof[fold == 0])

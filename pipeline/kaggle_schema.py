@@ -1,0 +1,18 @@
+"""The ``kaggle:`` section of the typed config: what ``make kaggle`` bundles and how (``pipeline.bundle``)."""
+from __future__ import annotations
+
+from typing import Optional
+
+from pydantic import BaseModel, ConfigDict
+
+
+class Kaggle(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    source: Optional[str] = None  # feature set to bundle; default: what submit submits (pp, level 2, level 1)
+    output: str = "kaggle/{name}"  # relative to workdir; {name} = the source
+    fp16: bool = False  # checkpoints' floating-point weights in half precision (half the size)
+    user: Optional[str] = None  # Kaggle user owning the dataset; default: $KAGGLE_USERNAME
+    dataset: Optional[str] = None  # dataset slug (6-50 of a-z, 0-9, -); default: <competition>-<source>
+    competition: Optional[str] = None  # the competition's slug on Kaggle (/kaggle/input/<it>); default: its name
+    verify: bool = True  # predict the local test set from the bundle; refuse it unless it matches the features
