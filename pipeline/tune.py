@@ -290,7 +290,8 @@ def run(cfg: dict, force: bool = False) -> dict:
             study.optimize(objective, n_trials=1)
         finally:
             claim.release()
-    return finish(cfg, study, out)
+    with claim:  # read afresh under the lock: the worker that finishes last writes the final results
+        return finish(cfg, study, out)
 
 
 def finish(cfg: dict, study, out: Path) -> dict:

@@ -10,7 +10,6 @@ import sys
 import numpy as np
 import pandas as pd
 import pytest
-from PIL import Image
 
 from pipeline.__main__ import main
 from tests.conftest import make_competition
