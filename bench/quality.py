@@ -24,26 +24,7 @@ import pandas as pd
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench._common import OUT, SHARED  # noqa: E402
-
-
-def subset(rows: int, seed: int = 0) -> Path:
-    """A competition folder with whole writers adding up to about ``rows`` train rows; the test set,
-    sample submission and solution are the full ones (the images are linked, not copied)."""
-    root = OUT / f"quality-{rows}"
-    if (root / "train.csv").exists():
-        return root
-    root.mkdir(parents=True, exist_ok=True)
-    train = pd.read_csv(SHARED / "train.csv", dtype={"id": str})
-    writers = train["writer"].drop_duplicates().sample(frac=1.0, random_state=seed)
-    sizes = train.groupby("writer").size()
-    keep = writers[(sizes.loc[writers].cumsum() <= rows).to_numpy()]
-    train[train["writer"].isin(keep)].to_csv(root / "train.csv", index=False)
-    for f in ("test.csv", "sample_submission.csv", "solution.csv"):
-        (root / f).write_bytes((SHARED / f).read_bytes())
-    if not (root / "images").exists():
-        (root / "images").symlink_to(SHARED / "images")
-    return root
+from bench._common import OUT, SHARED, mnist_subset  # noqa: E402
 
 
 # ----------------------------------------------------------------------------------- (a) baseline
@@ -57,7 +38,7 @@ def baseline(root: Path, epochs: int, n_folds: int, seed: int = 0) -> dict:
     test = pd.read_csv(root / "test.csv", dtype={"id": str})
 
     def load(ids):  # 28x28 gray -> float tensor in [-1, 1]
-        a = np.stack([np.asarray(Image.open(root / "images" / f"{i}.png").convert("L")) for i in ids])
+        a = np.stack([np.asarray(Image.open(SHARED / "images" / f"{i}.png").convert("L")) for i in ids])
         return torch.tensor(a, dtype=torch.float32).unsqueeze(1) / 127.5 - 1
 
     X, Xt, y = load(train["id"]), load(test["id"]), torch.tensor(train["target"].to_numpy())
@@ -98,7 +79,8 @@ def score(root: Path, ids, pred) -> dict:
 
 
 # ------------------------------------------------------------------------------- (b, c) pipeline
-BASE = ["competition.name=mnistq", "competition.group=writer", "competition.tabular=[series]",
+BASE = ["competition.name=mnistq", f"competition.image={SHARED}/images/{{id}}.png", "competition.group=writer",
+        "competition.tabular=[series]",
         "competition.categorical=[series]", "competition.check_images=exists", "data.in_chans=1",
         "data.image_size=28", "train.batch_size=64", "leaderboard.enabled=true"]
 AFFINE = "train.augment=[{Affine: {translate_percent: [-0.08, 0.08], scale: [0.9, 1.1], rotate: [-10, 10], p: 0.7}}]"
@@ -152,7 +134,7 @@ def main():
     ap.add_argument("--folds", type=int, default=5)
     ap.add_argument("--only", default="")
     args = ap.parse_args()
-    root = subset(args.rows)
+    root = mnist_subset(args.rows)
     n_rows = len(pd.read_csv(root / "train.csv"))
     e = args.epochs
     small = ["model.backbone=resnet10t", "train.lr=1e-3", "train.scheduler=cosine", "train.warmup_epochs=1"]
