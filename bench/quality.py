@@ -166,7 +166,10 @@ def main():
         r = fn()
         r["wall_s"] = time.time() - t0
         results[label] = r
-        print(f"[quality] {label}: CV {r['cv']:.4f}, private {r['private']:.4f} ({r['wall_s']:.0f} s)", flush=True)
+        print(f"[quality] {label}: CV {r['cv']:.4f} (fold std {np.std(r['folds']):.4f}), public {r['public']:.4f}, "
+              f"private {r['private']:.4f}, |CV-private| {abs(r['cv'] - r['private']):.4f} ({r['wall_s']:.0f} s)",
+              flush=True)
+        (OUT / "quality.json").write_text(json.dumps(results, indent=2))
     print(f"\nmnist-writers, {n_rows} train rows (whole writers), full test (12,101 rows), {args.folds} folds, "
           f"{e} epochs for (a)/(c), torch threads {torch.get_num_threads()}")
     print(f"{'row':62s} {'CV':>7s} {'fold std':>8s} {'public':>7s} {'private':>7s} {'|CV-priv|':>9s} {'wall s':>7s}")
