@@ -141,6 +141,11 @@ def main():
     rows = {
         "a  baseline (hand-written, resnet18)": lambda: baseline(root, e, args.folds),
         "p0 pipeline, same recipe as (a)": lambda: pipeline_run(root, "p0", e, args.folds, [P0], False, False),
+        "b  recipe: 2 small nets (aug, EMA) + pseudo round + level 2": lambda: pipeline_run(
+            root, "b", e + 1, args.folds, [small + [AFFINE, "train.ema=true", "train.ema_decay=0.99"],
+                                           small + [AFFINE, "train.ema=true", "train.ema_decay=0.99",
+                                                    "data.image_size=32", "model.pool=gem"]],
+            True, False, pseudo=["train.pseudo.threshold=0.98", "train.pseudo.weight=0.5"]),
         "c1 p0 + affine augmentation": lambda: pipeline_run(root, "c1", e, args.folds, [P0 + [AFFINE]], False, False),
         "c2 p0 + EMA weights": lambda: pipeline_run(root, "c2", e, args.folds, [P0 + ["train.ema=true",
                                                                                       "train.ema_decay=0.99"]], False, False),
@@ -151,11 +156,6 @@ def main():
         "c5 p0 + post-processing (class scale)": lambda: pipeline_run(root, "c5", e, args.folds, [P0], False, True),
         "c6 p0 + one pseudo-label round": lambda: pipeline_run(root, "c6", e, args.folds, [P0], False, False,
                                                                pseudo=["train.pseudo.threshold=0.98"]),
-        "b  recipe: 2 small nets (aug, EMA) + pseudo round + level 2": lambda: pipeline_run(
-            root, "b", e + 1, args.folds, [small + [AFFINE, "train.ema=true", "train.ema_decay=0.99"],
-                                           small + [AFFINE, "train.ema=true", "train.ema_decay=0.99",
-                                                    "data.image_size=32", "model.pool=gem"]],
-            True, False, pseudo=["train.pseudo.threshold=0.98", "train.pseudo.weight=0.5"]),
     }
     only = [o.strip() for o in args.only.split(",") if o.strip()]
     results = {}
