@@ -146,6 +146,8 @@ def main():
                                            small + [AFFINE, "train.ema=true", "train.ema_decay=0.99",
                                                     "data.image_size=32", "model.pool=gem"]],
             True, False, pseudo=["train.pseudo.threshold=0.98", "train.pseudo.weight=0.5"]),
+        "b1 recipe at equal time: one small net (aug, EMA)": lambda: pipeline_run(
+            root, "b1", e + 1, args.folds, [small + [AFFINE, "train.ema=true", "train.ema_decay=0.99"]], False, False),
         "c1 p0 + affine augmentation": lambda: pipeline_run(root, "c1", e, args.folds, [P0 + [AFFINE]], False, False),
         "c2 p0 + EMA weights": lambda: pipeline_run(root, "c2", e, args.folds, [P0 + ["train.ema=true",
                                                                                       "train.ema_decay=0.99"]], False, False),
