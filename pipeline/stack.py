@@ -137,8 +137,9 @@ def _run(cfg: dict, force: bool) -> Path:
         verdict = "does not beat" if guard["ties"] else "is WORSE than"
         lines.append(f"[stack] WARNING: level 2 ({cv['overall']:.4f}) {verdict} its best input {guard['best_input']} "
                      f"({guard['best_input_cv']:.4f}) on the same rows and folds, and wins only "
-                     f"{guard['folds_won']}/{len(per_fold)} folds. Submit {guard['best_input']} instead, or try "
-                     "stack.model=weighted (or auto, which picks by CV).")
+                     f"{guard['folds_won']}/{len(per_fold)} folds. Submit {guard['best_input']} instead"
+                     + (", or try stack.model=auto (the weighted blend or LightGBM, by CV)." if model_kind in ("lgbm", "linear")
+                        else "."))
     else:
         lines.append(f"[stack] level 2 beats its best input {guard['best_input']} ({guard['best_input_cv']:.4f}) by "
                      f"{abs(cv['overall'] - guard['best_input_cv']):.4f}, on {guard['folds_won']}/{len(per_fold)} folds")
