@@ -7,7 +7,6 @@ splitting a group. Writes ``folds/<name>.csv`` (id, fold) plus a report (table, 
 """
 from __future__ import annotations
 
-import hashlib
 import time
 from pathlib import Path
 
@@ -18,7 +17,7 @@ from . import leaderboard, plots
 from .artifacts import ArtifactGroup, stage_lock
 from .competition import check_image_files, load_test, load_train, table_path
 from .errors import InputError
-from .io import config_hash, file_hash, is_up_to_date, log, provenance, resolved_config_text
+from .io import config_hash, file_hash, is_up_to_date, log, provenance, resolved_config_text, text_hash
 from .paths import folds_file, sidecar, targets
 
 CLASSIFICATION = ("binary", "multiclass", "ordinal")
@@ -238,7 +237,7 @@ def run(cfg: dict, force: bool = False) -> Path:
             group.figure(sidecar(out, ".report.png"), fig)
             group.text(sidecar(out, ".report.txt"), text)
             group.text(sidecar(out, ".config.yaml"), resolved_config_text(cfg))
-            group.commit(provenance(cfg, "folds", key, folds_hash=hashlib.sha256(folds_csv.encode()).hexdigest()[:12],
+            group.commit(provenance(cfg, "folds", key, folds_hash=text_hash(folds_csv),
                                     train_hash=file_hash(train_file), report=summary,
                                     stage_config_hash=config_hash(key_inputs)))
     leaderboard.record(cfg, "folds", started, artifacts=[str(out)], experiment=cfg["competition"]["name"] + ":folds")

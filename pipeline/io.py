@@ -96,6 +96,11 @@ def read_parquet_meta(path: str | Path) -> dict:
     return json.loads(meta.get(b"pipeline", b"{}"))
 
 
+def text_hash(text: str, n: int = 12) -> str:
+    """The hash ``file_hash`` gives a file holding exactly this text (UTF-8)."""
+    return hashlib.sha256(text.encode()).hexdigest()[:n]
+
+
 def file_hash(path: str | Path, n: int = 12) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:

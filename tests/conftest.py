@@ -96,3 +96,17 @@ def tiny_cfg(root: Path, *overrides: str, name: str = "tiny"):
                              f"name={name}", *TINY, *overrides])
     folds.run(cfg)
     return cfg
+
+
+def record_in_two_processes(setting: str, n: int = 200) -> None:
+    """Two processes each record ``n`` runs (experiments p0, p1) in the leaderboard named by ``setting``
+    (``leaderboard.path=...`` or ``leaderboard.url=...``), at the same time."""
+    import subprocess
+    import sys
+
+    code = ("import sys, time; from pipeline import leaderboard as LB; from pipeline.config import load_config\n"
+            f"cfg = load_config(None, ['{setting}', 'name=' + sys.argv[1]])\n"
+            f"for i in range({n}): LB.record(cfg, 'train', time.time(), cv=i / {n}, folds={{'fold0': i / {n}}},"
+            " epochs=[{'fold': 0, 'epoch': 1, 'score': 0.5}])\n")
+    procs = [subprocess.Popen([sys.executable, "-c", code, f"p{i}"]) for i in range(2)]
+    assert [p.wait(timeout=300) for p in procs] == [0, 0]

@@ -1,6 +1,4 @@
 import sqlite3
-import subprocess
-import sys
 import time
 
 import pandas as pd
@@ -9,6 +7,7 @@ import pytest
 from pipeline import leaderboard as LB
 from pipeline.__main__ import main
 from pipeline.config import load_config
+from tests.conftest import record_in_two_processes
 
 
 def cfg_for(db, metric="accuracy", name="exp"):
@@ -19,12 +18,7 @@ def cfg_for(db, metric="accuracy", name="exp"):
 
 def test_two_processes_recording_200_runs_each_lose_nothing(tmp_path):
     db = tmp_path / "lb.db"
-    code = ("import sys, time; from pipeline import leaderboard as LB; from pipeline.config import load_config\n"
-            f"cfg = load_config(None, ['leaderboard.path={db}', 'name=' + sys.argv[1]])\n"
-            "for i in range(200): LB.record(cfg, 'train', time.time(), cv=i / 200, folds={'fold0': i / 200},"
-            " epochs=[{'fold': 0, 'epoch': 1, 'score': 0.5}])\n")
-    procs = [subprocess.Popen([sys.executable, "-c", code, f"p{i}"]) for i in range(2)]
-    assert [p.wait(timeout=300) for p in procs] == [0, 0]
+    record_in_two_processes(f"leaderboard.path={db}")
     con = sqlite3.connect(db)
     assert con.execute("SELECT experiment, COUNT(*) FROM runs GROUP BY experiment ORDER BY 1").fetchall() == [
         ("p0", 200), ("p1", 200)]

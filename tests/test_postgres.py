@@ -1,8 +1,6 @@
 """Against a real PostgreSQL server (a throwaway one, see tests/pgserver.py): the team leaderboard and a
 tune study shared by several workers. Skipped, with the reason, where the server binaries are missing;
 `apt-get install -y postgresql` enables them (CI installs it)."""
-import subprocess
-import sys
 import time
 
 import pytest
@@ -10,6 +8,7 @@ from pgserver import Server, unavailable
 
 from pipeline import leaderboard as LB
 from pipeline.__main__ import main
+from tests.conftest import record_in_two_processes
 
 pytestmark = pytest.mark.skipif(unavailable() is not None, reason=str(unavailable()))
 
@@ -22,12 +21,7 @@ def pg():
 
 def test_two_processes_recording_200_runs_each_lose_nothing(pg, tmp_path, capsys):
     url = pg.url("lb_writes")
-    code = ("import sys, time; from pipeline import leaderboard as LB; from pipeline.config import load_config\n"
-            f"cfg = load_config(None, ['leaderboard.url={url}', 'name=' + sys.argv[1]])\n"
-            "for i in range(200): LB.record(cfg, 'train', time.time(), cv=i / 200, folds={'fold0': i / 200},"
-            " epochs=[{'fold': 0, 'epoch': 1, 'score': 0.5}])\n")
-    procs = [subprocess.Popen([sys.executable, "-c", code, f"p{i}"]) for i in range(2)]
-    assert [p.wait(timeout=300) for p in procs] == [0, 0]
+    record_in_two_processes(f"leaderboard.url={url}")
     with LB.connect(url) as con:
         assert [tuple(r) for r in con.execute("SELECT experiment, COUNT(*) FROM runs GROUP BY experiment ORDER BY 1")
                 .fetchall()] == [("p0", 200), ("p1", 200)]
