@@ -5,7 +5,7 @@ the same run, alternating, median of the repeats; prints both and their ratio (t
 CPU). Also prints the data loader's own images/s with the default workers, and on CUDA the AMP +
 channels_last figures.
 
-    python bench/train_throughput.py [--backbone resnet18] [--batch 64] [--repeats 3]
+    python bench/train_throughput.py [--backbone resnet18] [--batch 64] [--size 32] [--rows 2048] [--repeats 3]
 """
 from __future__ import annotations
 
@@ -46,9 +46,9 @@ def hand_loop(model, loader, device, amp_dtype=None, channels_last=False) -> flo
 
 
 def measure(args, extra: list[str]):
-    root = synthetic_competition(OUT / "throughput", n=args.rows)
+    root = synthetic_competition(OUT / f"throughput{args.size}-{args.rows}", n=args.rows, size=args.size)
     cfg = load_config(None, [f"competition.root={root}", "competition.check_images=false", f"model.backbone={args.backbone}",
-                             f"train.batch_size={args.batch}", "data.image_size=32", "data.in_chans=3", "data.cache=true",
+                             f"train.batch_size={args.batch}", f"data.image_size={args.size}", "data.in_chans=3", "data.cache=true",
                              "train.scheduler=none", "train.epochs=100", "leaderboard.enabled=false", *extra])
     df = load_train(cfg)
     heads = heads_for(cfg, df)
@@ -88,11 +88,12 @@ def main():
     ap.add_argument("--backbone", default="resnet18")
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--rows", type=int, default=2048)
+    ap.add_argument("--size", type=int, default=32)
     ap.add_argument("--repeats", type=int, default=3)
     args = ap.parse_args()
     torch.manual_seed(0)
-    ours, hand, loader_ips, device = measure(args, [])
-    print(f"device {device}, {args.backbone}, batch {args.batch}, 32x32, {args.rows} images/epoch, "
+    ours, hand, loader_ips, device = measure(args, ["train.amp=false"])
+    print(f"device {device}, {args.backbone}, batch {args.batch}, {args.size}x{args.size}, {args.rows} images/epoch, "
           f"median of {args.repeats}, torch threads {torch.get_num_threads()}")
     print(f"pipeline train step : {ours:8.1f} images/s")
     print(f"hand-written loop   : {hand:8.1f} images/s")
@@ -101,8 +102,11 @@ def main():
     print(f"data loader alone   : {cached:8.1f} images/s from memory, {disk:8.1f} decoding PNGs from disk with "
           f"data.num_workers=auto -> {workers} ({'faster' if disk > ours else 'SLOWER'} than the model)")
     if device.type == "cuda":
-        ours, hand, _, _ = measure(args, ["train.amp=true", "train.channels_last=true"])
-        print(f"CUDA AMP + channels_last: pipeline {ours:.1f}, hand {hand:.1f} images/s, ratio {ours / hand:.3f}")
+        print(f"GPU {torch.cuda.get_device_name()}; the rows above are fp32")
+        for label, extra in (("AMP (bf16/fp16 autocast)", ["train.amp=true"]),
+                             ("AMP + channels_last", ["train.amp=true", "train.channels_last=true"])):
+            ours, hand, _, _ = measure(args, extra)
+            print(f"CUDA {label:26s}: pipeline {ours:8.1f}, hand {hand:8.1f} images/s, ratio {ours / hand:.3f}")
 
 
 if __name__ == "__main__":

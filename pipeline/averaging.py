@@ -24,8 +24,11 @@ class ModelEma(nn.Module):
     def update(self, model: nn.Module):
         self.updates += 1
         d = min(self.decay, (1 + self.updates) / (10 + self.updates))
+        floats_e, floats_m = [], []
         for e, m in zip(self.module.state_dict().values(), model.state_dict().values()):
             if e.dtype.is_floating_point:
-                e.mul_(d).add_(m.detach(), alpha=1 - d)
+                floats_e.append(e)
+                floats_m.append(m.detach())
             else:
                 e.copy_(m)
+        torch._foreach_lerp_(floats_e, floats_m, 1 - d)  # e = d * e + (1 - d) * m, one kernel per group

@@ -78,6 +78,21 @@ class ImageDataset(Dataset):
         if hasattr(self.transform, "set_random_seed"):
             self.transform.set_random_seed(seed)
 
+    def preload(self, threads: int = 4, desc: str = "decode images") -> None:
+        """Fill the cache in this process before the loader forks its workers, so every worker shares it
+        (a cache filled lazily inside a worker dies with that worker at the end of the epoch)."""
+        if self._cache is None:
+            return
+        from concurrent.futures import ThreadPoolExecutor
+
+        from tqdm.auto import tqdm
+
+        todo = [i for i in range(len(self.paths)) if i not in self._cache]
+        with ThreadPoolExecutor(max(1, threads)) as pool:  # PIL decodes without holding the GIL
+            for i, arr in zip(todo, tqdm(pool.map(lambda j: read_image(self.paths[j], self.in_chans), todo),
+                                         total=len(todo), desc=desc, leave=False, disable=len(todo) < 1000)):
+                self._cache[i] = arr
+
     def image(self, i: int) -> np.ndarray:
         if self._cache is not None:
             if i not in self._cache:

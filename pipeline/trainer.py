@@ -49,6 +49,16 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def seed_worker(worker_id: int) -> None:
+    """Each loader worker draws its own augmentations: the forked copies of the dataset would otherwise
+    share one random state and repeat each other's draws. The worker's seed comes from the loader's
+    seeded generator, so an epoch stays reproducible."""
+    info = torch.utils.data.get_worker_info()
+    seed_everything(info.seed % 2**31)
+    if hasattr(info.dataset, "set_epoch"):
+        info.dataset.set_epoch(info.seed % 2**31)
+
+
 def epoch_seed(seed: int, fold, epoch: int) -> int:
     f = int(fold) if str(fold).isdigit() else {"full": -1}.get(str(fold), -2)
     return (seed * 1_000_003 + (f + 2) * 10_007 + epoch * 101) % 2**31
@@ -117,6 +127,9 @@ class FoldTrainer:
             self.valid_ds = ImageDataset([paths[i] for i in self.va_idx], dcfg["in_chans"], build_transform(dcfg),
                                          {k: v[self.va_idx] for k, v in ys.items()}, dcfg["cache"])
             self.y_valid = ys[heads[0].name][self.va_idx]
+            if dcfg["cache"] and loader_workers(dcfg, self.device) > 0:
+                for ds in (self.train_ds, self.valid_ds):
+                    ds.preload(loader_workers(dcfg, self.device))
             main_head = heads[0]
             cw = class_weight_tensor(self.tcfg, ys[main_head.name][self.tr_idx] if main_head.kind == "multiclass"
                                      else None, main_head.out)
@@ -225,7 +238,8 @@ class FoldTrainer:
                           shuffle=shuffle and sampler is None, sampler=sampler, generator=g, num_workers=workers,
                           # a last training batch of one image would break BatchNorm: drop that one image
                           drop_last=shuffle and len(ds) % self.tcfg["batch_size"] == 1,
-                          pin_memory=self.device.type == "cuda", persistent_workers=False)
+                          pin_memory=self.device.type == "cuda", persistent_workers=False,
+                          worker_init_fn=seed_worker if workers > 0 else None)
 
     def set_backbone_trainable(self, epoch: int):
         frozen_epochs = self.tcfg["freeze_backbone_epochs"]
@@ -244,7 +258,8 @@ class FoldTrainer:
         seed_everything(seed)
         self.train_ds.set_epoch(seed)
         loader = self.loader(self.train_ds, shuffle=True, epoch=epoch)
-        total, n, t0 = 0.0, 0, time.time()
+        # the running loss stays on the device: reading it every step would wait for the GPU each batch
+        total, n, t0, shown = torch.zeros((), device=self.device), 0, time.time(), 0.0
         bar = tqdm(loader, desc=f"fold {self.fold} ep {epoch + 1}/{tcfg['epochs']}", leave=False, mininterval=1,
                    dynamic_ncols=True, disable=not self.dist.main)
         accum = tcfg["accumulate"]
@@ -275,14 +290,16 @@ class FoldTrainer:
                     self.ema.update(self.model)
                 if steps_each_batch(self.sched):
                     self.sched.step()
-            total += float(loss.detach()) * len(x)
+            total += loss.detach().float() * len(x)
             n += len(x)
-            best = self.state["best"]
-            bar.set_postfix({"loss": f"{total / n:.4f}", f"best {self.metric.name}": "-" if best is None else f"{best:.4f}",
-                             "lr": f"{self.opt.param_groups[-1]['lr']:.2e}",
+            if bar.disable or time.time() - shown < 1.0:
+                continue
+            shown, best = time.time(), self.state["best"]
+            bar.set_postfix({"loss": f"{float(total) / n:.4f}", f"best {self.metric.name}": "-" if best is None else
+                             f"{best:.4f}", "lr": f"{self.opt.param_groups[-1]['lr']:.2e}",
                              "img/s": f"{n / max(time.time() - t0, 1e-9):.0f}"}, refresh=False)
         bar.close()
-        return total / max(n, 1)
+        return float(total) / max(n, 1)
 
     @torch.no_grad()
     def predict(self, model: nn.Module) -> tuple[dict[str, np.ndarray], float]:

@@ -378,3 +378,62 @@ def test_channels_last_and_image_cache(workdir):
     assert uncached.train_ds._cache is None
     with pytest.raises(InputError, match="does not exist"):
         uncached.train_ds.image(5)
+
+
+def test_ema_update_is_the_decayed_average_of_float_weights_and_copies_integer_buffers():
+
+    from pipeline.averaging import ModelEma
+
+    net = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.BatchNorm1d(2))
+    ema = ModelEma(net, decay=0.5)
+    before = {k: v.clone() for k, v in ema.module.state_dict().items()}
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(1.0)
+    net.train()(torch.randn(4, 3))  # moves the running stats and num_batches_tracked
+    ema.update(net)
+    d = min(0.5, 2 / 11)  # the warm-up decay of the first update
+    for k, v in ema.module.state_dict().items():
+        want = net.state_dict()[k] if not v.dtype.is_floating_point else d * before[k] + (1 - d) * net.state_dict()[k]
+        assert torch.allclose(v, want), k
+
+
+def test_preloaded_cache_is_shared_with_loader_workers(tmp_path):
+    from PIL import Image
+
+    from pipeline.images import ImageDataset, build_transform
+
+    paths = []
+    for i in range(6):
+        paths.append(tmp_path / f"{i}.png")
+        Image.fromarray(np.full((8, 8), 40 * i, np.uint8)).save(paths[-1])
+    ds = ImageDataset(paths, 1, build_transform({"image_size": 8, "in_chans": 1, "mean": None, "std": None}),
+                      {"target": np.arange(6)}, cache=True)
+    ds.preload(threads=2)
+    for p in paths:  # from now on only the cache can serve the images
+        p.unlink()
+    loader = torch.utils.data.DataLoader(ds, batch_size=3, num_workers=2)
+    x = torch.cat([b[0] for b in loader])
+    assert torch.allclose(x[:, 0, 0, 0], torch.tensor([40 * i / 127.5 - 1 for i in range(6)]), atol=1e-4)
+
+
+def test_loader_workers_draw_different_augmentations_reproducibly(tmp_path):
+    from PIL import Image
+
+    from pipeline.images import ImageDataset, build_transform
+    from pipeline.trainer import seed_worker
+
+    Image.fromarray(np.arange(256, dtype=np.uint8).reshape(16, 16)).save(tmp_path / "a.png")
+    transform = build_transform({"image_size": 16, "in_chans": 1, "mean": None, "std": None},
+                                [{"Affine": {"rotate": [-30, 30], "p": 1.0}}], seed=0)
+
+    def epoch():
+        ds = ImageDataset([tmp_path / "a.png"] * 8, 1, transform, {"target": np.zeros(8, int)})
+        ds.set_epoch(5)
+        loader = torch.utils.data.DataLoader(ds, batch_size=1, num_workers=2, worker_init_fn=seed_worker,
+                                             generator=torch.Generator().manual_seed(5))
+        return torch.cat([b[0] for b in loader])
+
+    x = epoch()  # batches alternate between worker 0 and worker 1
+    assert not torch.allclose(x[0], x[1]) and not torch.allclose(x[2], x[3])
+    assert torch.equal(x, epoch())
