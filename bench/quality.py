@@ -44,7 +44,7 @@ def baseline(root: Path, epochs: int, n_folds: int, seed: int = 0) -> dict:
     X, Xt, y = load(train["id"]), load(test["id"]), torch.tensor(train["target"].to_numpy())
     oof, test_prob = np.zeros((len(train), 10)), np.zeros((len(test), 10))
     folds = StratifiedGroupKFold(n_folds, shuffle=True, random_state=seed).split(X, y, train["writer"])
-    fold_of = np.zeros(len(train), int)
+    fold_of, one_model = np.zeros(len(train), int), []
     for k, (tr, va) in enumerate(folds):
         fold_of[va] = k
         model = timm.create_model("resnet18", pretrained=False, num_classes=10, in_chans=1)
@@ -64,11 +64,13 @@ def baseline(root: Path, epochs: int, n_folds: int, seed: int = 0) -> dict:
         with torch.no_grad():
             oof[va] = torch.cat([model(X[torch.as_tensor(va)[b]]).softmax(-1) for b in
                                  torch.arange(len(va)).split(512)]).numpy()
-            test_prob += torch.cat([model(Xt[b]).softmax(-1) for b in torch.arange(len(Xt)).split(512)]).numpy()
+            fold_prob = torch.cat([model(Xt[b]).softmax(-1) for b in torch.arange(len(Xt)).split(512)]).numpy()
+        test_prob += fold_prob
+        one_model.append(score(root, test["id"], fold_prob.argmax(1))["private"])
     pred = test_prob.argmax(1)
     fold_scores = [float((oof[fold_of == k].argmax(1) == y.numpy()[fold_of == k]).mean()) for k in range(n_folds)]
     return {"cv": float((oof.argmax(1) == y.numpy()).mean()), "folds": fold_scores,
-            **score(root, test["id"], pred)}
+            "one_model_private": float(np.mean(one_model)), **score(root, test["id"], pred)}
 
 
 def score(root: Path, ids, pred) -> dict:
@@ -85,16 +87,22 @@ BASE = ["competition.name=mnistq", f"competition.image={SHARED}/images/{{id}}.pn
         "data.image_size=28", "train.batch_size=64", "leaderboard.enabled=true"]
 AFFINE = "train.augment=[{Affine: {translate_percent: [-0.08, 0.08], scale: [0.9, 1.1], rotate: [-10, 10], p: 0.7}}]"
 P0 = ["model.backbone=resnet18", "train.lr=3e-4", "train.scheduler=cosine", "train.warmup_epochs=1"]
+EMA = "train.ema=true", "train.ema_decay=0.99"
 
 
 def pipeline_run(root: Path, name: str, epochs: int, n_folds: int, level1: list[list[str]], stack: bool,
-                 post: bool, pseudo: list[str] | None = None) -> dict:
-    """Level-1 experiments (+ optional level 2, post-processing, one pseudo-label round) in one workdir."""
+                 post: bool, pseudo: list[str] | None = None, distill: list[str] | None = None,
+                 jigsaw: list[str] | None = None) -> dict:
+    """Level-1 experiments (+ optional jigsaw init, one pseudo-label or distillation round, level 2,
+    post-processing) in one workdir; everything is timed, pretraining included."""
     from pipeline import load_config, run_stage
 
-    work = OUT / f"quality-work-{name}"
+    work = OUT / f"quality-{root.name}-{name}"
     common = [f"competition.root={root}", f"workdir={work}", f"folds.n_splits={n_folds}", f"train.epochs={epochs}",
               *BASE]
+    if jigsaw is not None:  # self-supervised pretext on train + test images, labels unused
+        weights = run_stage("pretrain", load_config(None, [*common, f"name={name}-jigsaw", *level1[0], *jigsaw]))
+        level1 = [[*extra, f"model.init={weights}"] for extra in level1]
     names = []
     for i, extra in enumerate(level1):
         exp = f"{name}-l1-{i}"
@@ -102,9 +110,11 @@ def pipeline_run(root: Path, name: str, epochs: int, n_folds: int, level1: list[
         for stage in ("folds", "train", "features"):
             run_stage(stage, cfg)
         names.append(exp)
-        if pseudo and i == 0:  # round 1: the first experiment again, with its own fold-k pseudo-labels
-            exp = f"{name}-l1-{i}-pl1"
-            cfg = load_config(None, [*common, f"name={exp}", *extra, f"train.pseudo.source={names[0]}", *pseudo])
+        if (pseudo or distill) and i == 0:  # round 1: the first experiment again, taught by its own fold-k models
+            exp = f"{name}-l1-{i}-r1"
+            teach = [f"train.pseudo.source={names[0]}", *pseudo] if pseudo else [f"train.distill.teacher={names[0]}",
+                                                                                  *distill]
+            cfg = load_config(None, [*common, f"name={exp}", *extra, *teach])
             run_stage("train", cfg)
             run_stage("features", cfg)
             names[0] = exp
@@ -124,7 +134,13 @@ def pipeline_run(root: Path, name: str, epochs: int, n_folds: int, level1: list[
     cv_file = work / "features" / (final or names[0]) / "cv.json"
     cv = json.loads(cv_file.read_text())
     folds = [v["tta"] for k, v in cv.items() if k != "overall"]
-    return {"cv": cv["overall"]["tta"], "folds": folds, **summary["local"]}
+    one = None
+    test_folds = work / "features" / (final or names[0]) / "test_folds.parquet"
+    if test_folds.exists():  # each fold model alone on the test set (level 1 only)
+        t = pd.read_parquet(test_folds)
+        cols = [c for c in t.columns if c.endswith("__mean")]
+        one = float(np.mean([score(root, g["id"], g[cols].to_numpy().argmax(1))["private"] for _, g in t.groupby("fold")]))
+    return {"cv": cv["overall"]["tta"], "folds": folds, "one_model_private": one, **summary["local"]}
 
 
 def main():
@@ -141,16 +157,16 @@ def main():
     rows = {
         "a  baseline (hand-written, resnet18)": lambda: baseline(root, e, args.folds),
         "p0 pipeline, same recipe as (a)": lambda: pipeline_run(root, "p0", e, args.folds, [P0], False, False),
-        "b  recipe: 2 small nets (aug, EMA) + pseudo round + level 2": lambda: pipeline_run(
-            root, "b", e + 1, args.folds, [small + [AFFINE, "train.ema=true", "train.ema_decay=0.99"],
-                                           small + [AFFINE, "train.ema=true", "train.ema_decay=0.99",
-                                                    "data.image_size=32", "model.pool=gem"]],
+        "b  recipe at equal time: small net, lr 1e-3, aug, EMA, +1 epoch": lambda: pipeline_run(
+            root, "b", e + 1, args.folds, [small + [AFFINE, *EMA]], False, False),
+        "b+ more time: 2 small nets (aug, EMA) + pseudo round + level 2": lambda: pipeline_run(
+            root, "bplus", e + 1, args.folds, [small + [AFFINE, *EMA], small + [AFFINE, *EMA, "data.image_size=32",
+                                                                            "model.pool=gem"]],
             True, False, pseudo=["train.pseudo.threshold=0.98", "train.pseudo.weight=0.5"]),
-        "b1 recipe at equal time: one small net (aug, EMA)": lambda: pipeline_run(
-            root, "b1", e + 1, args.folds, [small + [AFFINE, "train.ema=true", "train.ema_decay=0.99"]], False, False),
+        "c0 p0 + small net, lr 1e-3, +1 epoch (same time)": lambda: pipeline_run(root, "c0", e + 1, args.folds, [small],
+                                                                                   False, False),
         "c1 p0 + affine augmentation": lambda: pipeline_run(root, "c1", e, args.folds, [P0 + [AFFINE]], False, False),
-        "c2 p0 + EMA weights": lambda: pipeline_run(root, "c2", e, args.folds, [P0 + ["train.ema=true",
-                                                                                      "train.ema_decay=0.99"]], False, False),
+        "c2 p0 + EMA weights": lambda: pipeline_run(root, "c2", e, args.folds, [P0 + [*EMA]], False, False),
         "c3 p0 + multi-scale TTA": lambda: pipeline_run(root, "c3", e, args.folds, [P0 + ["features.scales=[0.9, 1.0, 1.1]"]],
                                                         False, False),
         "c4 p0 + a second experiment + level 2 (auto)": lambda: pipeline_run(
@@ -158,9 +174,16 @@ def main():
         "c5 p0 + post-processing (class scale)": lambda: pipeline_run(root, "c5", e, args.folds, [P0], False, True),
         "c6 p0 + one pseudo-label round": lambda: pipeline_run(root, "c6", e, args.folds, [P0], False, False,
                                                                pseudo=["train.pseudo.threshold=0.98"]),
+        "c7 p0 + jigsaw pretraining init (1 epoch, 8k images)": lambda: pipeline_run(
+            root, "c7", e, args.folds, [P0], False, False,
+            jigsaw=["pretrain.epochs=1", "pretrain.max_images=8000", "pretrain.batch_size=64"]),
+        "c8 p0 + one distillation round (alpha 0.5, T 2)": lambda: pipeline_run(
+            root, "c8", e, args.folds, [P0], False, False, distill=["train.distill.alpha=0.5",
+                                                                    "train.distill.temperature=2"]),
     }
     only = [o.strip() for o in args.only.split(",") if o.strip()]
-    results = {}
+    report = OUT / f"quality-{root.name}.json"  # rows of earlier invocations (--only) are kept
+    results = json.loads(report.read_text()) if report.exists() else {}
     for label, fn in rows.items():
         if only and label.split()[0] not in only:
             continue
@@ -171,14 +194,18 @@ def main():
         print(f"[quality] {label}: CV {r['cv']:.4f} (fold std {np.std(r['folds']):.4f}), public {r['public']:.4f}, "
               f"private {r['private']:.4f}, |CV-private| {abs(r['cv'] - r['private']):.4f} ({r['wall_s']:.0f} s)",
               flush=True)
-        (OUT / "quality.json").write_text(json.dumps(results, indent=2))
+        report.write_text(json.dumps(results, indent=2))
     print(f"\nmnist-writers, {n_rows} train rows (whole writers), full test (12,101 rows), {args.folds} folds, "
           f"{e} epochs for (a)/(c), torch threads {torch.get_num_threads()}")
-    print(f"{'row':62s} {'CV':>7s} {'fold std':>8s} {'public':>7s} {'private':>7s} {'|CV-priv|':>9s} {'wall s':>7s}")
-    for label, r in results.items():
+    print("1-model private: the mean private accuracy of the fold models alone (the submission averages them)")
+    print(f"{'row':62s} {'CV':>7s} {'fold std':>8s} {'public':>7s} {'private':>7s} {'|CV-priv|':>9s} "
+          f"{'1-model':>7s} {'|CV-1m|':>7s} {'wall s':>7s}")
+    for label, r in sorted(results.items(), key=lambda kv: list(rows).index(kv[0]) if kv[0] in rows else len(rows)):
+        one = r.get("one_model_private")
+        one_s = f"{one:7.4f} {abs(r['cv'] - one):7.4f}" if one is not None else f"{'-':>7s} {'-':>7s}"
         print(f"{label:62s} {r['cv']:7.4f} {np.std(r['folds']):8.4f} {r['public']:7.4f} {r['private']:7.4f} "
-              f"{abs(r['cv'] - r['private']):9.4f} {r['wall_s']:7.0f}")
-    (OUT / "quality.json").write_text(json.dumps(results, indent=2))
+              f"{abs(r['cv'] - r['private']):9.4f} {one_s} {r['wall_s']:7.0f}")
+    report.write_text(json.dumps(results, indent=2))
 
 
 if __name__ == "__main__":

@@ -185,7 +185,8 @@ class Train(_Section):
     cutmix: float = Field(0.0, ge=0)
     mix_prob: float = Field(0.5, ge=0, le=1)
     mix_off_epoch: Optional[int] = Field(None, ge=0)
-    early_stopping: int = Field(0, ge=0)  # patience in epochs; 0 = off
+    early_stopping: int = Field(0, ge=0)  # patience in validated epochs; 0 = off
+    valid_from: int = Field(1, ge=1)  # first epoch (1-based) scored on the fold's validation rows; the last always is
     folds: Union[None, int, list[int]] = None  # subset of folds to train, e.g. [0, 2]
     full: bool = False  # also train one model on all rows
     device: str = "auto"

@@ -26,7 +26,7 @@ from .artifacts import kill_point
 from .averaging import ModelEma
 from .competition import image_paths
 from .distributed import Dist
-from .images import ImageDataset, build_transform, loader_workers
+from .images import ImageDataset, build_transform, loader_workers, seed_worker
 from .io import atomic_path, log, write_parquet
 from .losses import Criterion, class_weight_tensor, head_targets
 from .metrics import get_metric
@@ -47,16 +47,6 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
-
-
-def seed_worker(worker_id: int) -> None:
-    """Each loader worker draws its own augmentations: the forked copies of the dataset would otherwise
-    share one random state and repeat each other's draws. The worker's seed comes from the loader's
-    seeded generator, so an epoch stays reproducible."""
-    info = torch.utils.data.get_worker_info()
-    seed_everything(info.seed % 2**31)
-    if hasattr(info.dataset, "set_epoch"):
-        info.dataset.set_epoch(info.seed % 2**31)
 
 
 def epoch_seed(seed: int, fold, epoch: int) -> int:
@@ -345,7 +335,8 @@ class FoldTrainer:
             row = {"fold": self.fold, "epoch": epoch + 1, "train_loss": train_loss,
                    "lr": self.opt.param_groups[-1]["lr"], "seconds": 0.0}
             improved = False
-            if has_valid:
+            validate = has_valid and (epoch + 1 >= tcfg["valid_from"] or epoch + 1 == epochs)
+            if validate:
                 preds, valid_loss = self.predict(self.eval_model())
                 score = self.metric(self.y_valid, preds[self.heads[0].name])
                 row.update(valid_loss=valid_loss, score=score)
@@ -362,7 +353,7 @@ class FoldTrainer:
             row["seconds"] = round(time.time() - t0, 2)
             self.state["log"].append(row)
             self.state["epoch"] = epoch + 1
-            stop = bool(tcfg["early_stopping"] and has_valid and self.state["bad_epochs"] >= tcfg["early_stopping"])
+            stop = bool(tcfg["early_stopping"] and validate and self.state["bad_epochs"] >= tcfg["early_stopping"])
             if stop:
                 self.state["epoch"] = epochs  # a resumed run must not train on
             self.save_last()
@@ -370,12 +361,12 @@ class FoldTrainer:
                 pd.DataFrame(self.state["log"]).to_csv(self.out_dir / "log.csv", index=False)
             self.dist.barrier()
             msg = f"[train] fold {self.fold} epoch {epoch + 1}/{epochs} loss {train_loss:.4f}"
-            if has_valid:
+            if validate:
                 msg += f" valid_loss {row['valid_loss']:.4f} {self.metric.name} {row['score']:.4f}" + (" *" if improved else "")
             if self.dist.main:
                 log(msg + f" ({row['seconds']:.1f}s)")
             kill_point(f"epoch:{epoch + 1}")
-            for hook in EPOCH_HOOKS if has_valid else ():
+            for hook in EPOCH_HOOKS if validate else ():
                 hook(self.fold, epoch + 1, row["score"])  # may raise (tune: optuna.TrialPruned)
             if stop:
                 log(f"[train] fold {self.fold}: early stopping after {epoch + 1} epochs "

@@ -421,7 +421,7 @@ def test_loader_workers_draw_different_augmentations_reproducibly(tmp_path):
     from PIL import Image
 
     from pipeline.images import ImageDataset, build_transform
-    from pipeline.trainer import seed_worker
+    from pipeline.images import seed_worker
 
     Image.fromarray(np.arange(256, dtype=np.uint8).reshape(16, 16)).save(tmp_path / "a.png")
     transform = build_transform({"image_size": 16, "in_chans": 1, "mean": None, "std": None},
@@ -437,3 +437,10 @@ def test_loader_workers_draw_different_augmentations_reproducibly(tmp_path):
     x = epoch()  # batches alternate between worker 0 and worker 1
     assert not torch.allclose(x[0], x[1]) and not torch.allclose(x[2], x[3])
     assert torch.equal(x, epoch())
+
+
+def test_valid_from_scores_only_the_later_epochs_and_the_best_comes_from_them(workdir):
+    T.run(tiny_cfg(workdir / "comp", "train.folds=[0]", "train.epochs=3", "train.valid_from=3"))
+    log = pd.read_csv(workdir / "models/tiny/fold0/log.csv")
+    assert log["score"].isna().tolist() == [True, True, False]
+    assert torch.load(workdir / "models/tiny/fold0/best.pt", weights_only=False)["epoch"] == 3
