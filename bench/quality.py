@@ -158,7 +158,8 @@ def main():
         "a  baseline (hand-written, resnet18)": lambda: baseline(root, e, args.folds),
         "p0 pipeline, same recipe as (a)": lambda: pipeline_run(root, "p0", e, args.folds, [P0], False, False),
         "b  recipe at equal time: small net, lr 1e-3, aug, EMA, +1 epoch": lambda: pipeline_run(
-            root, "b", e + 1, args.folds, [small + [AFFINE, *EMA]], False, False),
+            root, "b", e + 1, args.folds, [small + [AFFINE, *EMA, f"train.valid_from={e + 1}", "data.cache=true"]],
+            False, False),
         "b+ more time: 2 small nets (aug, EMA) + pseudo round + level 2": lambda: pipeline_run(
             root, "bplus", e + 1, args.folds, [small + [AFFINE, *EMA], small + [AFFINE, *EMA, "data.image_size=32",
                                                                             "model.pool=gem"]],

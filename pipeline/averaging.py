@@ -31,4 +31,5 @@ class ModelEma(nn.Module):
                 floats_m.append(m.detach())
             else:
                 e.copy_(m)
-        torch._foreach_lerp_(floats_e, floats_m, 1 - d)  # e = d * e + (1 - d) * m, one kernel per group
+        if floats_e:
+            torch._foreach_lerp_(floats_e, floats_m, 1 - d)  # e = d * e + (1 - d) * m, one kernel per group

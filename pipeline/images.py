@@ -88,10 +88,14 @@ class ImageDataset(Dataset):
         from tqdm.auto import tqdm
 
         todo = [i for i in range(len(self.paths)) if i not in self._cache]
-        with ThreadPoolExecutor(max(1, threads)) as pool:  # PIL decodes without holding the GIL
-            for i, arr in zip(todo, tqdm(pool.map(lambda j: read_image(self.paths[j], self.in_chans), todo),
-                                         total=len(todo), desc=desc, leave=False, disable=len(todo) < 1000)):
+        pool = ThreadPoolExecutor(max(1, threads))  # PIL decodes without holding the GIL
+        try:  # np.array: each image owns its pixels (not a view of PIL's bytes), so the workers' reference
+            # counting does not copy the pixel pages
+            arrays = pool.map(lambda j: np.array(read_image(self.paths[j], self.in_chans)), todo)
+            for i, arr in zip(todo, tqdm(arrays, total=len(todo), desc=desc, leave=False, disable=len(todo) < 1000)):
                 self._cache[i] = arr
+        finally:  # a bad file stops the decoding at once (the queued images are dropped)
+            pool.shutdown(wait=True, cancel_futures=True)
 
     def image(self, i: int) -> np.ndarray:
         if self._cache is not None:
@@ -133,5 +137,5 @@ def seed_worker(worker_id: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-    if hasattr(info.dataset, "set_epoch"):
+    if isinstance(info.dataset, ImageDataset):  # other datasets (jigsaw) seed their items themselves
         info.dataset.set_epoch(seed)

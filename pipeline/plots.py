@@ -49,7 +49,8 @@ def curves(logs: pd.DataFrame, metric_name: str, title: str):
     fig, axes = plt.subplots(1, len(cols), figsize=(4.2 * len(cols), 3.4))
     axes = np.atleast_1d(axes)
     for ax, col in zip(axes, cols):
-        stats = logs.groupby("epoch")[col].agg(["mean", "std"]).fillna(0)
+        # epochs that were not scored (train.valid_from) have no valid loss or score: leave them out
+        stats = logs.groupby("epoch")[col].agg(["mean", "std"]).dropna(subset=["mean"]).fillna(0)
         ax.plot(stats.index, stats["mean"], marker="o")
         ax.fill_between(stats.index, stats["mean"] - stats["std"], stats["mean"] + stats["std"], alpha=0.25)
         ax.set(title=metric_name if col == "score" else col, xlabel="epoch")

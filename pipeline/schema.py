@@ -164,7 +164,7 @@ class Train(_Section):
     cycle_epochs: int = Field(0, ge=0)  # restarts: epochs per cosine cycle; a snapshot is saved at each cycle end
     milestones: list[int] = []
     gamma: float = Field(0.1, gt=0)
-    patience: int = Field(2, ge=0)  # plateau: epochs without improvement before the lr is cut by gamma
+    patience: int = Field(2, ge=0)  # plateau: scored epochs without improvement before the lr is cut by gamma
     loss: str = "auto"  # registry: pipeline.losses.LOSSES[head kind]
     label_smoothing: float = Field(0.0, ge=0, lt=1)
     class_weights: Union[None, Literal["balanced"], list[float]] = None  # per-class weights for ce/focal

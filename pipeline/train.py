@@ -108,6 +108,7 @@ def run(cfg: dict, force: bool = False) -> dict:
             write_resolved_config(out / "config.yaml", cfg)
             write_json(meta_path, provenance(cfg, "train", key, folds_hash=folds_hash, result=result))
         trainer.dist.barrier()
+        del trainer  # its datasets (and any image cache) go before the next fold's are built
         trained.append(k)
     if trained:  # the experiment's config is the one its latest trained weights came from (a failed run keeps it)
         write_resolved_config(exp / "config.yaml", cfg)

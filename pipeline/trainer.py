@@ -217,7 +217,7 @@ class FoldTrainer:
     # -- loops
     def loader(self, ds, shuffle: bool, epoch: int = 0) -> DataLoader:
         seed = epoch_seed(self.cfg["seed"], self.fold, epoch)
-        g = torch.Generator().manual_seed(seed)
+        g = torch.Generator().manual_seed(seed + self.dist.rank)  # DDP: each process its own augmentations
         workers = loader_workers(self.cfg["data"], self.device)
         sampler = None
         if shuffle and self.dist.enabled:  # each process trains on its own shard of the fold
@@ -246,7 +246,7 @@ class FoldTrainer:
         self.set_backbone_trainable(epoch)
         seed = epoch_seed(self.cfg["seed"], self.fold, epoch)
         seed_everything(seed)
-        self.train_ds.set_epoch(seed)
+        self.train_ds.set_epoch(seed + self.dist.rank)
         loader = self.loader(self.train_ds, shuffle=True, epoch=epoch)
         # the running loss stays on the device: reading it every step would wait for the GPU each batch
         total, n, t0, shown = torch.zeros((), device=self.device), 0, time.time(), 0.0

@@ -444,3 +444,14 @@ def test_valid_from_scores_only_the_later_epochs_and_the_best_comes_from_them(wo
     log = pd.read_csv(workdir / "models/tiny/fold0/log.csv")
     assert log["score"].isna().tolist() == [True, True, False]
     assert torch.load(workdir / "models/tiny/fold0/best.pt", weights_only=False)["epoch"] == 3
+
+
+def test_training_curves_leave_out_epochs_that_were_not_scored():
+    from pipeline.plots import curves
+
+    logs = pd.DataFrame({"fold": [0, 0, 0, 1, 1, 1], "epoch": [1, 2, 3] * 2, "train_loss": [3.0, 2.0, 1.0] * 2,
+                         "valid_loss": [np.nan, np.nan, 0.5] * 2, "score": [np.nan, np.nan, 0.9] * 2})
+    fig = curves(logs, "accuracy", "t")
+    score_line = fig.axes[2].get_lines()[0]
+    assert list(score_line.get_xdata()) == [3] and list(score_line.get_ydata()) == [0.9]
+    assert list(fig.axes[0].get_lines()[0].get_xdata()) == [1, 2, 3]
