@@ -8,8 +8,15 @@ public/private, wall time and |CV - private|:
 
   (a) baseline  about 60 hand-written lines below: timm resnet18 from scratch, StratifiedGroupKFold by
                 writer, Adam 3e-4 with one-cycle, fold-mean on test.
-  (b) recipe    the pipeline built only from config switches, within the baseline's wall time (±10%).
-  (c) ablation  each switch of (b) on its own on top of the pipeline's plain run (p0).
+  (b) recipe    the pipeline built only from config switches, within the baseline's wall time (±10%);
+                b+ spends more time (two nets, a pseudo-label round, level 2).
+  (c) ablation  each switch of (b) on its own on top of the pipeline's plain run (p0), and the other
+                switches (multi-scale TTA, level 2, post-processing, pseudo-labels, jigsaw, distillation).
+
+The submission averages the 5 fold models, so its private accuracy runs above the single-model OOF CV;
+the '1-model' column (each fold model alone on the test set, averaged) separates that gain from a CV
+that misjudges the test set. Results go to bench/out/quality-mnist<rows>.json (rows from earlier --only
+runs are kept).
 """
 from __future__ import annotations
 

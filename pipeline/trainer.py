@@ -249,7 +249,8 @@ class FoldTrainer:
         self.train_ds.set_epoch(seed + self.dist.rank)
         loader = self.loader(self.train_ds, shuffle=True, epoch=epoch)
         # the running loss stays on the device: reading it every step would wait for the GPU each batch
-        total, n, t0, shown = torch.zeros((), device=self.device), 0, time.time(), 0.0
+        total, n, t0 = torch.zeros((), device=self.device), 0, time.time()
+        shown = t0  # the postfix (which reads the loss from the device) at most once a second
         bar = tqdm(loader, desc=f"fold {self.fold} ep {epoch + 1}/{tcfg['epochs']}", leave=False, mininterval=1,
                    dynamic_ncols=True, disable=not self.dist.main)
         accum = tcfg["accumulate"]
