@@ -43,7 +43,8 @@ TEACHER_ARGS = $(filter-out name=% train.pseudo% train.distill% stack.%,$(ARGS))
 train: folds
 	@teachers=$$($(RUN) inputs --for train -c $(CONFIG) $(ARGS)) || exit 2; \
 	for c in $$teachers; do $(MAKE) --no-print-directory features CONFIG=$$c ARGS="$(TEACHER_ARGS)" || exit 2; done
-	$(MAKE) --no-print-directory $(addprefix train-fold-,$(FOLD_IDS))
+	@$(RUN) train --check $(FLAGS) $(FOLDS_ARG) 2>/dev/null || \
+	  $(MAKE) --no-print-directory $(addprefix train-fold-,$(FOLD_IDS))
 	$(RUN) train $(FLAGS) $(FOLDS_ARG)
 
 train-fold-%:

@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 from .errors import PipelineError
-from .stages import STAGES, run_stage
+from .stages import STAGES, run_stage, stage_up_to_date
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -64,10 +64,17 @@ def _stage(argv: list[str]) -> int:
     parser.add_argument("stage", choices=sorted(STAGES), help="stage to run")
     parser.add_argument("-c", "--config", help="experiment YAML under configs/")
     parser.add_argument("--force", action="store_true", help="rerun even when the outputs are up to date")
+    parser.add_argument("--check", action="store_true",
+                        help="do nothing; exit 0 when the stage's outputs are up to date, 1 when it would run")
     parser.add_argument("overrides", nargs="*", help="config overrides, e.g. train.epochs=3 folds.n_splits=4")
     args = parser.parse_intermixed_args(argv)
     config = _enter_project(args.config)
-    run_stage(args.stage, load_config(config, args.overrides), force=args.force)
+    cfg = load_config(config, args.overrides)
+    if args.check:
+        current = not args.force and stage_up_to_date(args.stage, cfg)
+        print(f"[{args.stage}] {cfg['name']}: {'up to date' if current else 'would run'}", file=sys.stderr)
+        return 0 if current else 1
+    run_stage(args.stage, cfg, force=args.force)
     return 0
 
 

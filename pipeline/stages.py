@@ -36,3 +36,12 @@ def run_stage(stage: str, cfg: dict, force: bool = False):
         raise ConfigError(f"unknown stage '{stage}'; stages: {', '.join(STAGES)}.")
     module = importlib.import_module(f"pipeline.{STAGES[stage]}")
     return module.run(cfg, force=force)
+
+
+def stage_up_to_date(stage: str, cfg: dict) -> bool:
+    """Whether running the stage would do nothing. A stage that cannot tell cheaply (no ``up_to_date``)
+    answers False: running it is then the way to find out."""
+    if stage not in STAGES:
+        raise ConfigError(f"unknown stage '{stage}'; stages: {', '.join(STAGES)}.")
+    check = getattr(importlib.import_module(f"pipeline.{STAGES[stage]}"), "up_to_date", None)
+    return bool(check and check(cfg))

@@ -62,8 +62,8 @@ def fold_is_current(out: Path, key: str) -> bool:
         return False
 
 
-def run(cfg: dict, force: bool = False) -> dict:
-    started = time.time()
+def _plan(cfg: dict):
+    """What a run of this config trains: the table, folds, heads, the stage key and the folds to do."""
     train_df = load_train(cfg)
     folds_df, folds_hash = load_folds(cfg)
     fold = fold_of(cfg, train_df, folds_df)
@@ -73,8 +73,6 @@ def run(cfg: dict, force: bool = False) -> dict:
     if teachers.active(cfg):  # a changed teacher retrains the student
         key = config_hash([key, teachers.teacher_key(cfg)])
         log(f"[train] {cfg['name']}: {teachers.describe(cfg)}")
-    exp = models_dir(cfg)
-    exp.mkdir(parents=True, exist_ok=True)
     n_splits = int(fold.max()) + 1
     chosen = cfg["train"]["folds"]
     todo: list = list(range(n_splits)) if chosen is None else [int(k) for k in (chosen if isinstance(chosen, list) else [chosen])]
@@ -83,6 +81,21 @@ def run(cfg: dict, force: bool = False) -> dict:
         raise InputError(f"train.folds names fold(s) {bad}, but the folds file has folds 0..{n_splits - 1}.")
     if cfg["train"]["full"]:
         todo.append("full")
+    return train_df, fold, folds_hash, heads, key, todo
+
+
+def up_to_date(cfg: dict) -> bool:
+    """Every fold this config names is trained with this config, folds and data (``train --check``: lets
+    Make skip starting one process per fold just to hear that)."""
+    *_, key, todo = _plan(cfg)
+    return all(fold_is_current(models_dir(cfg) / f"fold{k}", key) for k in todo)
+
+
+def run(cfg: dict, force: bool = False) -> dict:
+    started = time.time()
+    train_df, fold, folds_hash, heads, key, todo = _plan(cfg)
+    exp = models_dir(cfg)
+    exp.mkdir(parents=True, exist_ok=True)
     trained = []
     for k in todo:
         out = exp / f"fold{k}"

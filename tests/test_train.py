@@ -14,7 +14,7 @@ from pipeline import train as T
 from pipeline import trainer as TR
 from pipeline.errors import InputError
 from pipeline.models import Head, build_model, load_backbone_weights, load_model
-from tests.conftest import tiny_cfg
+from tests.conftest import TINY, tiny_cfg
 
 
 def weights(path, key="model"):
@@ -455,3 +455,20 @@ def test_training_curves_leave_out_epochs_that_were_not_scored():
     score_line = fig.axes[2].get_lines()[0]
     assert list(score_line.get_xdata()) == [3] and list(score_line.get_ydata()) == [0.9]
     assert list(fig.axes[0].get_lines()[0].get_xdata()) == [1, 2, 3]
+
+
+def test_train_check_answers_up_to_date_only_when_every_fold_is(workdir):
+    from pipeline.__main__ import main
+
+    args = [f"competition.root={workdir / 'comp'}", "competition.group=grp", "competition.tabular=[tab]",
+            "folds.file=folds/{competition}.csv", "data.in_chans=1", "data.image_size=16", "name=tiny", *TINY,
+            "train.epochs=1"]
+    cfg = tiny_cfg(workdir / "comp", "train.epochs=1")
+    assert main(["train", "--check", *args]) == 1
+    assert not (workdir / "models").exists()  # a check writes nothing
+    T.run(cfg)
+    assert main(["train", "--check", *args]) == 0
+    assert main(["train", "--check", "--force", *args]) == 1
+    assert main(["train", "--check", *args, "train.lr=0.01"]) == 1  # another config would retrain
+    assert main(["train", "--check", *args, "train.folds=[1]"]) == 0
+    assert main(["features", "--check", *args]) == 1  # no cheap answer: running it is how to find out
