@@ -126,16 +126,21 @@ def loader_workers(data_cfg: dict, device) -> int:
     return max(0, min((os.cpu_count() or 1) - 1, 8))
 
 
+def seed_everything(seed: int) -> None:
+    """Python's, NumPy's and torch's random state (the albumentations pipeline keeps its own: ``set_epoch``)."""
+    import random
+
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
 def seed_worker(worker_id: int) -> None:
     """Loader ``worker_init_fn``: each worker draws its own augmentations (the forked copies of the dataset
     would otherwise share one random state and repeat each other's draws). The worker's seed comes from
     the loader's seeded generator, so an epoch stays reproducible."""
-    import random
-
     info = torch.utils.data.get_worker_info()
     seed = info.seed % 2**31
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
+    seed_everything(seed)
     if isinstance(info.dataset, ImageDataset):  # other datasets (jigsaw) seed their items themselves
         info.dataset.set_epoch(seed)

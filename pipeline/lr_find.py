@@ -10,10 +10,11 @@ import pandas as pd
 
 from . import plots
 from .competition import fold_of, load_folds, load_train
+from .images import seed_everything
 from .io import log
 from .models import heads_for
 from .paths import models_dir
-from .trainer import FoldTrainer, seed_everything, to_device
+from .trainer import FoldTrainer, to_device
 
 
 def run(cfg: dict, force: bool = False) -> Path:

@@ -32,16 +32,17 @@ STAGES = {
 def run_stage(stage: str, cfg: dict, force: bool = False):
     """Run one stage on a resolved config (``load_config``); returns what the stage returns (its output
     path, or the training summary)."""
-    if stage not in STAGES:
-        raise ConfigError(f"unknown stage '{stage}'; stages: {', '.join(STAGES)}.")
-    module = importlib.import_module(f"pipeline.{STAGES[stage]}")
-    return module.run(cfg, force=force)
+    return _module(stage).run(cfg, force=force)
 
 
 def stage_up_to_date(stage: str, cfg: dict) -> bool:
     """Whether running the stage would do nothing. A stage that cannot tell cheaply (no ``up_to_date``)
     answers False: running it is then the way to find out."""
+    check = getattr(_module(stage), "up_to_date", None)
+    return bool(check and check(cfg))
+
+
+def _module(stage: str):
     if stage not in STAGES:
         raise ConfigError(f"unknown stage '{stage}'; stages: {', '.join(STAGES)}.")
-    check = getattr(importlib.import_module(f"pipeline.{STAGES[stage]}"), "up_to_date", None)
-    return bool(check and check(cfg))
+    return importlib.import_module(f"pipeline.{STAGES[stage]}")

@@ -26,7 +26,7 @@ from .artifacts import kill_point
 from .averaging import ModelEma
 from .competition import image_paths
 from .distributed import Dist
-from .images import ImageDataset, build_transform, loader_workers, seed_worker
+from .images import ImageDataset, build_transform, loader_workers, seed_everything, seed_worker
 from .io import atomic_path, log, write_parquet
 from .losses import Criterion, class_weight_tensor, head_targets
 from .metrics import get_metric
@@ -43,12 +43,6 @@ from .paths import targets, valid_column
 
 
 # ---------------------------------------------------------------------------------------- utilities
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
 def epoch_seed(seed: int, fold, epoch: int) -> int:
     f = int(fold) if str(fold).isdigit() else {"full": -1}.get(str(fold), -2)
     return (seed * 1_000_003 + (f + 2) * 10_007 + epoch * 101) % 2**31
@@ -117,9 +111,10 @@ class FoldTrainer:
             self.valid_ds = ImageDataset([paths[i] for i in self.va_idx], dcfg["in_chans"], build_transform(dcfg),
                                          {k: v[self.va_idx] for k, v in ys.items()}, dcfg["cache"])
             self.y_valid = ys[heads[0].name][self.va_idx]
-            if dcfg["cache"] and loader_workers(dcfg, self.device) > 0:
+            workers = loader_workers(dcfg, self.device)
+            if dcfg["cache"] and workers > 0:
                 for ds in (self.train_ds, self.valid_ds):
-                    ds.preload(loader_workers(dcfg, self.device))
+                    ds.preload(workers)
             main_head = heads[0]
             cw = class_weight_tensor(self.tcfg, ys[main_head.name][self.tr_idx] if main_head.kind == "multiclass"
                                      else None, main_head.out)
