@@ -1,5 +1,6 @@
 """The typed config refuses every bad value before any work, naming the key, the value and what is allowed."""
 import typing
+from pathlib import Path
 
 import pytest
 from pydantic import BaseModel
@@ -146,3 +147,15 @@ def test_a_registered_loss_is_accepted_and_used():
         losses.LOSSES["multiclass"]._items.pop("poly1")
     with pytest.raises(ConfigError, match="poly1"):
         load_config(None, ["train.loss=poly1"])
+
+
+@pytest.mark.parametrize("path", sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml")),
+                         ids=lambda p: p.name)
+def test_every_shipped_config_validates_and_names_a_known_backbone(path):
+    """A shipped config with a misspelt key, a bad value or a backbone timm does not have would fail only
+    when a user runs it; here it fails first."""
+    import timm
+
+    cfg = load_config(path)
+    assert cfg["name"], path
+    assert timm.is_model(cfg["model"]["backbone"]), f"{path.name}: unknown backbone {cfg['model']['backbone']}"
