@@ -126,6 +126,43 @@ def loader_workers(data_cfg: dict, device) -> int:
     return max(0, min((os.cpu_count() or 1) - 1, 8))
 
 
+CACHE_MEMORY_SHARE = 0.25  # data.cache=auto keeps decoded images when they take at most this share of free memory
+
+
+def available_memory() -> int | None:
+    """Bytes of memory free for new allocations (Linux ``MemAvailable``; else free pages), None if unknown."""
+    import os
+
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def resolve_cache(data_cfg: dict, paths: list, copies: int = 1) -> tuple[bool, str]:
+    """``data.cache`` resolved for these images: ``auto`` keeps them when the decoded pixels (estimated
+    from the first image, times ``copies``, the processes that each hold one) take at most
+    ``CACHE_MEMORY_SHARE`` of the free memory. Returns the decision and a line saying why."""
+    setting = data_cfg["cache"]
+    if setting != "auto":
+        return bool(setting), f"data.cache={str(bool(setting)).lower()}"
+    if not paths:
+        return False, "data.cache=auto: no images"
+    need = read_image(paths[0], data_cfg["in_chans"]).nbytes * len(paths) * copies
+    free = available_memory()
+    keep = free is not None and need <= CACHE_MEMORY_SHARE * free
+    where = "unknown free memory" if free is None else f"{free / 2**30:.1f} GiB free"
+    return keep, (f"data.cache=auto: {len(paths)} images x {copies} process(es) ~ {need / 2**20:.1f} MiB decoded, "
+                  f"{where} -> {'kept in memory' if keep else 'read from disk each epoch'}")
+
+
 def seed_everything(seed: int) -> None:
     """Python's, NumPy's and torch's random state (the albumentations pipeline keeps its own: ``set_epoch``)."""
     import random

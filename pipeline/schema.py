@@ -113,7 +113,9 @@ class Data(_Section):
     image_size: int = Field(32, ge=1)
     mean: Optional[list[float]] = None  # per-channel; None = (0.5,)*in_chans
     std: Optional[list[float]] = None
-    cache: bool = False  # keep decoded images in memory (preloaded before the loader workers start)
+    # keep decoded images in memory (preloaded before the loader workers start); auto = when they take at
+    # most a quarter of the free memory (pipeline.images.resolve_cache)
+    cache: Union[bool, Literal["auto"]] = "auto"
     # data-loader processes; auto = min(cores - 1, 8) when training on a GPU (the loader must keep up with
     # it), 0 on the CPU (the model already uses every core)
     num_workers: Union[Literal["auto"], Annotated[int, Field(ge=0)]] = "auto"

@@ -40,7 +40,7 @@ _RUN_ONLY = ("folds", "full", "device")
 
 def stage_key(cfg: dict, folds_hash: str, train_hash: str) -> str:
     tcfg = {k: v for k, v in cfg["train"].items() if k not in _RUN_ONLY}
-    data = {k: v for k, v in cfg["data"].items() if k != "num_workers"}
+    data = {k: v for k, v in cfg["data"].items() if k not in ("num_workers", "cache")}  # how images are read
     return config_hash([cfg["competition"], data, cfg["model"], tcfg, cfg["seed"], folds_hash, train_hash])
 
 

@@ -26,7 +26,7 @@ from .artifacts import kill_point
 from .averaging import ModelEma
 from .competition import image_paths
 from .distributed import Dist
-from .images import ImageDataset, build_transform, loader_workers, seed_everything, seed_worker
+from .images import ImageDataset, build_transform, loader_workers, resolve_cache, seed_everything, seed_worker
 from .io import atomic_path, log, write_parquet
 from .losses import Criterion, class_weight_tensor, head_targets
 from .metrics import get_metric
@@ -105,14 +105,16 @@ class FoldTrainer:
             if teachers.active(cfg):  # pseudo-labelled test rows and/or distillation targets
                 tr_paths, tr_y = teachers.extend(cfg, heads, fold, folds_hash, train_df, self.tr_idx, tr_paths, tr_y,
                                                  self.device)
+            va_paths = [paths[i] for i in self.va_idx]
+            cache, why = resolve_cache(dcfg, tr_paths + va_paths, self.dist.world)
+            log(f"[train] {why}")
             self.train_ds = ImageDataset(tr_paths, dcfg["in_chans"],
-                                         build_transform(dcfg, self.tcfg["augment"], seed=cfg["seed"]), tr_y,
-                                         dcfg["cache"])
-            self.valid_ds = ImageDataset([paths[i] for i in self.va_idx], dcfg["in_chans"], build_transform(dcfg),
-                                         {k: v[self.va_idx] for k, v in ys.items()}, dcfg["cache"])
+                                         build_transform(dcfg, self.tcfg["augment"], seed=cfg["seed"]), tr_y, cache)
+            self.valid_ds = ImageDataset(va_paths, dcfg["in_chans"], build_transform(dcfg),
+                                         {k: v[self.va_idx] for k, v in ys.items()}, cache)
             self.y_valid = ys[heads[0].name][self.va_idx]
             workers = loader_workers(dcfg, self.device)
-            if dcfg["cache"] and workers > 0:
+            if cache and workers > 0:
                 for ds in (self.train_ds, self.valid_ds):
                     ds.preload(workers)
             main_head = heads[0]

@@ -380,6 +380,30 @@ def test_channels_last_and_image_cache(workdir):
         uncached.train_ds.image(5)
 
 
+def test_cache_auto_keeps_images_that_fit_in_a_quarter_of_free_memory(workdir, monkeypatch):
+    from pipeline import images
+    from pipeline.competition import load_train
+    from pipeline.models import heads_for
+
+    cfg = tiny_cfg(workdir / "comp")
+    assert cfg["data"]["cache"] == "auto"  # the default
+    df = load_train(cfg)
+
+    def trainer():
+        return TR.FoldTrainer(cfg, heads_for(cfg, df), df, np.arange(60), np.arange(60, 90), 0, workdir / "x", "k", "h")
+
+    assert trainer().train_ds._cache == {}  # 90 16px images: a few KiB
+    need = 90 * images.read_image(next((workdir / "comp" / "images").glob("*.png")), 1).nbytes
+    monkeypatch.setattr(images, "available_memory", lambda: 4 * need)  # exactly a quarter: still kept
+    assert trainer().valid_ds._cache == {}
+    monkeypatch.setattr(images, "available_memory", lambda: 4 * need - 1)
+    tr = trainer()
+    assert tr.train_ds._cache is None and tr.valid_ds._cache is None
+    monkeypatch.setattr(images, "available_memory", lambda: None)  # unknown: read from disk
+    assert trainer().train_ds._cache is None
+    assert images.resolve_cache({**cfg["data"], "cache": True}, [])[0] is True  # forced on, whatever the memory
+
+
 def test_ema_update_is_the_decayed_average_of_float_weights_and_copies_integer_buffers():
 
     from pipeline.averaging import ModelEma
@@ -471,4 +495,5 @@ def test_train_check_answers_up_to_date_only_when_every_fold_is(workdir):
     assert main(["train", "--check", "--force", *args]) == 1
     assert main(["train", "--check", *args, "train.lr=0.01"]) == 1  # another config would retrain
     assert main(["train", "--check", *args, "train.folds=[1]"]) == 0
+    assert main(["train", "--check", *args, "data.cache=false", "data.num_workers=1"]) == 0  # how images are read
     assert main(["features", "--check", *args]) == 1  # no cheap answer: running it is how to find out
