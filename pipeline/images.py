@@ -6,6 +6,7 @@ tensor conversion are appended by the pipeline.
 """
 from __future__ import annotations
 
+import copy
 import difflib
 from pathlib import Path
 
@@ -72,6 +73,12 @@ class ImageDataset(Dataset):
 
     def __len__(self) -> int:
         return len(self.paths)
+
+    def with_transform(self, transform) -> "ImageDataset":
+        """The same images (and the same cache, shared, not copied) under another transform."""
+        view = copy.copy(self)
+        view.transform = transform
+        return view
 
     def set_epoch(self, seed: int) -> None:
         """Reseed the augmentations so each epoch is reproducible (and a resumed run matches)."""

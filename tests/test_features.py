@@ -88,6 +88,26 @@ def test_identity_tta_equals_plain_inference_and_oof_is_out_of_fold(trained):
     assert meta["folds_hash"] and meta["config_hash"] and "commit" in meta["git"]
 
 
+@pytest.mark.parametrize("cache", ["auto", "false"])
+def test_test_images_are_decoded_once_for_all_fold_models_when_cached(trained, monkeypatch, cache):
+    from pipeline import images
+    from pipeline.competition import image_paths, load_test
+
+    reads = []
+    real = images.read_image
+    monkeypatch.setattr(images, "read_image", lambda path, c: reads.append(str(path)) or real(path, c))
+    cfg = tiny_cfg(trained["competition"]["root"], "train.epochs=1", f"data.cache={cache}")
+    got = pd.read_parquet(FE.run(cfg, force=True) / "test.parquet")
+    test_paths = [str(p) for p in image_paths(cfg, load_test(cfg)["id"])]
+    per_image = pd.Series(reads)[pd.Series(reads).isin(test_paths)].value_counts().reindex(test_paths, fill_value=0)
+    if cache == "auto":  # once for all 3 fold models (the first image once more: the memory estimate)
+        assert per_image.iloc[0] == 2 and (per_image.iloc[1:] == 1).all()
+    else:
+        assert (per_image == 3).all()
+    ref = FE.run(tiny_cfg(trained["competition"]["root"], "train.epochs=1", "data.cache=false"), force=True)
+    assert np.allclose(got.drop(columns="id").to_numpy(), pd.read_parquet(ref / "test.parquet").drop(columns="id").to_numpy())
+
+
 def test_tta_stats_columns_and_resume(trained, capsys):
     cfg = tiny_cfg(trained["competition"]["root"], "train.epochs=1", "features.tta=hflip", "features.keep_views=true")
     out = FE.run(cfg)
