@@ -104,10 +104,7 @@ def _run(cfg: dict, force: bool) -> Path:
     models = list(range(n_splits)) + (["full"] if use_full else [])
     from tqdm.auto import tqdm
 
-    # the test images are the same for every fold model: decoded once when they fit (data.cache)
-    keep, why = resolve_cache(cfg["data"], paths_test)
-    log(f"[features] test images: {why}")
-    test_images: ImageDataset | None = None
+    test_images: ImageDataset | None = None  # the same for every fold model: decoded once when they fit
 
     for k in tqdm(models, desc=f"features {exp}", leave=False):
         part_oof, part_test = parts / f"fold{k}_oof.parquet", parts / f"fold{k}_test.parquet"
@@ -123,6 +120,8 @@ def _run(cfg: dict, force: bool) -> Path:
             tf = build_transform(dcfg)
             workers = loader_workers(cfg["data"], device)
             if test_images is None or test_images.in_chans != dcfg["in_chans"]:
+                keep, why = resolve_cache({**cfg["data"], "in_chans": dcfg["in_chans"]}, paths_test, 1, workers)
+                log(f"[features] test images: {why}")
                 test_images = ImageDataset(paths_test, dcfg["in_chans"], cache=keep)
                 if workers > 0:
                     test_images.preload(workers, desc="decode test images")

@@ -74,7 +74,7 @@ class ImageDataset(Dataset):
     def __len__(self) -> int:
         return len(self.paths)
 
-    def with_transform(self, transform) -> "ImageDataset":
+    def with_transform(self, transform) -> ImageDataset:
         """The same images (and the same cache, shared, not copied) under another transform."""
         view = copy.copy(self)
         view.transform = transform
@@ -136,33 +136,76 @@ def loader_workers(data_cfg: dict, device) -> int:
 CACHE_MEMORY_SHARE = 0.25  # data.cache=auto keeps decoded images when they take at most this share of free memory
 
 
+def data_key(data_cfg: dict) -> dict:
+    """The part of ``data`` that changes what a model learns, for stage keys. How images are read
+    (``cache``, ``num_workers``) is left out; ``cache`` is pinned to its old default, so the keys of
+    models trained before ``auto`` existed stay valid."""
+    return {**{k: v for k, v in data_cfg.items() if k != "num_workers"}, "cache": False}
+
+
 def available_memory() -> int | None:
-    """Bytes of memory free for new allocations (Linux ``MemAvailable``; else free pages), None if unknown."""
+    """Bytes free for new allocations: Linux ``MemAvailable`` (else free pages), capped by the container's
+    cgroup limit (Kaggle, Docker); None if unknown."""
     import os
 
+    free = None
     try:
         with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
+            free = next((int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:")), None)
     except OSError:
         pass
-    try:
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):
-        return None
+    if free is None:
+        try:
+            free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        except (ValueError, OSError, AttributeError):
+            return None
+    for limit_file, used_file in (("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),  # cgroup v2
+                                  ("/sys/fs/cgroup/memory/memory.limit_in_bytes",
+                                   "/sys/fs/cgroup/memory/memory.usage_in_bytes")):  # v1
+        try:
+            limit, used = (Path(limit_file).read_text().strip(), Path(used_file).read_text().strip())
+        except OSError:
+            continue
+        if limit.isdigit() and used.isdigit():
+            free = min(free, max(0, int(limit) - int(used)))
+        break
+    return free
 
 
-def resolve_cache(data_cfg: dict, paths: list, copies: int = 1) -> tuple[bool, str]:
+def decoded_bytes(paths: list, in_chans: int, sample: int = 32) -> int:
+    """Estimated bytes of every image decoded as uint8 with ``in_chans`` channels: the mean size of up to
+    ``sample`` evenly spaced files (read from their headers, not decoded), times the count."""
+    from PIL import Image
+
+    picks = sorted({int(i) for i in np.linspace(0, len(paths) - 1, min(sample, len(paths)))})
+    sizes = []
+    for i in picks:
+        try:
+            with Image.open(paths[i]) as img:
+                sizes.append(img.size[0] * img.size[1] * in_chans)
+        except (OSError, ValueError):
+            continue  # a missing or bad file is reported when it is read, by the stage itself
+    return int(np.mean(sizes) * len(paths)) if sizes else 0
+
+
+def resolve_cache(data_cfg: dict, paths: list, copies: int = 1, workers: int = 0) -> tuple[bool, str]:
     """``data.cache`` resolved for these images: ``auto`` keeps them when the decoded pixels (estimated
-    from the first image, times ``copies``, the processes that each hold one) take at most
-    ``CACHE_MEMORY_SHARE`` of the free memory. Returns the decision and a line saying why."""
+    from a sample of file headers, times ``copies``, the processes that each hold one) take at most
+    ``CACHE_MEMORY_SHARE`` of the free memory. With loader workers it needs the ``fork`` start method
+    (the workers share the parent's cache; spawned ones would each get a pickled copy every epoch).
+    Returns the decision and a line saying why."""
+    import multiprocessing
+
     setting = data_cfg["cache"]
     if setting != "auto":
         return bool(setting), f"data.cache={str(bool(setting)).lower()}"
     if not paths:
         return False, "data.cache=auto: no images"
-    need = read_image(paths[0], data_cfg["in_chans"]).nbytes * len(paths) * copies
+    method = multiprocessing.get_start_method(allow_none=True) or multiprocessing.get_all_start_methods()[0]
+    if workers > 0 and method != "fork":
+        return False, (f"data.cache=auto: loader workers start with '{method}', not fork, so each would copy "
+                       "the cache -> read from disk each epoch")
+    need = decoded_bytes(paths, data_cfg["in_chans"]) * copies
     free = available_memory()
     keep = free is not None and need <= CACHE_MEMORY_SHARE * free
     where = "unknown free memory" if free is None else f"{free / 2**30:.1f} GiB free"

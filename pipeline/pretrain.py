@@ -25,7 +25,7 @@ from . import leaderboard
 from .artifacts import ArtifactGroup, stage_lock
 from .competition import image_paths, load_test, load_train
 from .errors import InputError
-from .images import build_transform, read_image
+from .images import build_transform, data_key, read_image
 from .io import config_hash, is_up_to_date, log, provenance, resolved_config_text
 from .metrics import Metric
 from .models import Head, create_backbone, load_backbone_weights
@@ -170,7 +170,7 @@ def _run(cfg: dict, force: bool) -> Path:
     ids = pd.concat([train_df[id_col], test_df[id_col]], ignore_index=True)
     if pc["max_images"]:
         ids = ids.sample(n=min(pc["max_images"], len(ids)), random_state=cfg["seed"]).reset_index(drop=True)
-    key = config_hash([pc, cfg["data"], cfg["model"]["backbone"], cfg["seed"], len(ids), cfg["competition"]["root"]])
+    key = config_hash([pc, data_key(cfg["data"]), cfg["model"]["backbone"], cfg["seed"], len(ids), cfg["competition"]["root"]])
     meta_path = out.with_suffix(".json")
     if not force and is_up_to_date(meta_path, key, [out]):
         log(f"[pretrain] up to date: {out}")

@@ -20,6 +20,7 @@ from .artifacts import stage_lock
 from .competition import fold_of, load_folds, load_train, table_path
 from .distributed import Dist
 from .errors import InputError
+from .images import data_key
 from .io import (
     config_hash,
     file_hash,
@@ -40,8 +41,8 @@ _RUN_ONLY = ("folds", "full", "device")
 
 def stage_key(cfg: dict, folds_hash: str, train_hash: str) -> str:
     tcfg = {k: v for k, v in cfg["train"].items() if k not in _RUN_ONLY}
-    data = {k: v for k, v in cfg["data"].items() if k not in ("num_workers", "cache")}  # how images are read
-    return config_hash([cfg["competition"], data, cfg["model"], tcfg, cfg["seed"], folds_hash, train_hash])
+    return config_hash([cfg["competition"], data_key(cfg["data"]), cfg["model"], tcfg, cfg["seed"], folds_hash,
+                        train_hash])
 
 
 def fold_is_current(out: Path, key: str) -> bool:

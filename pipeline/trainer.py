@@ -106,14 +106,14 @@ class FoldTrainer:
                 tr_paths, tr_y = teachers.extend(cfg, heads, fold, folds_hash, train_df, self.tr_idx, tr_paths, tr_y,
                                                  self.device)
             va_paths = [paths[i] for i in self.va_idx]
-            cache, why = resolve_cache(dcfg, tr_paths + va_paths, self.dist.world)
+            workers = loader_workers(dcfg, self.device)
+            cache, why = resolve_cache(dcfg, tr_paths + va_paths, self.dist.local_world, workers)
             log(f"[train] {why}")
             self.train_ds = ImageDataset(tr_paths, dcfg["in_chans"],
                                          build_transform(dcfg, self.tcfg["augment"], seed=cfg["seed"]), tr_y, cache)
             self.valid_ds = ImageDataset(va_paths, dcfg["in_chans"], build_transform(dcfg),
                                          {k: v[self.va_idx] for k, v in ys.items()}, cache)
             self.y_valid = ys[heads[0].name][self.va_idx]
-            workers = loader_workers(dcfg, self.device)
             if cache and workers > 0:
                 for ds in (self.train_ds, self.valid_ds):
                     ds.preload(workers)

@@ -393,7 +393,9 @@ def test_cache_auto_keeps_images_that_fit_in_a_quarter_of_free_memory(workdir, m
         return TR.FoldTrainer(cfg, heads_for(cfg, df), df, np.arange(60), np.arange(60, 90), 0, workdir / "x", "k", "h")
 
     assert trainer().train_ds._cache == {}  # 90 16px images: a few KiB
-    need = 90 * images.read_image(next((workdir / "comp" / "images").glob("*.png")), 1).nbytes
+    paths = [workdir / "comp" / "images" / f"{i}.png" for i in df["id"][:90]]
+    need = sum(images.read_image(p, 1).nbytes for p in paths)
+    assert images.decoded_bytes(paths, 1) == need  # estimated from file headers
     monkeypatch.setattr(images, "available_memory", lambda: 4 * need)  # exactly a quarter: still kept
     assert trainer().valid_ds._cache == {}
     monkeypatch.setattr(images, "available_memory", lambda: 4 * need - 1)
@@ -402,6 +404,25 @@ def test_cache_auto_keeps_images_that_fit_in_a_quarter_of_free_memory(workdir, m
     monkeypatch.setattr(images, "available_memory", lambda: None)  # unknown: read from disk
     assert trainer().train_ds._cache is None
     assert images.resolve_cache({**cfg["data"], "cache": True}, [])[0] is True  # forced on, whatever the memory
+    monkeypatch.setattr(images, "available_memory", lambda: 10**12)
+    import multiprocessing
+
+    monkeypatch.setattr(multiprocessing, "get_start_method", lambda allow_none=False: "spawn")
+    assert images.resolve_cache(cfg["data"], paths, workers=2)[0] is False  # spawned workers would copy it
+    assert images.resolve_cache(cfg["data"], paths, workers=0)[0] is True
+
+
+def test_stage_keys_ignore_how_images_are_read_and_match_keys_from_before_cache_auto(workdir):
+    from pipeline.io import config_hash
+
+    cfg = tiny_cfg(workdir / "comp")
+    keys = {T.stage_key(tiny_cfg(workdir / "comp", *o), "f", "t") for o in
+            ([], ["data.cache=true"], ["data.cache=false"], ["data.num_workers=3"])}
+    assert len(keys) == 1
+    old = {k: v for k, v in cfg["data"].items() if k != "num_workers"} | {"cache": False}  # the key before auto
+    assert keys == {config_hash([cfg["competition"], old, cfg["model"],
+                                 {k: v for k, v in cfg["train"].items() if k not in T._RUN_ONLY}, cfg["seed"], "f", "t"])}
+    assert T.stage_key(tiny_cfg(workdir / "comp", "data.image_size=20"), "f", "t") not in keys
 
 
 def test_ema_update_is_the_decayed_average_of_float_weights_and_copies_integer_buffers():
