@@ -25,7 +25,9 @@ def run(cfg: dict, force: bool = False) -> Path:
     folds_df, folds_hash = load_folds(cfg)
     fold = fold_of(cfg, train_df, folds_df)
     heads = heads_for(cfg, train_df)
-    run_cfg = {**cfg, "train": {**cfg["train"], "scheduler": "none", "ema": False, "swa": False}}
+    # a sweep reads a few hundred batches at most: decoding every image up front (data.cache=auto) would not pay
+    data = {**cfg["data"], "cache": cfg["data"]["cache"] is True}
+    run_cfg = {**cfg, "data": data, "train": {**cfg["train"], "scheduler": "none", "ema": False, "swa": False}}
     out = models_dir(cfg)
     trainer = FoldTrainer(run_cfg, heads, train_df, np.flatnonzero(fold != 0), np.array([], dtype=int), 0,
                           out / "lr_find", "lr-find", folds_hash)
