@@ -16,7 +16,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from .errors import InputError
-from .images import build_transform, read_image
+from .images import build_transform, read_image, resolve_cache
 from .models import load_model, pick_device
 from .tta import predict_views, tta_views
 
@@ -59,7 +59,11 @@ class Predictor:
     @torch.no_grad()
     def predict(self, images, tta: str = "none", scales=None, batch_size: int = 64) -> dict[str, np.ndarray]:
         """Activated outputs per head (probabilities / values), averaged over fold models and TTA views."""
-        ds = _Images(images, self.data_cfg["in_chans"], build_transform(self.data_cfg))
+        items, c = list(images), self.data_cfg["in_chans"]
+        files = [it for it in items if not isinstance(it, np.ndarray)]
+        if len(self.models) > 1 and files and resolve_cache({"cache": "auto", "in_chans": c}, files)[0]:
+            items = [it if isinstance(it, np.ndarray) else read_image(it, c) for it in items]  # once, not per model
+        ds = _Images(items, c, build_transform(self.data_cfg))
         loader = DataLoader(ds, batch_size=batch_size, shuffle=False)
         views = tta_views(tta, scales)
         outs = [predict_views(m, self.heads, loader, views, self.device) for m in self.models]

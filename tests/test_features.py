@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -179,6 +181,30 @@ def test_predictor_matches_the_features_stage_on_test(trained):
     assert np.allclose(pred["target"], test[[f"tiny__target__{j}__mean" for j in range(3)]].to_numpy(), atol=1e-5)
     one = Predictor.from_experiment("models/tiny", folds=[0]).predict([np.zeros((16, 16), np.uint8)], tta="d4")
     assert one["target"].shape == (1, 3)
+
+
+def test_notebook_inference_and_predictor_decode_each_test_image_once_and_match_features(trained, monkeypatch):
+    """The Kaggle notebook's level-1 frame and the Predictor run 3 fold models over one decoding of the images."""
+    import pipeline.predict as PR
+    from pipeline import images
+    from pipeline.competition import load_test
+    from pipeline.inference import level1_frame
+
+    ref = pd.read_parquet(FE.run(trained) / "test.parquet")
+    reads = []
+    real = images.read_image
+    counting = lambda path, c: reads.append(str(path)) or real(path, c)
+    monkeypatch.setattr(images, "read_image", counting)
+    monkeypatch.setattr(PR, "read_image", counting)
+    spec = {"features": trained["features"], "models": [f"models/tiny/fold{k}/best.pt" for k in range(3)]}
+    frame = level1_frame(Path("."), "tiny", spec, trained, load_test(trained), torch.device("cpu"))
+    assert len(reads) == len(ref) and len(set(reads)) == len(ref)  # once each, not once per fold model
+    cols = [c for c in ref.columns if c != "id"]
+    assert list(frame["id"]) == list(ref["id"]) and np.allclose(frame[cols].to_numpy(), ref[cols].to_numpy(), atol=1e-5)
+    reads.clear()
+    pred = PR.Predictor.from_experiment("models/tiny").predict([f"comp/images/{i}.png" for i in ref["id"]])
+    assert len(reads) == len(ref) and len(set(reads)) == len(ref)
+    assert np.allclose(pred["target"], ref[[f"tiny__target__{j}__mean" for j in range(3)]].to_numpy(), atol=1e-5)
 
 
 def test_all_data_model_joins_the_test_mean_when_asked(workdir):
