@@ -248,11 +248,15 @@ class FoldTrainer:
         # the running loss stays on the device: reading it every step would wait for the GPU each batch
         total, n, t0 = torch.zeros((), device=self.device), 0, time.time()
         shown = t0  # the postfix (which reads the loss from the device) at most once a second
-        bar = tqdm(loader, desc=f"fold {self.fold} ep {epoch + 1}/{tcfg['epochs']}", leave=False, mininterval=1,
-                   dynamic_ncols=True, disable=not self.dist.main)
+        # the bar only counts, it never wraps the loader: tqdm.auto's bar calls iter() on what it wraps when
+        # it is made, and the loop calls it again, so each epoch started the loader's workers twice and the
+        # first set prefetched batches for nothing (bench/train_step_parts.py)
+        batches = iter(loader)
+        bar = tqdm(total=len(loader), desc=f"fold {self.fold} ep {epoch + 1}/{tcfg['epochs']}", leave=False,
+                   mininterval=1, dynamic_ncols=True, disable=not self.dist.main)
         accum = tcfg["accumulate"]
         self.opt.zero_grad(set_to_none=True)
-        for step, (x, y, _) in enumerate(bar):
+        for step, (x, y, _) in enumerate(batches):
             kill_point(f"step:{step + epoch * len(loader)}")
             x = x.to(self.device, non_blocking=True)
             y = to_device(y, self.device)
@@ -283,6 +287,7 @@ class FoldTrainer:
             if bar.disable or time.time() - shown < 1.0:
                 continue
             shown, best = time.time(), self.state["best"]
+            bar.update(step + 1 - bar.n)
             bar.set_postfix({"loss": f"{float(total) / n:.4f}", f"best {self.metric.name}": "-" if best is None else
                              f"{best:.4f}", "lr": f"{self.opt.param_groups[-1]['lr']:.2e}",
                              "img/s": f"{n / max(time.time() - t0, 1e-9):.0f}"}, refresh=False)

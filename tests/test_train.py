@@ -518,3 +518,21 @@ def test_train_check_answers_up_to_date_only_when_every_fold_is(workdir):
     assert main(["train", "--check", *args, "train.folds=[1]"]) == 0
     assert main(["train", "--check", *args, "data.cache=false", "data.num_workers=1"]) == 0  # how images are read
     assert main(["features", "--check", *args]) == 1  # no cheap answer: running it is how to find out
+
+
+def test_each_loader_is_iterated_once_so_its_workers_start_once_per_epoch(workdir, monkeypatch):
+    """tqdm.auto's bar calls iter() on what it wraps when it is made; wrapped around the training loader, each
+    epoch started the loader's workers twice (the first set prefetched batches for nothing)."""
+    from torch.utils.data import DataLoader
+
+    seen, real_iter = {}, DataLoader.__iter__
+
+    def counting_iter(self):
+        seen.setdefault(id(self), [self, 0])[1] += 1  # the loader is kept alive, so its id is not reused
+        return real_iter(self)
+
+    monkeypatch.setattr(DataLoader, "__iter__", counting_iter)
+    _one_fold(workdir, "train.epochs=2", "data.num_workers=1", name="iter_once")
+    counts = [n for _, n in seen.values()]
+    assert len(counts) >= 4  # a training and a validation loader per epoch
+    assert max(counts) == 1, counts
