@@ -21,7 +21,7 @@ from . import leaderboard, teachers
 from .artifacts import ArtifactGroup, kill_point, stage_lock
 from .competition import image_paths, load_folds, load_test, load_train, table_path
 from .errors import InputError
-from .images import ImageDataset, build_transform, loader_workers, resolve_cache
+from .images import ImageDataset, SharedImages, build_transform, loader_workers
 from .io import (config_hash, file_hash, is_up_to_date, log, provenance, read_json, read_parquet_meta,
                  resolved_config_text, write_parquet)
 from .metrics import get_metric
@@ -104,7 +104,7 @@ def _run(cfg: dict, force: bool) -> Path:
     models = list(range(n_splits)) + (["full"] if use_full else [])
     from tqdm.auto import tqdm
 
-    test_images: ImageDataset | None = None  # the same for every fold model: decoded once when they fit
+    test_images = SharedImages(paths_test, cfg["data"], loader_workers(cfg["data"], device), "decode test images")
 
     for k in tqdm(models, desc=f"features {exp}", leave=False):
         part_oof, part_test = parts / f"fold{k}_oof.parquet", parts / f"fold{k}_test.parquet"
@@ -119,13 +119,9 @@ def _run(cfg: dict, force: bool) -> Path:
             dcfg = ckpt["data_cfg"]  # the image size/normalisation the model was trained with
             tf = build_transform(dcfg)
             workers = loader_workers(cfg["data"], device)
-            if test_images is None or test_images.in_chans != dcfg["in_chans"]:
-                keep, why = resolve_cache({**cfg["data"], "in_chans": dcfg["in_chans"]}, paths_test, 1, workers)
+            test_ds, why = test_images.view(dcfg["in_chans"], tf)
+            if why:
                 log(f"[features] test images: {why}")
-                test_images = ImageDataset(paths_test, dcfg["in_chans"], cache=keep)
-                if workers > 0:
-                    test_images.preload(workers, desc="decode test images")
-            test_ds = test_images.with_transform(tf)
             loader = lambda ds, w=workers: DataLoader(ds, batch_size=fcfg["batch_size"], shuffle=False, num_workers=w)
             pca = None
             if fcfg["embedding"] and fcfg["pca"] and k != "full":

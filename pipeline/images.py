@@ -213,6 +213,25 @@ def resolve_cache(data_cfg: dict, paths: list, copies: int = 1, workers: int = 0
                   f"{where} -> {'kept in memory' if keep else 'read from disk each epoch'}")
 
 
+class SharedImages:
+    """One set of images read by several models in turn (the test set, by every fold model): decoded once
+    when ``data.cache`` keeps them, decoded again only when a model wants another number of channels."""
+
+    def __init__(self, paths: list, data_cfg: dict, workers: int = 0, desc: str = "decode images"):
+        self.paths, self.data_cfg, self.workers, self.desc = list(paths), data_cfg, workers, desc
+        self._images: ImageDataset | None = None
+
+    def view(self, in_chans: int, transform) -> tuple[ImageDataset, str | None]:
+        """The images under one model's transform, and the cache decision when they were (re)read, else None."""
+        why = None
+        if self._images is None or self._images.in_chans != in_chans:
+            keep, why = resolve_cache({**self.data_cfg, "in_chans": in_chans}, self.paths, 1, self.workers)
+            self._images = ImageDataset(self.paths, in_chans, cache=keep)
+            if self.workers > 0:  # decoded here, before the loader's workers fork and share them
+                self._images.preload(self.workers, desc=self.desc)
+        return self._images.with_transform(transform), why
+
+
 def seed_everything(seed: int) -> None:
     """Python's, NumPy's and torch's random state (the albumentations pipeline keeps its own: ``set_epoch``)."""
     import random

@@ -94,21 +94,19 @@ def level1_frame(bundle: Path, name: str, spec: dict, cfg: dict, test: pd.DataFr
     aggregated (mean/var/max/min), then the mean over fold models; keyed by id, in test.csv order."""
     from torch.utils.data import DataLoader
 
-    from .images import ImageDataset, build_transform, resolve_cache
+    from .images import SharedImages, build_transform
     from .models import load_model
     from .tta import aggregate, predict_views, tta_views
 
     f, id_col = spec["features"], cfg["competition"]["id"]
     views = tta_views(f["tta"], f.get("scales"))
     paths = image_paths(cfg, test[id_col])
-    parts, images = [], None  # the same test images for every fold model: decoded once when they fit
+    parts, images = [], SharedImages(paths, {"cache": "auto"})
     for rel in spec["models"]:
         model, ckpt = load_model(bundle / rel, str(device))
         dcfg = ckpt["data_cfg"]  # the image size/normalisation the model was trained with
-        if images is None or images.in_chans != dcfg["in_chans"]:
-            keep, _ = resolve_cache({"cache": "auto", "in_chans": dcfg["in_chans"]}, paths)
-            images = ImageDataset(paths, dcfg["in_chans"], cache=keep)
-        loader = DataLoader(images.with_transform(build_transform(dcfg)), batch_size=f["batch_size"], shuffle=False)
+        loader = DataLoader(images.view(dcfg["in_chans"], build_transform(dcfg))[0], batch_size=f["batch_size"],
+                            shuffle=False)
         outputs = predict_views(model, model.head_specs, loader, views, device, f["embedding"])
         parts.append(aggregate(name, outputs, f["stats"], f["keep_views"]))
     cols = list(parts[0].columns)
