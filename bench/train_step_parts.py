@@ -4,10 +4,10 @@ process, alternating, median of the repeats.
 Rows: a hand loop (its own model, one-group Adam, plain cross-entropy); a bare loop over the trainer's own model,
 optimizer and criterion; the same bare loop with the loader wrapped in ``tqdm.auto.tqdm`` (how ``train_epoch``
 showed progress before: that bar calls iter() on the loader when it is made, so every epoch started the loader's
-workers twice); and ``FoldTrainer.train_epoch``. For each: images/s, seconds to the first batch, and how many
-times the loader was iterated per epoch.
+workers twice); and ``FoldTrainer.train_epoch``. For each: images/s, how many times the loader was iterated
+per epoch, and for the loops, seconds to the first batch.
 
-    python bench/train_step_parts.py [--rows 16384] [--batch 256] [--size 32] [--repeats 5] [--workers auto]
+    python bench/train_step_parts.py [--rows 4096] [--batch 128] [--size 32] [--repeats 5] [--workers auto]
 """
 from __future__ import annotations
 

@@ -291,6 +291,8 @@ class FoldTrainer:
             bar.set_postfix({"loss": f"{float(total) / n:.4f}", f"best {self.metric.name}": "-" if best is None else
                              f"{best:.4f}", "lr": f"{self.opt.param_groups[-1]['lr']:.2e}",
                              "img/s": f"{n / max(time.time() - t0, 1e-9):.0f}"}, refresh=False)
+        if not bar.disable:  # a notebook leaves an unfinished bar on screen, in red
+            bar.update(bar.total - bar.n)
         bar.close()
         return float(total) / max(n, 1)
 

@@ -531,8 +531,20 @@ def test_each_loader_is_iterated_once_so_its_workers_start_once_per_epoch(workdi
         seen.setdefault(id(self), [self, 0])[1] += 1  # the loader is kept alive, so its id is not reused
         return real_iter(self)
 
+    import tqdm.auto
+
+    closed = []
+
+    class RecordingBar(tqdm.auto.tqdm):  # the bar counts batches itself now: it must still end full
+        def close(self):
+            if not self.disable:
+                closed.append((self.n, self.total))
+            super().close()
+
     monkeypatch.setattr(DataLoader, "__iter__", counting_iter)
+    monkeypatch.setattr(tqdm.auto, "tqdm", RecordingBar)
     _one_fold(workdir, "train.epochs=2", "data.num_workers=1", name="iter_once")
     counts = [n for _, n in seen.values()]
     assert len(counts) >= 4  # a training and a validation loader per epoch
     assert max(counts) == 1, counts
+    assert len(closed) >= 2 and all(n == total > 0 for n, total in closed), closed  # a notebook shows the rest in red
