@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import difflib
+import os
 from pathlib import Path
 
 import numpy as np
@@ -188,10 +189,21 @@ def decoded_bytes(paths: list, in_chans: int, sample: int = 32) -> int:
     return int(np.mean(sizes) * len(paths)) if sizes else 0
 
 
+def parallel_jobs() -> int:
+    """How many jobs ``make -jN`` may run at once, this one included (``make -j4 train`` trains four folds in
+    four processes, each holding its own image cache): N, the CPU count for a bare ``-j``, 1 outside make."""
+    import re
+
+    m = re.search(r"(?:^|\s)-j(\d*)(?=\s|$)", os.environ.get("MAKEFLAGS", ""))
+    if m is None:
+        return 1
+    return max(1, int(m.group(1))) if m.group(1) else os.cpu_count() or 1
+
+
 def resolve_cache(data_cfg: dict, paths: list, copies: int = 1, workers: int = 0) -> tuple[bool, str]:
     """``data.cache`` resolved for these images: ``auto`` keeps them when the decoded pixels (estimated
-    from a sample of file headers, times ``copies``, the processes that each hold one) take at most
-    ``CACHE_MEMORY_SHARE`` of the free memory. With loader workers it needs the ``fork`` start method
+    from a sample of file headers, times ``copies``, the processes that each hold one, times make's
+    parallel jobs) take at most ``CACHE_MEMORY_SHARE`` of the free memory. With loader workers it needs the ``fork`` start method
     (the workers share the parent's cache; spawned ones would each get a pickled copy every epoch).
     Returns the decision and a line saying why."""
     import multiprocessing
@@ -205,6 +217,7 @@ def resolve_cache(data_cfg: dict, paths: list, copies: int = 1, workers: int = 0
     if workers > 0 and method != "fork":
         return False, (f"data.cache=auto: loader workers start with '{method}', not fork, so each would copy "
                        "the cache -> read from disk each epoch")
+    copies *= parallel_jobs()
     need = decoded_bytes(paths, data_cfg["in_chans"]) * copies
     free = available_memory()
     keep = free is not None and need <= CACHE_MEMORY_SHARE * free

@@ -80,7 +80,6 @@ def to_device(y: dict, device) -> dict:
     return {k: v.to(device, non_blocking=True) for k, v in y.items()}
 
 
-
 class FoldTrainer:
     """Trains one fold: the loop over epochs and batches, validation, checkpoints, resume."""
 
@@ -245,13 +244,11 @@ class FoldTrainer:
         seed_everything(seed)
         self.train_ds.set_epoch(seed + self.dist.rank)
         loader = self.loader(self.train_ds, shuffle=True, epoch=epoch)
-        # the running loss stays on the device: reading it every step would wait for the GPU each batch
+        # the running loss stays on the device (reading it every step would wait for the GPU each batch); the
+        # postfix reads it at most once a second
         total, n, t0 = torch.zeros((), device=self.device), 0, time.time()
-        shown = t0  # the postfix (which reads the loss from the device) at most once a second
-        # the bar only counts, it never wraps the loader: tqdm.auto's bar calls iter() on what it wraps when
-        # it is made, and the loop calls it again, so each epoch started the loader's workers twice and the
-        # first set prefetched batches for nothing (bench/train_step_parts.py)
-        batches = iter(loader)
+        shown, batches = t0, iter(loader)  # the bar only counts: tqdm.auto's bar iter()s what it wraps when made,
+        # which started the loader's workers twice an epoch (bench/train_step_parts.py)
         bar = tqdm(total=len(loader), desc=f"fold {self.fold} ep {epoch + 1}/{tcfg['epochs']}", leave=False,
                    mininterval=1, dynamic_ncols=True, disable=not self.dist.main)
         accum = tcfg["accumulate"]
@@ -291,8 +288,7 @@ class FoldTrainer:
             bar.set_postfix({"loss": f"{float(total) / n:.4f}", f"best {self.metric.name}": "-" if best is None else
                              f"{best:.4f}", "lr": f"{self.opt.param_groups[-1]['lr']:.2e}",
                              "img/s": f"{n / max(time.time() - t0, 1e-9):.0f}"}, refresh=False)
-        if not bar.disable:  # a notebook leaves an unfinished bar on screen, in red
-            bar.update(bar.total - bar.n)
+        bar.update(bar.total - bar.n)  # a notebook shows an unfinished bar in red
         bar.close()
         return float(total) / max(n, 1)
 

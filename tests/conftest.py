@@ -53,8 +53,10 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.fixture(autouse=True)
 def _outside_the_repository(tmp_path, monkeypatch):
     """Every test runs in its own temporary directory: nothing (leaderboard, folds, models) is written
-    into the repository's own workspace."""
+    into the repository's own workspace. `make -jN test` must not make the cache decisions under test
+    count N parallel jobs (data.cache=auto reads MAKEFLAGS)."""
     monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MAKEFLAGS", raising=False)
 
 
 @pytest.fixture

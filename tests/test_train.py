@@ -412,6 +412,24 @@ def test_cache_auto_keeps_images_that_fit_in_a_quarter_of_free_memory(workdir, m
     assert images.resolve_cache(cfg["data"], paths, workers=0)[0] is True
 
 
+def test_cache_auto_counts_the_folds_that_make_trains_in_parallel(workdir, monkeypatch):
+    """`make -j4 train` runs four fold processes at once, each with its own cache: auto must leave room for all."""
+    from pipeline import images
+
+    paths = sorted((workdir / "comp" / "images").glob("*.png"))[:40]
+    need = images.decoded_bytes(paths, 1)
+    data = {"cache": "auto", "in_chans": 1}
+    monkeypatch.setattr(images, "available_memory", lambda: 4 * need)  # room for exactly one process's cache
+    for flags, jobs in (("", 1), ("k", 1), (" -j4 --jobserver-auth=3,4", 4), ("k -j2 --jobserver-auth=3,4", 2),
+                        (" -j1", 1), (" --jobserver-auth=fifo:/tmp/f -j12", 12)):
+        monkeypatch.setenv("MAKEFLAGS", flags)
+        assert images.parallel_jobs() == jobs, flags
+        keep, why = images.resolve_cache(data, paths)
+        assert keep is (jobs == 1) and f"x {jobs} process(es)" in why, (flags, why)
+    monkeypatch.setenv("MAKEFLAGS", " -j")  # no limit: one per core
+    assert images.parallel_jobs() == (os.cpu_count() or 1)
+
+
 def test_stage_keys_ignore_how_images_are_read_and_match_keys_from_before_cache_auto(workdir):
     from pipeline.io import config_hash
 
