@@ -62,6 +62,8 @@ def baseline(root: Path, epochs: int, n_folds: int, seed: int = 0) -> dict:
         for _ in range(epochs):
             model.train()
             for b in torch.randperm(len(tr)).split(64):
+                if len(b) < 2:  # BatchNorm cannot train on a last batch of one row
+                    continue
                 idx = torch.as_tensor(tr)[b]
                 loss = torch.nn.functional.cross_entropy(model(X[idx]), y[idx])
                 opt.zero_grad()
