@@ -53,3 +53,20 @@ def mnist_subset(n_rows: int = 10_000, seed: int = 0, labelled: int | None = Non
 def mnist_overrides(root: Path) -> list[str]:
     return [f"competition.root={root}", f"competition.image={SHARED}/images/{{id}}.png", "competition.check_images=false",
             f"folds.file={OUT}/folds/{{competition}}-{root.name}.csv", f"leaderboard.path={OUT}/leaderboard.db"]
+
+
+def bench_trainer(root: Path, *overrides: str):
+    """The throughput benchmarks' set-up: a FoldTrainer over every row of a synthetic competition (images
+    cached, constant lr, no leaderboard), with its config and heads."""
+    from pipeline.competition import load_train
+    from pipeline.config import load_config
+    from pipeline.models import heads_for
+    from pipeline.trainer import FoldTrainer
+
+    cfg = load_config(None, [f"competition.root={root}", "competition.check_images=false", "data.in_chans=3",
+                             "data.cache=true", "train.scheduler=none", "train.epochs=100",
+                             "leaderboard.enabled=false", *overrides])
+    df = load_train(cfg)
+    heads = heads_for(cfg, df)
+    idx = np.arange(len(df))
+    return cfg, heads, FoldTrainer(cfg, heads, df, idx, idx[:64], 0, OUT / "throughput_run", "bench", "none")

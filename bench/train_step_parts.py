@@ -17,17 +17,13 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench._common import OUT, synthetic_competition  # noqa: E402
-from pipeline.competition import load_train  # noqa: E402
-from pipeline.config import load_config  # noqa: E402
-from pipeline.models import build_model, heads_for  # noqa: E402
-from pipeline.trainer import FoldTrainer  # noqa: E402
+from bench._common import OUT, bench_trainer, synthetic_competition  # noqa: E402
+from pipeline.models import build_model  # noqa: E402
 
 ITERS = [0]
 _real_iter = DataLoader.__iter__
@@ -52,14 +48,8 @@ def main():
     from tqdm.auto import tqdm
 
     root = synthetic_competition(OUT / f"throughput{args.size}-{args.rows}", n=args.rows, size=args.size)
-    cfg = load_config(None, [f"competition.root={root}", "competition.check_images=false", "model.backbone=resnet18",
-                             f"train.batch_size={args.batch}", f"data.image_size={args.size}", "data.in_chans=3",
-                             "data.cache=true", f"data.num_workers={args.workers}", "train.scheduler=none",
-                             "train.epochs=100", "train.amp=false", "leaderboard.enabled=false"])
-    df = load_train(cfg)
-    heads = heads_for(cfg, df)
-    idx = np.arange(len(df))
-    tr = FoldTrainer(cfg, heads, df, idx, idx[:64], 0, OUT / "throughput_run", "bench", "none")
+    cfg, heads, tr = bench_trainer(root, "model.backbone=resnet18", f"train.batch_size={args.batch}",
+                                   f"data.image_size={args.size}", f"data.num_workers={args.workers}", "train.amp=false")
     dev = tr.device
     hand_model = build_model(cfg, heads).to(dev)
     hand_opt = torch.optim.Adam(hand_model.parameters(), lr=3e-4)

@@ -15,15 +15,11 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench._common import OUT, synthetic_competition  # noqa: E402
-from pipeline.competition import load_train  # noqa: E402
-from pipeline.config import load_config  # noqa: E402
-from pipeline.models import build_model, heads_for  # noqa: E402
-from pipeline.trainer import FoldTrainer  # noqa: E402
+from bench._common import OUT, bench_trainer, synthetic_competition  # noqa: E402
+from pipeline.models import build_model  # noqa: E402
 
 
 def hand_loop(model, loader, device, amp_dtype=None, channels_last=False) -> float:
@@ -47,13 +43,8 @@ def hand_loop(model, loader, device, amp_dtype=None, channels_last=False) -> flo
 
 def measure(args, extra: list[str]):
     root = synthetic_competition(OUT / f"throughput{args.size}-{args.rows}", n=args.rows, size=args.size)
-    cfg = load_config(None, [f"competition.root={root}", "competition.check_images=false", f"model.backbone={args.backbone}",
-                             f"train.batch_size={args.batch}", f"data.image_size={args.size}", "data.in_chans=3", "data.cache=true",
-                             "train.scheduler=none", "train.epochs=100", "leaderboard.enabled=false", *extra])
-    df = load_train(cfg)
-    heads = heads_for(cfg, df)
-    idx = np.arange(len(df))
-    trainer = FoldTrainer(cfg, heads, df, idx, idx[:64], 0, OUT / "throughput_run", "bench", "none")
+    cfg, heads, trainer = bench_trainer(root, f"model.backbone={args.backbone}", f"train.batch_size={args.batch}",
+                                        f"data.image_size={args.size}", *extra)
     device = trainer.device
     hand_model = build_model(cfg, heads).to(device)
     if cfg["train"]["channels_last"]:
