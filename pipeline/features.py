@@ -104,7 +104,8 @@ def _run(cfg: dict, force: bool) -> Path:
     models = list(range(n_splits)) + (["full"] if use_full else [])
     from tqdm.auto import tqdm
 
-    test_images = SharedImages(paths_test, cfg["data"], loader_workers(cfg["data"], device), "decode test images")
+    workers = loader_workers(cfg["data"], device)
+    test_images = SharedImages(paths_test, cfg["data"], workers, "decode test images")
 
     for k in tqdm(models, desc=f"features {exp}", leave=False):
         part_oof, part_test = parts / f"fold{k}_oof.parquet", parts / f"fold{k}_test.parquet"
@@ -118,7 +119,6 @@ def _run(cfg: dict, force: bool) -> Path:
             heads = model.head_specs
             dcfg = ckpt["data_cfg"]  # the image size/normalisation the model was trained with
             tf = build_transform(dcfg)
-            workers = loader_workers(cfg["data"], device)
             test_ds, why = test_images.view(dcfg["in_chans"], tf)
             if why:
                 log(f"[features] test images: {why}")

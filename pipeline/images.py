@@ -203,8 +203,9 @@ def parallel_jobs() -> int:
 def resolve_cache(data_cfg: dict, paths: list, copies: int = 1, workers: int = 0) -> tuple[bool, str]:
     """``data.cache`` resolved for these images: ``auto`` keeps them when the decoded pixels (estimated
     from a sample of file headers, times ``copies``, the processes that each hold one, times make's
-    parallel jobs) take at most ``CACHE_MEMORY_SHARE`` of the free memory. With loader workers it needs the ``fork`` start method
-    (the workers share the parent's cache; spawned ones would each get a pickled copy every epoch).
+    parallel jobs) take at most ``CACHE_MEMORY_SHARE`` of the free memory. With loader workers it needs
+    the ``fork`` start method (the workers share the parent's cache; spawned ones would each get a pickled
+    copy every epoch).
     Returns the decision and a line saying why."""
     import multiprocessing
 
