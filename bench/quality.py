@@ -9,6 +9,7 @@ public/private, wall time and |CV - private|:
   (a) baseline  about 60 hand-written lines below: timm resnet18 from scratch, StratifiedGroupKFold by
                 writer, Adam 3e-4 with one-cycle, fold-mean on test.
   (b) recipe    the pipeline built only from config switches, within the baseline's wall time (±10%);
+                b2 spends the same time on two seeds of (b) at half the epochs, blended at level 2;
                 b+ spends more time (two nets, a pseudo-label round, level 2).
   (c) ablation  (b) without each of its switches (b-aug, b-ema); each switch of (b) on its own on top of
                 the pipeline's plain run (p0); the other switches (multi-scale TTA, level 2, post-processing,
