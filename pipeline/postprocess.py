@@ -10,7 +10,9 @@ Rules (each a config switch, applied in this order):
 - ``clip``: clip regression values to the train target's range (or a given [lo, hi])
 
 The gain is reported twice: in-sample (tuned and scored on all OOF rows) and nested (for each fold,
-tuned on the other folds and scored on it), so an overfit threshold is visible.
+tuned on the other folds and scored on it), so an overfit threshold is visible. The OOF written is the
+nested one and its score is the CV (``cv.json``, leaderboard): no row's value was tuned with its own label,
+so level 2 or a blend may train on it. The test predictions get the rules tuned on every OOF row.
 """
 from __future__ import annotations
 
@@ -104,12 +106,13 @@ def _run(cfg: dict, force: bool) -> Path:
                              "multiclass (one-hot) head.")
     y = train_df[head].to_numpy()
     fold = fold_of(cfg, train_df, folds_df)
-    target_range = (float(y.min()), float(y.max())) if task in ("regression", "ordinal") else None
-    res = honest_gain(pcfg, task, metric, y, p, fold, other, onehot, target_range)
-    oof_pp = apply_rules(res["params"], task, p, other, onehot)
+    # the OOF written is the nested one (fold k by rules tuned on the other folds), so level 2, a blend or
+    # another round of post-processing can train on it; the test gets the rules tuned on every row
+    res, oof_pp = honest_gain(pcfg, task, metric, y, p, fold, other, onehot)
     test_pp = apply_rules(res["params"], task, pt, other_t, onehot_t)
 
-    cv = {"overall": {"tta": res["in_sample"], "no_tta": res["in_sample"]}}
+    cv = {"overall": {"tta": res["nested"], "no_tta": res["nested"]},
+          **{k: {"tta": v, "no_tta": v} for k, v in res["per_fold_nested"].items()}}
     meta = provenance(cfg, "postprocess", key, folds_hash=folds_hash, source=source, gain=res, cv=cv)
     with ArtifactGroup(out / "meta.json") as group:
         group.parquet(out / "oof.parquet", prediction_frame(train_df[id_col].to_numpy(), id_col, name, head, oof_pp,
@@ -119,7 +122,8 @@ def _run(cfg: dict, force: bool) -> Path:
         group.json(out / "postprocess.json", res)
         group.text(out / "config.yaml", resolved_config_text(cfg))
         group.commit(meta)
-    leaderboard.record(cfg, "stack", started, cv=res["nested"], experiment=name, note="postprocess (nested CV score)",
+    leaderboard.record(cfg, "stack", started, cv=res["nested"], folds=res["per_fold_nested"], experiment=name,
+                       note="postprocess (nested CV score)",
                        artifacts=[str(out / "oof.parquet"), str(out / "test.parquet")])
     log(f"[postprocess] {name}: {metric.name} {res['base']:.4f} -> in-sample {res['in_sample']:.4f} "
         f"({res['in_sample_gain']:+.4f}), nested CV {res['nested']:.4f} ({res['nested_gain']:+.4f}); "

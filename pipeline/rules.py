@@ -121,19 +121,27 @@ def apply_rules(params: dict, task: str, p, other=None, onehot=None):
     return p
 
 
-def honest_gain(pcfg, task, metric, y, p, fold, other=None, onehot=None, target_range=None) -> dict:
-    """In-sample gain vs nested-CV gain of the tuned rules."""
+def honest_gain(pcfg, task, metric, y, p, fold, other=None, onehot=None) -> tuple[dict, np.ndarray]:
+    """The rules tuned on every OOF row (for the test predictions), their in-sample gain, and their honest
+    gain: fold k's rows post-processed by rules tuned on the other folds' rows alone (nested CV). Returns
+    (report, nested predictions): the nested ones are the post-processed OOF, so no row's value was tuned
+    with its own label (the bounds of rounding and clipping included: fold k's come from the other folds)."""
+    def label_range(labels):
+        return (float(labels.min()), float(labels.max())) if task in ("regression", "ordinal") else None
+
     base = metric(y, p)
-    params = fit_rules(pcfg, task, metric, y, p, other, onehot, target_range)
+    params = fit_rules(pcfg, task, metric, y, p, other, onehot, label_range(y))
     in_sample = metric(y, apply_rules(params, task, p, other, onehot))
     nested = np.array(p, dtype=float, copy=True)
-    per_fold = {}
+    per_fold, per_fold_score = {}, {}
     for k in sorted(np.unique(fold)):
         tr, va = fold != k, fold == k
         sub = lambda a, m: None if a is None else a[m]
-        pk = fit_rules(pcfg, task, metric, y[tr], p[tr], sub(other, tr), sub(onehot, tr), target_range)
+        pk = fit_rules(pcfg, task, metric, y[tr], p[tr], sub(other, tr), sub(onehot, tr), label_range(y[tr]))
         nested[va] = apply_rules(pk, task, p[va], sub(other, va), sub(onehot, va))
         per_fold[f"fold{k}"] = pk
+        per_fold_score[f"fold{k}"] = metric(y[va], nested[va])
     nested_score = metric(y, nested)
     return {"params": params, "base": base, "in_sample": in_sample, "nested": nested_score,
-            "in_sample_gain": in_sample - base, "nested_gain": nested_score - base, "per_fold_params": per_fold}
+            "in_sample_gain": in_sample - base, "nested_gain": nested_score - base, "per_fold_params": per_fold,
+            "per_fold_nested": per_fold_score}, nested

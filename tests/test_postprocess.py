@@ -83,9 +83,22 @@ def test_nested_cv_shows_overfit_tuning():
     y = rng.integers(0, 5, 300)
     p = rng.dirichlet(np.ones(5), 300)  # pure noise: any gain is overfitting
     fold = np.arange(300) % 5
-    res = PP.honest_gain(cfg(class_scale=True), "multiclass", get_metric("accuracy"), y, p, fold)
+    res, oof = PP.honest_gain(cfg(class_scale=True), "multiclass", get_metric("accuracy"), y, p, fold)
     assert res["in_sample_gain"] > 0
     assert res["nested_gain"] < res["in_sample_gain"]
+    # what is handed on as OOF scores the nested figure, not the in-sample one
+    assert get_metric("accuracy")(y, oof) == pytest.approx(res["nested"])
+    assert get_metric("accuracy")(y, oof) < res["in_sample"]
+
+
+def test_nested_bounds_come_from_the_other_folds_labels_only():
+    # fold 0 alone holds the label 9: rules tuned without fold 0 must not know that 9 exists
+    y = np.array([9.0, 1.0, 0.0, 3.0, 0.0, 1.0, 2.0, 3.0])
+    fold = np.array([0, 0, 1, 1, 2, 2, 3, 3])
+    res, oof = PP.honest_gain(cfg(clip=True), "regression", get_metric("rmse"), y, y.copy(), fold)
+    assert res["params"]["clip"] == [0.0, 9.0]  # the test predictions: every row's labels
+    assert res["per_fold_params"]["fold0"]["clip"] == [0.0, 3.0]
+    assert oof[0] == 3.0 and oof[1:].tolist() == y[1:].tolist()
 
 
 def test_stage_writes_a_feature_set_that_submit_picks(workdir):
@@ -96,5 +109,15 @@ def test_stage_writes_a_feature_set_that_submit_picks(workdir):
     assert out.name == "tiny-pp"
     res = read_json(out / "postprocess.json")
     assert {"in_sample_gain", "nested_gain", "params"} <= set(res)
+    # the OOF handed on (to level 2, a blend, another round) is the nested one: fold k's rows went through
+    # the rules tuned on the other folds, and its score is the CV that cv.json and the leaderboard show
+    src = pd.read_parquet(FE.features_dir(c, "tiny") / "oof.parquet").set_index("id")
+    pp = pd.read_parquet(out / "oof.parquet").set_index("id")
+    cols = [col for col in src.columns if col.endswith("__mean")]
+    for k, params in res["per_fold_params"].items():
+        rows = pp.index[pp["fold"].astype(str) == k.removeprefix("fold")]
+        want = PP.apply_rules(params, "multiclass", src.loc[rows, cols].to_numpy())
+        assert np.allclose(pp.loc[rows, [col for col in pp.columns if col.endswith("__mean")]].to_numpy(), want)
+    assert read_json(out / "cv.json")["overall"]["tta"] == pytest.approx(res["nested"])
     assert SU.run(c).name == "tiny-pp.csv"
     assert len(pd.read_parquet(out / "test.parquet")) == len(pd.read_csv("comp/test.csv"))
