@@ -123,3 +123,13 @@ def require_complete(folder: str | Path, files: list[str], what: str, fix: str) 
         if f.endswith(".parquet") and read_parquet_meta(folder / f).get("stage_key") != meta.get("stage_key"):
             raise InputError(f"{folder / f} does not belong to {meta_path} (an interrupted or concurrent run); {fix}.")
     return meta
+
+
+def inherited_leak(metas: dict[str, dict]) -> str | None:
+    """The LEAKY mark an artifact takes from its inputs' metadata (their ``leak`` field): whatever is built on
+    a leaky experiment (level 2, post-processing, a student of a leaky teacher) is leaky too."""
+    for name, meta in metas.items():
+        why = (meta or {}).get("leak")
+        if why:
+            return f"LEAKY: built on {name} ({str(why).removeprefix('LEAKY: ')})"
+    return None

@@ -17,7 +17,7 @@ import pandas as pd
 import torch
 from torch.utils.data import DataLoader
 
-from . import leaderboard, teachers
+from . import leaderboard
 from .artifacts import ArtifactGroup, kill_point, stage_lock
 from .competition import image_paths, load_folds, load_test, load_train, table_path
 from .errors import InputError
@@ -86,8 +86,17 @@ def _run(cfg: dict, force: bool) -> Path:
                              f"{folds_df.shape[0]}-row folds file now has hash {folds_hash}; the OOF rows would "
                              "leak. Retrain (`make train`) with the current folds, or restore the old folds file.")
     use_full = fcfg["use_full"] and (mdir / "foldfull" / "best.pt").exists()
+    if use_full:  # the all-data model joins the test average only when trained with the fold models' config
+        full = mdir / "foldfull" / "meta.json"
+        metas["full"] = read_json(full) if full.exists() else {}
+        if metas["full"].get("stage_key") != metas[0]["stage_key"]:
+            raise InputError(f"{mdir}/foldfull was trained with another config than the fold models (stage key "
+                             f"{metas['full'].get('stage_key')}, folds: {metas[0]['stage_key']}), or did not finish; "
+                             "its test predictions would not match theirs. Retrain it with the current config "
+                             "(`make train ARGS=\"train.full=true\"`) or set features.use_full=false.")
     key = config_hash([fcfg, [metas[k]["stage_key"] for k in metas], folds_hash, use_full,
                        file_hash(table_path(cfg, "test"))])
+    leak = next((m["leak"] for m in metas.values() if m.get("leak")), None)  # a leaky model's features are leaky
     oof_path, test_path = out / "oof.parquet", out / "test.parquet"
     if not force and is_up_to_date(out / "meta.json", key, [oof_path, test_path]):
         log(f"[features] up to date: {out}")
@@ -124,9 +133,10 @@ def _run(cfg: dict, force: bool) -> Path:
                 log(f"[features] test images: {why}")
             loader = lambda ds, w=workers: DataLoader(ds, batch_size=fcfg["batch_size"], shuffle=False, num_workers=w)
             pca = None
-            if fcfg["embedding"] and fcfg["pca"] and k != "full":
-                pca = fit_fold_pca(model, heads, loader, [paths_train[i] for i in np.flatnonzero(fold_of != k)],
-                                   dcfg, tf, device, int(fcfg["pca"]), cfg["seed"])
+            if fcfg["embedding"] and fcfg["pca"]:  # fitted on the model's own training rows (all, for full)
+                own = np.arange(len(fold_of)) if k == "full" else np.flatnonzero(fold_of != k)
+                pca = fit_fold_pca(model, heads, loader, [paths_train[i] for i in own], dcfg, tf, device,
+                                   int(fcfg["pca"]), cfg["seed"])
             if k != "full":
                 rows = np.flatnonzero(fold_of == k)
                 ds = ImageDataset([paths_train[i] for i in rows], dcfg["in_chans"], tf)
@@ -149,6 +159,10 @@ def _run(cfg: dict, force: bool) -> Path:
     check_oof(oof, train_df, folds_df, id_col)
     oof = train_df[[id_col]].merge(oof, on=id_col, how="left")  # train.csv order
     feat_cols = [c for c in test_parts[0].columns if c != id_col]
+    for m, part in zip(models, test_parts):  # the test average must add like to like
+        if list(part.columns) != list(test_parts[0].columns):
+            raise InputError(f"{parts}/fold{m}_test.parquet has other feature columns than fold {models[0]}'s; its "
+                             f"models disagree on heads or embedding size. Retrain them together, or rerun with --force.")
     mean = np.mean([p[feat_cols].to_numpy() for p in test_parts], axis=0)
     test = pd.concat([test_parts[0][[id_col]], pd.DataFrame(mean, columns=feat_cols)], axis=1)
 
@@ -156,7 +170,7 @@ def _run(cfg: dict, force: bool) -> Path:
     cv = score_table(cfg, oof, train_df, exp, heads[0], fold_of)
     view_cols = [c for c in oof.columns if (col := parse_column(c)) and col.stat == "view0"]
     meta = provenance(cfg, "features", key, folds_hash=folds_hash, cv=cv, models=[str(m) for m in models],
-                      views=len(views))
+                      views=len(views), leak=leak)
     with ArtifactGroup(out / "meta.json") as group:
         group.parquet(oof_path, oof.drop(columns=view_cols), meta)
         group.parquet(test_path, test, meta)
@@ -169,7 +183,7 @@ def _run(cfg: dict, force: bool) -> Path:
     leaderboard.record(cfg, "features", started, cv=cv["overall"]["tta"],
                        folds={k: v["tta"] for k, v in cv.items() if k != "overall"},
                        artifacts=[str(oof_path), str(test_path)], note=f"{len(views)} TTA views; no-TTA CV "
-                       f"{cv['overall']['no_tta']:.6f}" + (f"; {teachers.leak_note(cfg)}" if teachers.leak_note(cfg) else ""))
+                       f"{cv['overall']['no_tta']:.6f}" + (f"; {leak}" if leak else ""))
     log(cv_text(cv, get_metric(cfg["competition"]["metric"]).name))
     log(f"[features] wrote {oof_path} ({oof.shape[0]} rows) and {test_path} ({test.shape[0]} rows), "
         f"{len(feat_cols)} feature columns")

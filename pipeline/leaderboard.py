@@ -208,7 +208,7 @@ def table(path, pattern: str | None = None):
         last = scores.iloc[-1] if len(scores) else None
         leaky = "LEAKY" in str(r.get("note") or "")  # e.g. distilled from OOF predictions (allow_leak)
         rows.append({"experiment": r["experiment"] + (" (LEAKY)" if leaky else ""), "stage": r["stage"],
-                     "metric": r["metric"],
+                     "metric": r["metric"], "leaky": leaky,
                      "hib": bool(r["higher_is_better"]), "cv": r["cv"],
                      "fold_mean": sum(vals) / len(vals) if vals else None,
                      "fold_std": _std(vals) if len(vals) > 1 else None,
@@ -221,10 +221,11 @@ def table(path, pattern: str | None = None):
     for metric, g in out.groupby("metric", sort=False):
         hib = bool(g["hib"].iloc[0])
         g = g.sort_values("cv", ascending=not hib)
-        best_cv = g["cv"].iloc[0]
+        honest = g[~g["leaky"]]  # a leaky CV is optimistic: Δ is measured from the best honest one
+        best_cv = (honest if len(honest) else g)["cv"].iloc[0]
         g["delta"] = g["cv"] - best_cv
         parts.append(g)
-    return pd.concat(parts).drop(columns=["hib"]).reset_index(drop=True)
+    return pd.concat(parts).drop(columns=["hib", "leaky"]).reset_index(drop=True)
 
 
 def format_table(df, markdown: bool = False) -> str:

@@ -22,7 +22,7 @@ from pathlib import Path
 import pandas as pd
 
 from . import leaderboard
-from .artifacts import ArtifactGroup, require_complete, stage_lock
+from .artifacts import ArtifactGroup, inherited_leak, require_complete, stage_lock
 from .competition import fold_of, load_folds, load_train
 from .errors import InputError
 from .io import (
@@ -113,7 +113,8 @@ def _run(cfg: dict, force: bool) -> Path:
 
     cv = {"overall": {"tta": res["nested"], "no_tta": res["nested"]},
           **{k: {"tta": v, "no_tta": v} for k, v in res["per_fold_nested"].items()}}
-    meta = provenance(cfg, "postprocess", key, folds_hash=folds_hash, source=source, gain=res, cv=cv)
+    leak = inherited_leak(metas)
+    meta = provenance(cfg, "postprocess", key, folds_hash=folds_hash, source=source, gain=res, cv=cv, leak=leak)
     with ArtifactGroup(out / "meta.json") as group:
         group.parquet(out / "oof.parquet", prediction_frame(train_df[id_col].to_numpy(), id_col, name, head, oof_pp,
                                                             fold), meta)
@@ -123,7 +124,7 @@ def _run(cfg: dict, force: bool) -> Path:
         group.text(out / "config.yaml", resolved_config_text(cfg))
         group.commit(meta)
     leaderboard.record(cfg, "stack", started, cv=res["nested"], folds=res["per_fold_nested"], experiment=name,
-                       note="postprocess (nested CV score)",
+                       note="postprocess (nested CV score)" + (f"; {leak}" if leak else ""),
                        artifacts=[str(out / "oof.parquet"), str(out / "test.parquet")])
     log(f"[postprocess] {name}: {metric.name} {res['base']:.4f} -> in-sample {res['in_sample']:.4f} "
         f"({res['in_sample_gain']:+.4f}), nested CV {res['nested']:.4f} ({res['nested_gain']:+.4f}); "

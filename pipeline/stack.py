@@ -17,7 +17,7 @@ import numpy as np
 import pandas as pd
 
 from . import leaderboard, plots
-from .artifacts import ArtifactGroup, require_complete, stage_lock
+from .artifacts import ArtifactGroup, inherited_leak, require_complete, stage_lock
 from .competition import fold_of, load_folds, load_test, load_train
 from .errors import InputError
 from .io import config_hash, is_up_to_date, log, provenance, read_json, read_parquet_meta, resolved_config_text
@@ -120,12 +120,14 @@ def _run(cfg: dict, force: bool) -> Path:
     result.info = {**result.info, "versus_best_input": guard}
     inputs = {e: read_json(features_dir(cfg, e) / "cv.json").get("overall", {})
               if (features_dir(cfg, e) / "cv.json").exists() else {} for e in exps}
+    leak = inherited_leak(metas)
     write_outputs(cfg, out, key, folds_hash, oof_pred, test_pred, fold, train_df, test_df, cv, inputs, best_iters,
-                  result.info, save_models=lambda group: stage_models(group, out / "models", data, result))
+                  result.info, save_models=lambda group: stage_models(group, out / "models", data, result), leak=leak)
     leaderboard.record(cfg, "stack", started, cv=cv["overall"], folds=per_fold, experiment=name,
                        artifacts=[str(out / "oof.parquet"), str(out / "test.parquet")],
-                       note=f"{result.info.get('chosen', model_kind)} on {', '.join(exps)}"
-                       + ("" if guard["wins"] else f"; does not beat its input {guard['best_input']}"))
+                       note="; ".join(filter(None, [f"{result.info.get('chosen', model_kind)} on {', '.join(exps)}",
+                                                    None if guard["wins"] else
+                                                    f"does not beat its input {guard['best_input']}", leak])))
     if result.importance is not None:
         plots.save_figure(out / "importance.png", plots.importance(result.importance, name))
     lines = [f"[stack] {name} ({model_kind}) level-2 CV {metric.name}: {cv['overall']:.4f} "
@@ -160,12 +162,12 @@ def versus_best_input(metric, y, fold, oof_pred, inputs: dict) -> dict:
 
 
 def write_outputs(cfg, out, key, folds_hash, oof_pred, test_pred, fold, train_df, test_df, cv, inputs, best_iters,
-                  info, save_models=None):
+                  info, save_models=None, leak=None):
     name, id_col, head = stack_name(cfg), cfg["competition"]["id"], targets(cfg)[0]
 
     oof = prediction_frame(train_df[id_col].to_numpy(), id_col, name, head, oof_pred, fold)
     meta = provenance(cfg, "stack", key, folds_hash=folds_hash, cv=cv, inputs=inputs, best_iterations=best_iters,
-                      experiments=stack_inputs(cfg), name=name, model=cfg["stack"]["model"], level2=info)
+                      experiments=stack_inputs(cfg), name=name, model=cfg["stack"]["model"], level2=info, leak=leak)
     with ArtifactGroup(out / "meta.json") as group:
         group.parquet(out / "oof.parquet", oof, meta)
         group.parquet(out / "test.parquet", prediction_frame(test_df[id_col].to_numpy(), id_col, name, head, test_pred),

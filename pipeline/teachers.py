@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .artifacts import require_complete
+from .artifacts import inherited_leak, require_complete
 from .errors import ConfigError, InputError
 from .io import read_json
 from .paths import features_dir, head_prediction, models_dir, targets
@@ -112,11 +112,20 @@ def _predict(checkpoint: Path, cfg: dict, ids, device) -> np.ndarray:
 
 
 def leak_note(cfg: dict) -> str | None:
-    dc = cfg["train"]["distill"]
+    """Why this experiment's fold models carry their own validation labels (a LEAKY mark that its train and
+    features rows, and everything built on them, carry), or None: its own ``allow_leak``, or a teacher that
+    is leaky itself (a pseudo-label source or distillation teacher built on leaked labels)."""
+    dc, pc = cfg["train"]["distill"], cfg["train"]["pseudo"]
     if dc["teacher"] and dc["allow_leak"]:
         return (f"LEAKY: distilled from {dc['teacher']}'s OOF predictions (allow_leak), which carry each fold's "
                 "validation labels into its model; its CV is optimistic")
-    return None
+    teachers = {}
+    if pc["source"] and (features_dir(cfg, pc["source"]) / "meta.json").exists():
+        teachers[pc["source"]] = read_json(features_dir(cfg, pc["source"]) / "meta.json")
+    if dc["teacher"]:
+        metas = [read_json(p) for p in sorted(models_dir(cfg, dc["teacher"]).glob("fold*/meta.json"))]
+        teachers[dc["teacher"]] = next((m for m in metas if m.get("leak")), {})
+    return inherited_leak(teachers)
 
 
 def describe(cfg: dict) -> str:

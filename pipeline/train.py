@@ -95,6 +95,7 @@ def up_to_date(cfg: dict) -> bool:
 def run(cfg: dict, force: bool = False) -> dict:
     started = time.time()
     train_df, fold, folds_hash, heads, key, todo = _plan(cfg)
+    leak = teachers.leak_note(cfg)  # carried by every fold's meta.json, so what is built on them is marked too
     exp = models_dir(cfg)
     exp.mkdir(parents=True, exist_ok=True)
     trained = []
@@ -120,7 +121,7 @@ def run(cfg: dict, force: bool = False) -> dict:
                 trainer.dist.barrier()
                 continue
             write_resolved_config(out / "config.yaml", cfg)
-            write_json(meta_path, provenance(cfg, "train", key, folds_hash=folds_hash, result=result))
+            write_json(meta_path, provenance(cfg, "train", key, folds_hash=folds_hash, result=result, leak=leak))
         trainer.dist.barrier()
         del trainer  # its datasets (and any image cache) go before the next fold's are built
         trained.append(k)
@@ -139,7 +140,7 @@ def run(cfg: dict, force: bool = False) -> dict:
         leaderboard.record(cfg, "train", started, cv=summary.get("oof_score", summary["cv_mean"]),
                            folds=summary["folds"], artifacts=[str(exp / f"fold{k}" / "best.pt") for k in names],
                            epochs=epochs, note="; ".join(filter(None, [f"trained folds {names}",
-                                                                       teachers.leak_note(cfg)])))
+                                                                       leak])))
     return summary
 
 

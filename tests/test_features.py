@@ -217,6 +217,18 @@ def test_all_data_model_joins_the_test_mean_when_asked(workdir):
     test = pd.read_parquet(out / "test.parquet")
     assert np.allclose(test[cols].to_numpy(), np.mean([p[cols].to_numpy() for p in parts], axis=0), atol=1e-6)
     assert not (out / "parts" / "foldfull_oof.parquet").exists()  # the all-data model never makes OOF rows
+    # with PCA the all-data model's embedding is reduced too (fitted on its own training rows: all of them),
+    # so the test mean adds PCA coordinates to PCA coordinates, never to raw embedding dimensions
+    pca = tiny_cfg(workdir / "comp", "train.epochs=1", "train.full=true", "features.use_full=true",
+                   "features.embedding=true", "features.pca=2")
+    out = FE.run(pca)
+    full = pd.read_parquet(out / "parts" / "foldfull_test.parquet")
+    assert [c for c in full.columns if "__embedding__" in c] == [f"tiny__embedding__{j}__value" for j in range(2)]
+    # a full model left over from another config is refused, not averaged in
+    T.run(tiny_cfg(workdir / "comp", "train.epochs=2"))  # the folds retrained with another config; full stays
+    with pytest.raises(InputError, match="foldfull was trained with another config"):
+        FE.run(tiny_cfg(workdir / "comp", "train.epochs=2", "features.use_full=true"))
+    assert FE.run(tiny_cfg(workdir / "comp", "train.epochs=2")).name == "tiny"  # without it, features go on
 
 
 @pytest.mark.parametrize("tta,scales", [("hflip", [1.0]), ("d4", [1.0]), ("none", [0.875, 1.0, 1.125]),

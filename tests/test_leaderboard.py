@@ -37,6 +37,15 @@ def test_order_respects_metric_direction(tmp_path, metric, expected):
     assert t["delta"].iloc[0] == 0 and t["fold_std"].iloc[0] == pytest.approx(0.01)
 
 
+def test_a_leaky_cv_is_marked_and_is_not_the_reference_for_delta(tmp_path):
+    db = tmp_path / "lb.db"
+    LB.record(cfg_for(db, name="honest"), "features", time.time(), cv=0.7)
+    LB.record(cfg_for(db, name="leaky"), "features", time.time(), cv=0.9, note="LEAKY: distilled from OOF")
+    t = LB.table(db).set_index("experiment")
+    assert list(t.index) == ["leaky (LEAKY)", "honest"]  # still ranked by its CV, but marked
+    assert t.loc["honest", "delta"] == 0 and t.loc["leaky (LEAKY)", "delta"] == pytest.approx(0.2)
+
+
 def test_stack_beats_features_beats_train_for_an_experiment_row(tmp_path):
     db = tmp_path / "lb.db"
     LB.record(cfg_for(db, name="x"), "features", time.time(), cv=0.7)

@@ -106,6 +106,35 @@ def test_the_leaky_oof_variant_needs_allow_leak_and_is_marked(teacher):
     assert "student (LEAKY)" in set(table["experiment"]) and "teach" in set(table["experiment"])
 
 
+def test_the_leak_mark_follows_the_artifacts_into_everything_built_on_them(teacher):
+    """The mark is read from the models' and features' metadata, not from the config at hand: a features run
+    without the overrides, level 2, post-processing and a student of the leaky student are all marked."""
+    import sqlite3
+
+    from pipeline import leaderboard as LB
+    from pipeline import postprocess as PP
+    from pipeline import stack as S
+
+    root = teacher["competition"]["root"]
+    T.run(_student(root, "train.distill.teacher=teach", "train.distill.allow_leak=true"))
+    FE.run(_student(root))  # the same models, featurised with a config that does not say allow_leak
+    assert read_json("features/student/meta.json")["leak"].startswith("LEAKY")
+    S.run(tiny_cfg(root, "stack.experiments=[teach, student]", "stack.model=weighted", "stack.name=l2"))
+    PP.run(tiny_cfg(root, "postprocess.source=teach", "postprocess.blend_with=student", "postprocess.name=teach-pp"))
+    grandchild = tiny_cfg(root, "train.epochs=1", "train.pseudo.source=student", "train.pseudo.threshold=0.5",
+                          name="grandchild")
+    T.run(grandchild)
+    FE.run(grandchild)
+    con = sqlite3.connect("submissions/leaderboard.db")
+    notes = dict(con.execute("SELECT experiment || '/' || stage, note FROM runs ORDER BY id"))
+    for row in ("student/features", "l2/stack", "teach-pp/stack", "grandchild/train", "grandchild/features"):
+        assert "LEAKY" in notes[row], row
+    assert "LEAKY" not in notes["teach/features"]
+    assert read_json("features/l2/meta.json")["leak"] and read_json("features/grandchild/meta.json")["leak"]
+    marked = {e for e in LB.table("submissions/leaderboard.db")["experiment"] if e.endswith("(LEAKY)")}
+    assert marked == {"student (LEAKY)", "l2 (LEAKY)", "teach-pp (LEAKY)", "grandchild (LEAKY)"}
+
+
 def test_a_teacher_from_another_folds_file_is_refused(teacher):
     root = teacher["competition"]["root"]
     meta = read_json("features/teach/meta.json")
