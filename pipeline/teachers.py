@@ -92,11 +92,12 @@ def distill_targets(cfg: dict, fold, folds_hash: str, train_df: pd.DataFrame, ro
         raise InputError(f"{path.parent}: no trained teacher model for fold {fold}; run `make train` for "
                          f"experiment '{dc['teacher']}' (with the same folds) first.")
     _same_folds(read_json(meta_path), folds_hash, path.parent)
-    return _predict(path, cfg, ids, device)
+    return _predict(path, cfg, ids, device, fold)
 
 
-def _predict(checkpoint: Path, cfg: dict, ids, device) -> np.ndarray:
-    """The teacher model's class probabilities (plain view) for the given train ids."""
+def _predict(checkpoint: Path, cfg: dict, ids, device, fold) -> np.ndarray:
+    """The teacher model's class probabilities (plain view) for the given train ids; the checkpoint must
+    say it is fold ``fold``'s model (a models folder whose fold folders were swapped is refused)."""
     from torch.utils.data import DataLoader
 
     from .competition import image_paths
@@ -105,6 +106,9 @@ def _predict(checkpoint: Path, cfg: dict, ids, device) -> np.ndarray:
     from .tta import predict_views
 
     model, ckpt = load_model(checkpoint, str(device))
+    if str(ckpt["fold"]) != str(fold):
+        raise InputError(f"{checkpoint} says it is fold {ckpt['fold']}'s model, not fold {fold}'s: the teacher's "
+                         "models folder is mixed up, and another fold's model trained on this fold's validation rows.")
     dcfg = ckpt["data_cfg"]  # the teacher's own image size and normalisation
     ds = ImageDataset(image_paths(cfg, ids), dcfg["in_chans"], build_transform(dcfg))
     out = predict_views(model, model.head_specs, DataLoader(ds, batch_size=256), [lambda x: x], device)

@@ -86,8 +86,11 @@ def test_distillation_targets_of_fold_k_come_from_the_teachers_fold_k_model(teac
         assert used[-1].parent.name == f"fold{k}"  # the one teacher model that never saw fold k's rows
         meta = read_json(used[-1].parent / "meta.json")
         assert meta["result"]["rows_valid"] == int((fold == k).sum())  # it held fold k out
-    # and the student trains with them; its leaderboard row is not marked leaky
+    # and the student trains with them, each fold taught by the teacher's model of that fold alone;
+    # its leaderboard row is not marked leaky
+    used.clear()
     T.run(cfg)
+    assert [p.parent.name for p in used] == ["fold0", "fold1", "fold2"]
     import sqlite3
 
     note = sqlite3.connect("submissions/leaderboard.db").execute(
@@ -145,6 +148,12 @@ def test_a_teacher_from_another_folds_file_is_refused(teacher):
     Path("features/teach/meta.json").write_text(json.dumps({**meta, "folds_hash": "0123456789ab"}))
     with pytest.raises(InputError, match="another|folds file hash"):
         T.run(_student(root, "train.pseudo.source=teach"))
+    import shutil
+
+    # fold folders swapped: fold 0's folder holds fold 1's model, which trained on fold 0's validation rows
+    shutil.copy("models/teach/fold1/best.pt", "models/teach/fold0/best.pt")
+    with pytest.raises(InputError, match="mixed up"):
+        T.run(_student(root, "train.distill.teacher=teach"))
     fold_meta = read_json("models/teach/fold0/meta.json")
     Path("models/teach/fold0/meta.json").write_text(json.dumps({**fold_meta, "folds_hash": "0123456789ab"}))
     with pytest.raises(InputError, match="folds file hash"):
