@@ -170,7 +170,7 @@ def _run(cfg: dict, force: bool) -> Path:
     cv = score_table(cfg, oof, train_df, exp, heads[0], fold_of)
     view_cols = [c for c in oof.columns if (col := parse_column(c)) and col.stat == "view0"]
     meta = provenance(cfg, "features", key, folds_hash=folds_hash, cv=cv, models=[str(m) for m in models],
-                      views=len(views), leak=leak)
+                      views=len(views), leak=leak, model_keys={str(k): m.get("stage_key") for k, m in metas.items()})
     with ArtifactGroup(out / "meta.json") as group:
         group.parquet(oof_path, oof.drop(columns=view_cols), meta)
         group.parquet(test_path, test, meta)

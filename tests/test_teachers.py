@@ -66,6 +66,12 @@ def test_pseudo_labels_of_fold_k_come_only_from_the_teachers_fold_k_model(teache
     ids, _ = teachers.pseudo_labels(_student(root, "train.pseudo.source=teach", "train.pseudo.threshold=0.99"),
                                     0, meta["folds_hash"], "id")
     assert len(ids) == 0
+    # the teacher retrained with another config: its features are stale until `make features` runs again
+    T.run(tiny_cfg(root, "train.epochs=2", name="teach"))
+    with pytest.raises(InputError, match="older fold-0 model"):
+        teachers.pseudo_labels(cfg, 0, meta["folds_hash"], "id")
+    FE.run(tiny_cfg(root, "train.epochs=2", name="teach"))
+    teachers.pseudo_labels(cfg, 0, meta["folds_hash"], "id")  # current again: accepted
 
 
 def test_distillation_targets_of_fold_k_come_from_the_teachers_fold_k_model(teacher, monkeypatch):
