@@ -201,17 +201,27 @@ def weighted(d: Level2Data) -> Level2Result:
 def auto(d: Level2Data) -> Level2Result:
     """The weighted blend and LightGBM, each fitted fold by fold on the SAME folds; the better OOF score
     wins, the simpler blend on a tie. (Both can be rebuilt from a Kaggle bundle; `linear` is not a
-    candidate for that reason.) Choosing among three on
-    the OOF score is itself a (small) fit to the OOF rows: the fold std in the leaderboard shows the noise."""
+    candidate for that reason.) The choice is itself a fit, so it is nested like everything else: fold k's
+    OOF rows come from the candidate that scores better on the OTHER folds' rows, and the CV is that of
+    the choosing procedure. The test predictions (and the saved model) come from the choice on every row."""
     sign = 1 if getattr(d.score, "higher_is_better", True) else -1
-    results, scores = {}, {}
-    for name in ("weighted", "lgbm"):
-        results[name] = LEVEL2_MODELS[name](d)
-        scores[name] = float(d.score(d.y, results[name].oof))
-    best = max(scores, key=lambda n: (sign * scores[n], -list(scores).index(n)))
-    log("[stack] auto: " + ", ".join(f"{n} {v:.4f}" for n, v in scores.items()) + f" -> {best}")
+    names = ("weighted", "lgbm")
+    results = {name: LEVEL2_MODELS[name](d) for name in names}
+
+    def pick(rows) -> tuple[str, dict]:
+        scores = {n: float(d.score(d.y[rows], results[n].oof[rows])) for n in names}
+        return max(scores, key=lambda n: (sign * scores[n], -names.index(n))), scores
+
+    best, scores = pick(np.ones(len(d.y), bool))
+    oof, fold_choice = np.array(results[best].oof, dtype=float, copy=True), {}
+    for k in sorted(np.unique(d.fold)):
+        fold_choice[f"fold{k}"], _ = pick(d.fold != k)
+        oof[d.fold == k] = results[fold_choice[f"fold{k}"]].oof[d.fold == k]
+    log("[stack] auto: " + ", ".join(f"{n} {v:.4f}" for n, v in scores.items()) + f" -> {best}"
+        + ("" if set(fold_choice.values()) == {best} else f" (per fold, on the other folds: {fold_choice})"))
     chosen = results[best]
-    chosen.info = {**chosen.info, "auto": scores, "chosen": best}
+    chosen.oof = oof
+    chosen.info = {**chosen.info, "auto": scores, "chosen": best, "fold_choice": fold_choice}
     return chosen
 
 

@@ -193,7 +193,56 @@ def test_level2_says_plainly_when_it_loses_to_its_best_input_and_auto_picks_by_c
                           "features.tta=hflip", "stack.name=l2-auto"))
     info = read_parquet_meta(auto / "oof.parquet")["level2"]
     assert set(info["auto"]) == {"weighted", "lgbm"} and info["chosen"] == max(info["auto"], key=info["auto"].get)
-    assert read_json(auto / "cv.json")["overall"]["tta"] == pytest.approx(max(info["auto"].values()))
+    assert set(info["fold_choice"]) == {"fold0", "fold1", "fold2"}
+    if set(info["fold_choice"].values()) == {info["chosen"]}:  # the nested choice agrees on every fold
+        assert read_json(auto / "cv.json")["overall"]["tta"] == pytest.approx(max(info["auto"].values()))
+
+
+@pytest.mark.parametrize("model", ["weighted", "linear"])
+def test_level2_fold_k_is_fitted_without_fold_ks_labels(model):
+    """Every level-2 model: fold k's OOF predictions come from a fit on the other folds' rows only, so
+    flipping fold k's labels cannot change them."""
+    rng = np.random.default_rng(1)
+    a = rng.normal(size=300)
+    y = (a + 0.5 * rng.normal(size=300) > 0).astype(int)
+    p1, p2 = 1 / (1 + np.exp(-a)), 1 / (1 + np.exp(-a - rng.normal(size=300)))  # two experiments' P(class 1)
+    X = pd.DataFrame({"e1": p1, "e2": p2})
+    fold = np.arange(300) % 3
+    metric = __import__("pipeline.metrics", fromlist=["get_metric"]).get_metric("logloss")
+
+    def fit(labels):
+        d = L2.Level2Data(X, X.iloc[:10], labels, fold, "binary", 1, ["e1", "e2"], [p1, p2], [p1[:10], p2[:10]],
+                          {"lgbm": {}, "test_mode": "mean", "refit_coef": 1.0, "model": model, "stat": "mean"}, 0,
+                          metric)
+        return L2.LEVEL2_MODELS[model](d)
+
+    flipped = y.copy()
+    flipped[fold == 0] = 1 - flipped[fold == 0]  # only the scored fold's labels change
+    before, after = fit(y), fit(flipped)
+    assert np.allclose(before.oof[fold == 0], after.oof[fold == 0])
+    assert not np.allclose(before.oof[fold == 1], after.oof[fold == 1])  # the other folds' fits did see them
+
+
+def test_auto_chooses_fold_ks_level2_model_on_the_other_folds(monkeypatch):
+    """`auto`'s choice is a fit too: fold k's OOF rows come from the candidate that wins on the other folds,
+    so a candidate that shines only on fold k cannot lift fold k's score; the test predictions come from
+    the choice on every row."""
+    y = np.tile([0, 1], 150)
+    fold = np.arange(300) % 3
+    right, wrong = np.where(y == 1, 0.9, 0.1), np.where(y == 1, 0.1, 0.9)
+    # "weighted": right on all of fold 0, right on 60% of folds 1-2 (73% overall); "lgbm": right on 70% everywhere
+    blend = np.where((fold == 0) | (np.arange(300) % 10 < 6), right, wrong)
+    trees = np.where(np.arange(300) % 10 < 7, right, wrong)
+    fake = lambda p, t: lambda d: L2.Level2Result(p.copy(), np.full(10, t))
+    monkeypatch.setitem(L2.LEVEL2_MODELS._items, "weighted", fake(blend, 0.0))
+    monkeypatch.setitem(L2.LEVEL2_MODELS._items, "lgbm", fake(trees, 1.0))
+    d = L2.Level2Data(pd.DataFrame({"e": blend}), pd.DataFrame({"e": np.zeros(10)}), y, fold, "binary", 1, ["e"],
+                      [blend], [np.zeros(10)], {"model": "auto"}, 0, __import__("pipeline.metrics", fromlist=["x"])
+                      .get_metric("accuracy"))
+    res = L2.auto(d)
+    assert res.info["chosen"] == "weighted" and np.all(res.test == 0.0)  # the choice on every row, for test
+    assert res.info["fold_choice"] == {"fold0": "lgbm", "fold1": "weighted", "fold2": "weighted"}
+    assert np.allclose(res.oof[fold == 0], trees[fold == 0]) and np.allclose(res.oof[fold != 0], blend[fold != 0])
 
 
 def test_lgbm_early_stopping_never_looks_at_the_scored_fold():
