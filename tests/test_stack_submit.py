@@ -264,3 +264,25 @@ def test_lgbm_early_stopping_never_looks_at_the_scored_fold():
     b = fit(flipped)
     assert a.best_iterations[0] == b.best_iterations[0]
     assert np.allclose(a.oof[fold == 0], b.oof[fold == 0])
+
+
+def test_rows_are_matched_by_id_not_by_position_through_the_chain(workdir):
+    """A folds file in another row order than train.csv: every stage's OOF rows keep the fold their id
+    has in the folds file (a stage that matched rows by position would move them to other folds)."""
+    from pipeline import postprocess as PP
+
+    cfg = tiny_cfg(workdir / "comp", "train.epochs=1")
+    folds_path = workdir / "folds" / "demo.csv"
+    folds = pd.read_csv(folds_path, dtype={"id": str})
+    folds.sample(frac=1, random_state=0).to_csv(folds_path, index=False)  # same folds, shuffled rows
+    T.run(cfg)
+    FE.run(cfg)
+    train = pd.read_csv(workdir / "comp" / "train.csv", dtype={"id": str})
+    out_s = S.run(tiny_cfg(workdir / "comp", "train.epochs=1", "stack.model=weighted", "stack.experiments=[tiny]",
+                           "stack.name=l2"))
+    out_p = PP.run(tiny_cfg(workdir / "comp", "train.epochs=1", "postprocess.source=tiny", "postprocess.class_scale=true"))
+    want = folds.set_index("id")["fold"]
+    for out in (FE.features_dir(cfg, "tiny"), out_s, out_p):
+        oof = pd.read_parquet(out / "oof.parquet")
+        assert sorted(oof["id"]) == sorted(train["id"])
+        assert (oof.set_index("id")["fold"].astype(int) == want.loc[oof["id"]].to_numpy()).all(), out
