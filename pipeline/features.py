@@ -17,7 +17,7 @@ import pandas as pd
 import torch
 from torch.utils.data import DataLoader
 
-from . import leaderboard
+from . import leaderboard, teachers
 from .artifacts import ArtifactGroup, kill_point, stage_lock
 from .competition import image_paths, load_folds, load_test, load_train, table_path
 from .errors import InputError
@@ -96,7 +96,8 @@ def _run(cfg: dict, force: bool) -> Path:
                              "(`make train ARGS=\"train.full=true\"`) or set features.use_full=false.")
     key = config_hash([fcfg, [metas[k]["stage_key"] for k in metas], folds_hash, use_full,
                        file_hash(table_path(cfg, "test"))])
-    leak = next((m["leak"] for m in metas.values() if m.get("leak")), None)  # a leaky model's features are leaky
+    # a leaky model's features are leaky (models trained before the mark was recorded: their config says it)
+    leak = next((m["leak"] for m in metas.values() if m.get("leak")), None) or teachers.leak_note(cfg)
     oof_path, test_path = out / "oof.parquet", out / "test.parquet"
     if not force and is_up_to_date(out / "meta.json", key, [oof_path, test_path]):
         log(f"[features] up to date: {out}")

@@ -79,7 +79,8 @@ def _run(cfg: dict, force: bool) -> Path:
         if m.get("folds_hash") != folds_hash:
             raise InputError(f"features/{e} was made with another folds file; post-processing must be tuned on "
                              "OOF of the current folds. Rebuild it.")
-    key = config_hash([pcfg, comp, folds_hash, [m.get("stage_key") for m in metas.values()]])
+    # "nested OOF": outputs of earlier versions (in-sample OOF handed on) are not up to date
+    key = config_hash([pcfg, comp, folds_hash, [m.get("stage_key") for m in metas.values()], "nested OOF"])
     if not force and is_up_to_date(out / "meta.json", key, [out / "oof.parquet", out / "test.parquet"]):
         log(f"[postprocess] up to date: {out}")
         return out

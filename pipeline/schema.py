@@ -258,7 +258,7 @@ class Features(_Section):
 class Stack(_Section):
     name: Optional[str] = None  # output feature set; default: the experiment name (+ "-l2" if it is also an input)
     experiments: list[str] = []  # level-1 experiments to stack; default: this config's own experiment
-    # auto: the weighted blend or LightGBM, whichever scores better on OOF (registry: pipeline.level2.LEVEL2_MODELS)
+    # auto: the weighted blend or LightGBM, whichever scores better on OOF (fold k's rows: on the other folds)
     model: Annotated[str, AfterValidator(_level2)] = "auto"
     stat: str = "mean"  # weighted: which per-view statistic (or view, e.g. v0) of each experiment to blend
     use_tabular: bool = True

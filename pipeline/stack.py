@@ -91,7 +91,8 @@ def _run(cfg: dict, force: bool) -> Path:
         oof, test, metas[exp] = load_level1(cfg, exp, folds_df, folds_hash)
         X_parts.append(train_df[[id_col]].merge(oof, on=id_col, how="left").drop(columns=[id_col]))
         T_parts.append(test_df[[id_col]].merge(test, on=id_col, how="left").drop(columns=[id_col]))
-    key = config_hash([scfg, comp, folds_hash, [metas[e].get("stage_key") for e in exps], cfg["seed"]])
+    key = config_hash([scfg, comp, folds_hash, [metas[e].get("stage_key") for e in exps], cfg["seed"]]
+                      + (["nested choice"] if scfg["model"] == "auto" else []))  # earlier auto stacks are stale
     if not force and is_up_to_date(out / "meta.json", key, [out / "oof.parquet", out / "test.parquet",
                                                           out / "models" / SAVED]):
         log(f"[stack] up to date: {out}")

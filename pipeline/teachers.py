@@ -63,11 +63,13 @@ def pseudo_labels(cfg: dict, fold, folds_hash: str, id_col: str) -> tuple[np.nda
     meta = require_complete(src, ["test_folds.parquet"], f"per-fold test predictions of '{pc['source']}'",
                             f"run `make features` for experiment '{pc['source']}' first")
     _same_folds(meta, folds_hash, src)
-    model_meta = models_dir(cfg, pc["source"]) / f"fold{fold}" / "meta.json"
-    made_from = (meta.get("model_keys") or {}).get(str(fold))
-    if made_from and model_meta.exists() and read_json(model_meta).get("stage_key") != made_from:
-        raise InputError(f"{src} holds the test predictions of an older fold-{fold} model of '{pc['source']}'; "
-                         f"that model has been retrained since. Run `make features` for '{pc['source']}' first.")
+    # the all-data student learns from the fold mean, so every model behind it must still be the one used
+    made_from = meta.get("model_keys") or {}
+    for k in (made_from if str(fold) == "full" else [str(fold)] if str(fold) in made_from else []):
+        model_meta = models_dir(cfg, pc["source"]) / f"fold{k}" / "meta.json"
+        if model_meta.exists() and read_json(model_meta).get("stage_key") != made_from[k]:
+            raise InputError(f"{src} holds the test predictions of an older fold-{k} model of '{pc['source']}'; "
+                             f"that model has been retrained since. Run `make features` for '{pc['source']}' first.")
     df = pd.read_parquet(src / ("test.parquet" if str(fold) == "full" else "test_folds.parquet"))
     rows = df if str(fold) == "full" else df[df["fold"] == str(fold)]  # the all-data model has no validation rows
     if rows.empty:

@@ -228,6 +228,11 @@ def test_all_data_model_joins_the_test_mean_when_asked(workdir):
     T.run(tiny_cfg(workdir / "comp", "train.epochs=2"))  # the folds retrained with another config; full stays
     with pytest.raises(InputError, match="foldfull was trained with another config"):
         FE.run(tiny_cfg(workdir / "comp", "train.epochs=2", "features.use_full=true"))
+    from pipeline.predict import Predictor
+
+    with pytest.raises(InputError, match="foldfull was trained with another config"):
+        Predictor.from_experiment(workdir / "models/tiny", use_full=True)
+    assert len(Predictor.from_experiment(workdir / "models/tiny").models) == 3
     assert FE.run(tiny_cfg(workdir / "comp", "train.epochs=2")).name == "tiny"  # without it, features go on
 
 
