@@ -18,7 +18,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from . import leaderboard, teachers
-from .artifacts import ArtifactGroup, kill_point, stage_lock
+from .artifacts import ArtifactGroup, kill_point, refuse_mixed_full_model, stage_lock
 from .competition import image_paths, load_folds, load_test, load_train, table_path
 from .errors import InputError
 from .images import ImageDataset, SharedImages, build_transform, loader_workers
@@ -86,14 +86,10 @@ def _run(cfg: dict, force: bool) -> Path:
                              f"{folds_df.shape[0]}-row folds file now has hash {folds_hash}; the OOF rows would "
                              "leak. Retrain (`make train`) with the current folds, or restore the old folds file.")
     use_full = fcfg["use_full"] and (mdir / "foldfull" / "best.pt").exists()
-    if use_full:  # the all-data model joins the test average only when trained with the fold models' config
+    if use_full:
         full = mdir / "foldfull" / "meta.json"
         metas["full"] = read_json(full) if full.exists() else {}
-        if metas["full"].get("stage_key") != metas[0]["stage_key"]:
-            raise InputError(f"{mdir}/foldfull was trained with another config than the fold models (stage key "
-                             f"{metas['full'].get('stage_key')}, folds: {metas[0]['stage_key']}), or did not finish; "
-                             "its test predictions would not match theirs. Retrain it with the current config "
-                             "(`make train ARGS=\"train.full=true\"`) or set features.use_full=false.")
+        refuse_mixed_full_model(mdir, {"fold0": metas[0]["stage_key"], "foldfull": metas["full"].get("stage_key")})
     key = config_hash([fcfg, [metas[k]["stage_key"] for k in metas], folds_hash, use_full,
                        file_hash(table_path(cfg, "test"))])
     # a leaky model's features are leaky (models trained before the mark was recorded: their config says it)

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from .artifacts import refuse_mixed_full_model
 from .errors import InputError
 from .images import build_transform, read_image, resolve_cache
 from .io import read_json
@@ -52,11 +53,9 @@ class Predictor:
         d = Path(models_dir)
         paths = sorted(p for p in d.glob("fold[0-9]*/best.pt") if folds is None or int(p.parent.name[4:]) in folds)
         if use_full and (d / "foldfull" / "best.pt").exists():
-            keys = {p.parent.name: read_json(p.parent / "meta.json").get("stage_key")
-                    for p in [*paths, d / "foldfull" / "best.pt"] if (p.parent / "meta.json").exists()}
-            if len(set(keys.values())) > 1:  # as in the features stage: one config, or the mean mixes models
-                raise InputError(f"{d}/foldfull was trained with another config than the fold models (stage keys "
-                                 f"{keys}); retrain it with their config, or leave use_full off.")
+            # only where meta.json files came along (a models folder copied to Kaggle may have none)
+            refuse_mixed_full_model(d, {p.parent.name: read_json(p.parent / "meta.json").get("stage_key")
+                                        for p in [*paths, d / "foldfull" / "best.pt"] if (p.parent / "meta.json").exists()})
             paths.append(d / "foldfull" / "best.pt")
         if not paths:
             raise InputError(f"{d}: no fold checkpoints (fold*/best.pt); run `make train` or copy the models folder.")
