@@ -167,16 +167,18 @@ def main():
     small = ["model.backbone=resnet10t", "train.lr=1e-3", "train.scheduler=cosine", "train.warmup_epochs=1"]
     # a 0.37M-parameter resnet runs 4x the baseline's epochs in its time (valid_from, cache: time savers only)
     eb = 4 * e
-    tiny = ["model.backbone=test_resnet", "train.batch_size=128", "train.lr=3e-3", "train.scheduler=cosine",
-            "train.warmup_epochs=1", f"train.valid_from={eb}", "data.cache=true"]
-    tiny2 = [*tiny[:-2], f"train.valid_from={2 * e}", "data.cache=true"]  # half (b)'s epochs, for two seeds
+    def tiny_net(epochs: int) -> list[str]:  # scored at its last epoch only
+        return ["model.backbone=test_resnet", "train.batch_size=128", "train.lr=3e-3", "train.scheduler=cosine",
+                "train.warmup_epochs=1", f"train.valid_from={epochs}", "data.cache=true"]
+
+    tiny = tiny_net(eb)
     rows = {
         "a  baseline (hand-written, resnet18)": lambda: baseline(root, e, args.folds),
         "p0 pipeline, same recipe as (a)": lambda: pipeline_run(root, "p0", e, args.folds, [P0], False, False),
         "b  equal time: tiny net, 4x epochs, lr 3e-3, aug, EMA": lambda: pipeline_run(
             root, "b", eb, args.folds, [tiny + [AFFINE, *EMA]], False, False),
         "b2 equal time: two tiny nets (2x epochs, seeds 42/43), level 2": lambda: pipeline_run(
-            root, "b2", 2 * e, args.folds, [[*tiny2, AFFINE, *EMA, f"seed={s}"] for s in (42, 43)], True, False),
+            root, "b2", 2 * e, args.folds, [[*tiny_net(2 * e), AFFINE, *EMA, f"seed={s}"] for s in (42, 43)], True, False),
         "b' previous (b): resnet10t, lr 1e-3, aug, EMA, +1 epoch": lambda: pipeline_run(
             root, "b'", e + 1, args.folds, [small + [AFFINE, *EMA, f"train.valid_from={e + 1}", "data.cache=true"]],
             False, False),
