@@ -10,6 +10,7 @@ public/private, wall time and |CV - private|:
                 writer, Adam 3e-4 with one-cycle, fold-mean on test.
   (b) recipe    the pipeline built only from config switches, within the baseline's wall time (±10%);
                 b2 spends the same time on two seeds of (b) at half the epochs, blended at level 2;
+                bf trains (b)'s fold models (for CV) and one model on all rows that alone predicts test;
                 b+ spends more time (two nets, a pseudo-label round, level 2).
   (c) ablation  (b) without each of its switches (b-aug, b-ema); each switch of (b) on its own on top of
                 the pipeline's plain run (p0); the other switches (multi-scale TTA, level 2, post-processing,
@@ -150,7 +151,8 @@ def pipeline_run(root: Path, name: str, epochs: int, n_folds: int, level1: list[
     if test_folds.exists():  # each fold model alone on the test set (level 1 only)
         t = pd.read_parquet(test_folds)
         cols = [c for c in t.columns if c.endswith("__mean")]
-        one = float(np.mean([score(root, g["id"], g[cols].to_numpy().argmax(1))["private"] for _, g in t.groupby("fold")]))
+        one = float(np.mean([score(root, g["id"], g[cols].to_numpy().argmax(1))["private"]
+                             for k, g in t.groupby("fold") if k != "full"]))  # the fold models
     return {"cv": cv["overall"]["tta"], "folds": folds, "one_model_private": one, **summary["local"]}
 
 
@@ -179,6 +181,9 @@ def main():
             root, "b", eb, args.folds, [tiny + [AFFINE, *EMA]], False, False),
         "b2 equal time: two tiny nets (2x epochs, seeds 42/43), level 2": lambda: pipeline_run(
             root, "b2", 2 * e, args.folds, [[*tiny_net(2 * e), AFFINE, *EMA, f"seed={s}"] for s in (42, 43)], True, False),
+        "bf (b) at 3/4 the epochs + an all-data model alone on test": lambda: pipeline_run(
+            root, "bf", eb * 3 // 4, args.folds,
+            [[*tiny_net(eb * 3 // 4), AFFINE, *EMA, "train.full=true", "features.use_full=only"]], False, False),
         "b' previous (b): resnet10t, lr 1e-3, aug, EMA, +1 epoch": lambda: pipeline_run(
             root, "b'", e + 1, args.folds, [small + [AFFINE, *EMA, f"train.valid_from={e + 1}", "data.cache=true"]],
             False, False),

@@ -130,7 +130,7 @@ def collect(cfg: dict, name: str, sets: dict, files: dict) -> None:
                              "not carry; bundle an experiment made without features.pca.")
         spec.update(kind="features", models=[], features={k: fcfg[k] for k in (
             "tta", "scales", "stats", "keep_views", "embedding", "batch_size")})
-        for k in meta["models"]:
+        for k in meta.get("test_models", meta["models"]):  # the models behind test.parquet
             ckpt = fold_dir(cfg, k, name) / "best.pt"
             if not ckpt.exists():
                 raise InputError(f"{ckpt}: checkpoint of fold {k} of '{name}' is missing, but {d} was made with it; "

@@ -1,7 +1,8 @@
 """``make features``: out-of-fold and test outputs of every fold model, with test-time augmentation.
 
 Every train row's features come from the one fold model that never trained on it (its ``fold`` is
-recorded per row and checked against the folds file); test features are the mean over fold models.
+recorded per row and checked against the folds file); test features are the mean over fold models
+(``features.use_full``: plus the all-data model, or that model alone).
 Each TTA view's outputs are aggregated per output as mean/var/max/min (``features.stats``); all views
 of a batch go through the network in one forward pass. Columns are named
 ``<experiment>__<head>__<output>__<stat>``. Outputs: ``features/<experiment>/oof.parquet`` and
@@ -85,7 +86,11 @@ def _run(cfg: dict, force: bool) -> Path:
             raise InputError(f"{mdir}/fold{k} was trained with folds file hash {metas[k]['folds_hash']}, but "
                              f"{folds_df.shape[0]}-row folds file now has hash {folds_hash}; the OOF rows would "
                              "leak. Retrain (`make train`) with the current folds, or restore the old folds file.")
-    use_full = fcfg["use_full"] and (mdir / "foldfull" / "best.pt").exists()
+    has_full = (mdir / "foldfull" / "best.pt").exists()
+    if fcfg["use_full"] == "only" and not has_full:
+        raise InputError(f"{mdir}/foldfull: no all-data model, but features.use_full=only predicts the test rows with "
+                         "it alone. Train it (`make train ARGS=\"train.full=true\"`) or set features.use_full=false.")
+    use_full = bool(fcfg["use_full"]) and has_full
     if use_full:
         full = mdir / "foldfull" / "meta.json"
         metas["full"] = read_json(full) if full.exists() else {}
@@ -108,6 +113,9 @@ def _run(cfg: dict, force: bool) -> Path:
     parts = out / "parts"
     oof_parts, test_parts = [], []
     models = list(range(n_splits)) + (["full"] if use_full else [])
+    test_models = ["full"] if fcfg["use_full"] == "only" else models
+    if fcfg["use_full"] == "only":
+        log("[features] test rows: the all-data model alone (features.use_full=only); OOF rows: the fold models")
     from tqdm.auto import tqdm
 
     workers = loader_workers(cfg["data"], device)
@@ -160,13 +168,14 @@ def _run(cfg: dict, force: bool) -> Path:
         if list(part.columns) != list(test_parts[0].columns):
             raise InputError(f"{parts}/fold{m}_test.parquet has other feature columns than fold {models[0]}'s; its "
                              f"models disagree on heads or embedding size. Retrain them together, or rerun with --force.")
-    mean = np.mean([p[feat_cols].to_numpy() for p in test_parts], axis=0)
+    mean = np.mean([p[feat_cols].to_numpy() for p, m in zip(test_parts, models) if m in test_models], axis=0)
     test = pd.concat([test_parts[0][[id_col]], pd.DataFrame(mean, columns=feat_cols)], axis=1)
 
     heads = [h["name"] for h in torch.load(mdir / "fold0" / "best.pt", map_location="cpu", weights_only=False)["heads"]]
     cv = score_table(cfg, oof, train_df, exp, heads[0], fold_of)
     view_cols = [c for c in oof.columns if (col := parse_column(c)) and col.stat == "view0"]
     meta = provenance(cfg, "features", key, folds_hash=folds_hash, cv=cv, models=[str(m) for m in models],
+                      test_models=[str(m) for m in test_models],
                       views=len(views), leak=leak, model_keys={str(k): m.get("stage_key") for k, m in metas.items()})
     with ArtifactGroup(out / "meta.json") as group:
         group.parquet(oof_path, oof.drop(columns=view_cols), meta)
@@ -180,7 +189,8 @@ def _run(cfg: dict, force: bool) -> Path:
     leaderboard.record(cfg, "features", started, cv=cv["overall"]["tta"],
                        folds={k: v["tta"] for k, v in cv.items() if k != "overall"},
                        artifacts=[str(oof_path), str(test_path)], note=f"{len(views)} TTA views; no-TTA CV "
-                       f"{cv['overall']['no_tta']:.6f}" + (f"; {leak}" if leak else ""))
+                       f"{cv['overall']['no_tta']:.6f}" + ("; test: the all-data model alone" if test_models != models
+                                                           else "") + (f"; {leak}" if leak else ""))
     log(cv_text(cv, get_metric(cfg["competition"]["metric"]).name))
     log(f"[features] wrote {oof_path} ({oof.shape[0]} rows) and {test_path} ({test.shape[0]} rows), "
         f"{len(feat_cols)} feature columns")

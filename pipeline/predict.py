@@ -49,9 +49,15 @@ class Predictor:
         self.heads = self.models[0].head_specs
 
     @classmethod
-    def from_experiment(cls, models_dir: str | Path, folds=None, use_full: bool = False, device: str = "auto"):
+    def from_experiment(cls, models_dir: str | Path, folds=None, use_full: bool | str = False, device: str = "auto"):
+        """The fold models' mean; ``use_full``: True adds the all-data model (``foldfull``), "only" uses it alone."""
         d = Path(models_dir)
         paths = sorted(p for p in d.glob("fold[0-9]*/best.pt") if folds is None or int(p.parent.name[4:]) in folds)
+        if use_full == "only":
+            if not (d / "foldfull" / "best.pt").exists():
+                raise InputError(f"{d}/foldfull/best.pt: no all-data model to predict with alone; train it "
+                                 "(`make train ARGS=\"train.full=true\"`) or copy it, or leave use_full off.")
+            return cls([d / "foldfull" / "best.pt"], device)
         if use_full and (d / "foldfull" / "best.pt").exists():
             # only where meta.json files came along (a models folder copied to Kaggle may have none)
             refuse_mixed_full_model(d, {p.parent.name: read_json(p.parent / "meta.json").get("stage_key")

@@ -238,7 +238,9 @@ class Features(_Section):
     batch_size: int = Field(256, ge=1)
     embedding: bool = False  # also dump the pooled backbone embedding (identity view)
     pca: int = Field(0, ge=0)  # reduce it to this many components, PCA fitted inside each fold on its train rows
-    use_full: bool = False
+    # the all-data model (train.full): true = it joins the fold mean on test; "only" = it alone predicts test
+    # (one model to ship; the fold models still make the OOF rows, so CV is then a single model's, like the test's)
+    use_full: Union[bool, Literal["only"]] = False
 
     @field_validator("scales")
     @classmethod

@@ -236,6 +236,41 @@ def test_all_data_model_joins_the_test_mean_when_asked(workdir):
     assert FE.run(tiny_cfg(workdir / "comp", "train.epochs=2")).name == "tiny"  # without it, features go on
 
 
+def test_all_data_model_alone_predicts_test_while_fold_models_make_the_oof(workdir):
+    """features.use_full=only: test.parquet is the all-data model's output alone (one model to ship), the
+    OOF rows and the CV are the fold models' as without it, and the bundle and the Predictor carry that model only."""
+    from pipeline.bundle import collect
+    from pipeline.competition import load_test
+    from pipeline.inference import level1_frame
+    from pipeline.predict import Predictor
+
+    T.run(tiny_cfg(workdir / "comp", "train.epochs=1"))
+    with pytest.raises(InputError, match="no all-data model"):  # asked for, not trained: refused, not ignored
+        FE.run(tiny_cfg(workdir / "comp", "train.epochs=1", "features.use_full=only"))
+    cfg = tiny_cfg(workdir / "comp", "train.epochs=1", "train.full=true", "features.use_full=only")
+    T.run(cfg)
+    folds_only = pd.read_parquet(FE.run(tiny_cfg(workdir / "comp", "train.epochs=1", "train.full=true")) / "oof.parquet")
+    out = FE.run(cfg)
+    cols = [f"tiny__target__{j}__mean" for j in range(3)]
+    test, full = pd.read_parquet(out / "test.parquet"), pd.read_parquet(out / "parts" / "foldfull_test.parquet")
+    assert np.allclose(test[cols].to_numpy(), full[cols].to_numpy(), atol=1e-7)
+    folds_mean = np.mean([pd.read_parquet(out / "parts" / f"fold{k}_test.parquet")[cols].to_numpy() for k in range(3)], 0)
+    assert not np.allclose(test[cols].to_numpy(), folds_mean, atol=1e-4)  # the fold models are left out
+    pd.testing.assert_frame_equal(pd.read_parquet(out / "oof.parquet"), folds_only)  # the CV is the fold models'
+    assert read_parquet_meta(out / "test.parquet")["test_models"] == ["full"]
+    sets, files = {}, {}
+    collect(cfg, "tiny", sets, files)
+    assert sets["tiny"]["models"] == ["models/tiny/foldfull.pt"] and [f for f in files if f.startswith("models/")] == [
+        "models/tiny/foldfull.pt"]
+    frame = level1_frame(Path("."), "tiny", {**sets["tiny"], "models": ["models/tiny/foldfull/best.pt"]}, cfg,
+                         load_test(cfg), torch.device("cpu"))
+    assert np.allclose(frame[cols].to_numpy(), test[cols].to_numpy(), atol=1e-5)  # the notebook predicts the same
+    alone = Predictor.from_experiment(workdir / "models/tiny", use_full="only")
+    assert len(alone.models) == 1
+    pred = alone.predict([f"comp/images/{i}.png" for i in test["id"]], tta=cfg["features"]["tta"])
+    assert np.allclose(pred["target"], test[cols].to_numpy(), atol=1e-5)
+
+
 @pytest.mark.parametrize("tta,scales", [("hflip", [1.0]), ("d4", [1.0]), ("none", [0.875, 1.0, 1.125]),
                                         ("flip", [1.0, 1.25])])
 def test_each_tta_view_row_by_row_equals_the_model_on_that_transformed_image_alone(tta, scales):
