@@ -53,16 +53,15 @@ class Predictor:
         """The fold models' mean; ``use_full``: True adds the all-data model (``foldfull``), "only" uses it alone."""
         d = Path(models_dir)
         paths = sorted(p for p in d.glob("fold[0-9]*/best.pt") if folds is None or int(p.parent.name[4:]) in folds)
-        if use_full == "only":
-            if not (d / "foldfull" / "best.pt").exists():
-                raise InputError(f"{d}/foldfull/best.pt: no all-data model to predict with alone; train it "
-                                 "(`make train ARGS=\"train.full=true\"`) or copy it, or leave use_full off.")
-            return cls([d / "foldfull" / "best.pt"], device)
-        if use_full and (d / "foldfull" / "best.pt").exists():
+        full = d / "foldfull" / "best.pt"
+        if use_full == "only" and not full.exists():
+            raise InputError(f"{full}: no all-data model to predict with alone; train it "
+                             "(`make train ARGS=\"train.full=true\"`) or copy it, or leave use_full off.")
+        if use_full and full.exists():
             # only where meta.json files came along (a models folder copied to Kaggle may have none)
             refuse_mixed_full_model(d, {p.parent.name: read_json(p.parent / "meta.json").get("stage_key")
-                                        for p in [*paths, d / "foldfull" / "best.pt"] if (p.parent / "meta.json").exists()})
-            paths.append(d / "foldfull" / "best.pt")
+                                        for p in [*paths, full] if (p.parent / "meta.json").exists()})
+            paths = [full] if use_full == "only" else [*paths, full]
         if not paths:
             raise InputError(f"{d}: no fold checkpoints (fold*/best.pt); run `make train` or copy the models folder.")
         return cls(paths, device)
