@@ -142,3 +142,12 @@ def refuse_mixed_full_model(models: Path, stage_keys: dict) -> None:
         raise InputError(f"{models}/foldfull was trained with another config than the fold models (stage keys "
                          f"{stage_keys}), or did not finish; its test predictions would not match theirs. Retrain it "
                          "with their config (`make train ARGS=\"train.full=true\"`) or leave features.use_full off.")
+
+
+def require_full_model(models: Path) -> Path:
+    """The all-data model's checkpoint, for ``use_full=only`` (it alone predicts the test rows): refused if absent."""
+    full = models / "foldfull" / "best.pt"
+    if not full.exists():
+        raise InputError(f"{full}: no all-data model, but use_full=only predicts the test rows with it alone. Train "
+                         "it (`make train ARGS=\"train.full=true\"`) or copy it, or set features.use_full=false.")
+    return full

@@ -19,7 +19,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from . import leaderboard, teachers
-from .artifacts import ArtifactGroup, kill_point, refuse_mixed_full_model, stage_lock
+from .artifacts import ArtifactGroup, kill_point, refuse_mixed_full_model, require_full_model, stage_lock
 from .competition import image_paths, load_folds, load_test, load_train, table_path
 from .errors import InputError
 from .images import ImageDataset, SharedImages, build_transform, loader_workers
@@ -86,11 +86,9 @@ def _run(cfg: dict, force: bool) -> Path:
             raise InputError(f"{mdir}/fold{k} was trained with folds file hash {metas[k]['folds_hash']}, but "
                              f"{folds_df.shape[0]}-row folds file now has hash {folds_hash}; the OOF rows would "
                              "leak. Retrain (`make train`) with the current folds, or restore the old folds file.")
-    has_full = (mdir / "foldfull" / "best.pt").exists()
-    if fcfg["use_full"] == "only" and not has_full:
-        raise InputError(f"{mdir}/foldfull: no all-data model, but features.use_full=only predicts the test rows with "
-                         "it alone. Train it (`make train ARGS=\"train.full=true\"`) or set features.use_full=false.")
-    use_full = bool(fcfg["use_full"]) and has_full
+    if fcfg["use_full"] == "only":
+        require_full_model(mdir)
+    use_full = bool(fcfg["use_full"]) and (mdir / "foldfull" / "best.pt").exists()
     if use_full:
         full = mdir / "foldfull" / "meta.json"
         metas["full"] = read_json(full) if full.exists() else {}

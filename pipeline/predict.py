@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from .artifacts import refuse_mixed_full_model
+from .artifacts import refuse_mixed_full_model, require_full_model
 from .errors import InputError
 from .images import build_transform, read_image, resolve_cache
 from .io import read_json
@@ -53,10 +53,7 @@ class Predictor:
         """The fold models' mean; ``use_full``: True adds the all-data model (``foldfull``), "only" uses it alone."""
         d = Path(models_dir)
         paths = sorted(p for p in d.glob("fold[0-9]*/best.pt") if folds is None or int(p.parent.name[4:]) in folds)
-        full = d / "foldfull" / "best.pt"
-        if use_full == "only" and not full.exists():
-            raise InputError(f"{full}: no all-data model to predict with alone; train it "
-                             "(`make train ARGS=\"train.full=true\"`) or copy it, or leave use_full off.")
+        full = require_full_model(d) if use_full == "only" else d / "foldfull" / "best.pt"
         if use_full and full.exists():
             # only where meta.json files came along (a models folder copied to Kaggle may have none)
             refuse_mixed_full_model(d, {p.parent.name: read_json(p.parent / "meta.json").get("stage_key")

@@ -63,7 +63,7 @@ def pseudo_labels(cfg: dict, fold, folds_hash: str, id_col: str) -> tuple[np.nda
     meta = require_complete(src, ["test_folds.parquet"], f"per-fold test predictions of '{pc['source']}'",
                             f"run `make features` for experiment '{pc['source']}' first")
     _same_folds(meta, folds_hash, src)
-    # the all-data student learns from the fold mean, so every model behind it must still be the one used
+    # the all-data student learns from test.parquet, so every model behind it must still be the one used
     made_from = meta.get("model_keys") or {}
     for k in (made_from if str(fold) == "full" else [str(fold)] if str(fold) in made_from else []):
         model_meta = models_dir(cfg, pc["source"]) / f"fold{k}" / "meta.json"
