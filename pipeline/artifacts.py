@@ -41,7 +41,8 @@ def stage_lock(path: str | Path) -> Iterator[None]:
     import tempfile
 
     name = hashlib.sha256(str(Path(path).resolve()).encode()).hexdigest()[:20]
-    lock = Path(tempfile.gettempdir()) / "pipeline-locks" / f"{name}.lock"
+    # one folder per user: another user's lock folder on a shared machine is not writable for us
+    lock = Path(tempfile.gettempdir()) / f"pipeline-locks-{os.getuid()}" / f"{name}.lock"
     lock.parent.mkdir(parents=True, exist_ok=True)
     with open(lock, "a") as f:
         fcntl.flock(f, fcntl.LOCK_EX)

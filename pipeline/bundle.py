@@ -36,7 +36,7 @@ from .competition import class_labels, table_path
 from .config import yaml_load
 from .errors import ConfigError, InputError
 from .inference import FORMAT, MANIFEST, predict
-from .io import config_hash, git_info, is_up_to_date, log, read_json, write_json
+from .io import config_hash, git_info, is_up_to_date, load_checkpoint, log, read_json, write_json
 from .level2 import SAVED
 from .paths import features_dir, fold_dir, submission_source, under
 from .wheels import build_wheels
@@ -172,7 +172,7 @@ def copy_checkpoint(src: Path, dst: Path, fp16: bool) -> None:
     precision with ``fp16``; no optimizer or EMA state."""
     import torch
 
-    ckpt = torch.load(src, map_location="cpu", weights_only=False)
+    ckpt = load_checkpoint(src)
     keep = {k: ckpt[k] for k in ("model", "heads", "model_cfg", "data_cfg", "fold", "epoch", "score", "metric",
                                  "stage_key") if k in ckpt}
     if fp16:

@@ -23,8 +23,8 @@ from .artifacts import ArtifactGroup, kill_point, refuse_mixed_full_model, requi
 from .competition import image_paths, load_folds, load_test, load_train, table_path
 from .errors import InputError
 from .images import ImageDataset, SharedImages, build_transform, loader_workers
-from .io import (config_hash, file_hash, is_up_to_date, log, provenance, read_json, read_parquet_meta,
-                 resolved_config_text, write_parquet)
+from .io import (config_hash, file_hash, is_up_to_date, load_checkpoint, log, provenance, read_json,
+                 read_parquet_meta, resolved_config_text, write_parquet)
 from .metrics import get_metric
 from .models import load_model, pick_device
 from .paths import (
@@ -169,7 +169,7 @@ def _run(cfg: dict, force: bool) -> Path:
     mean = np.mean([p[feat_cols].to_numpy() for p, m in zip(test_parts, models) if m in test_models], axis=0)
     test = pd.concat([test_parts[0][[id_col]], pd.DataFrame(mean, columns=feat_cols)], axis=1)
 
-    heads = [h["name"] for h in torch.load(mdir / "fold0" / "best.pt", map_location="cpu", weights_only=False)["heads"]]
+    heads = [h["name"] for h in load_checkpoint(mdir / "fold0" / "best.pt")["heads"]]
     cv = score_table(cfg, oof, train_df, exp, heads[0], fold_of)
     view_cols = [c for c in oof.columns if (col := parse_column(c)) and col.stat == "view0"]
     meta = provenance(cfg, "features", key, folds_hash=folds_hash, cv=cv, models=[str(m) for m in models],

@@ -158,3 +158,30 @@ def is_up_to_date(meta_path: str | Path, key: str, outputs: list[str | Path]) ->
 
 def log(msg: str) -> None:
     print(msg, flush=True)
+
+
+def load_checkpoint(path: str | Path, mmap: bool = False) -> Any:
+    """A ``.pt`` file as tensors and plain values, never running code: ``torch.load(weights_only=True)``.
+    A file that holds pickled objects or code (a crafted checkpoint from a dataset or a teammate) and a
+    file that is not a checkpoint at all are refused, naming the file; nothing in it is executed."""
+    import pickle
+
+    import torch
+
+    from .errors import InputError
+
+    path = Path(path)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except pickle.UnpicklingError as exc:
+        import re
+
+        found = re.search(r"GLOBAL (\S+)", str(exc))
+        what = f"a pickled '{found.group(1)}'" if found else "pickled objects other than tensors and plain values"
+        raise InputError(f"{path}: refused to load: it holds {what}; loading it could run code. Use a checkpoint written by this pipeline or a "
+                         "plain state dict (torch.save(model.state_dict()) or .safetensors)") from None
+    except (RuntimeError, EOFError, OSError, ValueError) as exc:
+        if isinstance(exc, FileNotFoundError):
+            raise InputError(f"{path}: checkpoint not found") from None
+        raise InputError(f"{path}: cannot be read as a PyTorch checkpoint ({str(exc).splitlines()[0][:160]}); "
+                         "is it truncated or another kind of file?") from None

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 from .errors import InputError
 from .paths import targets
+from .io import load_checkpoint
 
 
 @dataclass
@@ -170,7 +171,7 @@ def load_backbone_weights(backbone: nn.Module, path: str | Path, strict_min: flo
     if not path.exists():
         raise InputError(f"model.init: weights file {path} does not exist (no download is ever attempted); "
                          "run `make pretrain` or name a local file.")
-    state = torch.load(path, map_location="cpu", weights_only=False)
+    state = load_checkpoint(path)
     if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
         state = state["model"]
     clean = {}
@@ -199,7 +200,7 @@ def save_checkpoint_model(model: Net, cfg: dict, extra: dict) -> dict:
 
 def load_model(path: str | Path, device: str = "cpu") -> tuple[Net, dict]:
     """Rebuild a network from a fold checkpoint written by ``train`` (no config needed)."""
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    ckpt = load_checkpoint(path)
     heads = [Head(**h) for h in ckpt["heads"]]
     m = ckpt["model_cfg"]
     net = Net(create_backbone(m["backbone"], ckpt["data_cfg"]["in_chans"]), heads, m["pool"], m["bnneck"], 0.0)

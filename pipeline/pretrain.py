@@ -26,7 +26,7 @@ from .artifacts import ArtifactGroup, stage_lock
 from .competition import image_paths, load_test, load_train
 from .errors import InputError
 from .images import build_transform, data_key, read_image
-from .io import config_hash, is_up_to_date, log, provenance, resolved_config_text
+from .io import config_hash, is_up_to_date, load_checkpoint, log, provenance, resolved_config_text
 from .metrics import Metric
 from .models import Head, create_backbone, load_backbone_weights
 from .paths import pretrain_file
@@ -207,7 +207,7 @@ def _run(cfg: dict, force: bool) -> Path:
     result = trainer.fit()
     if not trainer.dist.main:
         return out
-    best = torch.load(work / "best.pt", map_location="cpu", weights_only=False)
+    best = load_checkpoint(work / "best.pt")
     backbone_state = {k[len("backbone."):]: v for k, v in best["model"].items() if k.startswith("backbone.")}
     with ArtifactGroup(meta_path) as group:
         staged = group.add(out, lambda tmp: torch.save(backbone_state, tmp))

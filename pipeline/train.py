@@ -21,15 +21,7 @@ from .competition import fold_of, load_folds, load_train, table_path
 from .distributed import Dist
 from .errors import InputError
 from .images import data_key
-from .io import (
-    config_hash,
-    file_hash,
-    log,
-    provenance,
-    read_json,
-    write_json,
-    write_resolved_config,
-)
+from .io import config_hash, file_hash, load_checkpoint, log, provenance, read_json, write_json, write_resolved_config
 from .metrics import get_metric
 from .models import heads_for
 from .paths import models_dir, targets, valid_prediction
@@ -56,7 +48,7 @@ def fold_is_current(out: Path, key: str) -> bool:
     try:
         if not meta.exists() or not best.exists() or read_json(meta).get("stage_key") != key:
             return False
-        if torch.load(best, map_location="cpu", weights_only=False, mmap=True).get("stage_key") != key:
+        if load_checkpoint(best, mmap=True).get("stage_key") != key:
             return False
         return not valid.exists() or read_parquet_meta(valid).get("stage_key") == key
     except (OSError, ValueError, RuntimeError):

@@ -27,7 +27,7 @@ from .averaging import ModelEma
 from .competition import image_paths
 from .distributed import Dist
 from .images import ImageDataset, build_transform, loader_workers, resolve_cache, seed_everything, seed_worker
-from .io import atomic_path, log, write_parquet
+from .io import atomic_path, load_checkpoint, log, write_parquet
 from .losses import Criterion, class_weight_tensor, head_targets
 from .metrics import get_metric
 from .models import (
@@ -79,6 +79,17 @@ EPOCH_HOOKS: list = []
 def to_device(y: dict, device) -> dict:
     return {k: v.to(device, non_blocking=True) for k, v in y.items()}
 
+
+
+def _numpy_rng_state() -> tuple:
+    """numpy's global RNG state with its key array as a tensor: last.pt stays loadable with weights_only."""
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    return name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached
+
+
+def _numpy_rng_from(state) -> tuple:
+    name, keys, pos, has_gauss, cached = state
+    return name, np.asarray(keys, dtype=np.int64).astype(np.uint32), pos, has_gauss, cached
 
 class FoldTrainer:
     """Trains one fold: the loop over epochs and batches, validation, checkpoints, resume."""
@@ -165,7 +176,7 @@ class FoldTrainer:
                 "sched": self.sched.state_dict(), "scaler": self.scaler.state_dict(),
                 "ema": self.ema.state_dict() if self.ema else None, "ema_updates": self.ema.updates if self.ema else 0,
                 "swa": self.swa.state_dict() if self.swa is not None else None,
-                "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}}
+                "rng": {"torch": torch.get_rng_state(), "numpy": _numpy_rng_state(), "python": random.getstate()}}
         with atomic_path(self.out_dir / "last.pt") as tmp:
             torch.save(ckpt, tmp)
 
@@ -173,7 +184,7 @@ class FoldTrainer:
         path = self.out_dir / "last.pt"
         if not path.exists():
             return False
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+        ckpt = load_checkpoint(path)
         if ckpt.get("key") != self.key:
             log(f"[train] fold {self.fold}: {path} belongs to another config; starting over")
             return False
@@ -189,7 +200,7 @@ class FoldTrainer:
             self.swa.load_state_dict(ckpt["swa"])
         self.state = ckpt["state"]
         torch.set_rng_state(ckpt["rng"]["torch"])
-        np.random.set_state(ckpt["rng"]["numpy"])
+        np.random.set_state(_numpy_rng_from(ckpt["rng"]["numpy"]))
         random.setstate(ckpt["rng"]["python"])
         log(f"[train] fold {self.fold}: resuming from {path} at epoch {self.state['epoch']}")
         return True

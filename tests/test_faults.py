@@ -107,8 +107,8 @@ def test_kill_9_during_pretrain_then_rerun_equals_an_uninterrupted_run(project):
     # (both through the command line, so both use the same thread count: bitwise-equal weights)
     assert "resuming from" in cli("pretrain", "name=killed", "data.image_size=24").stdout
     assert cli("pretrain", "name=whole", "data.image_size=24").returncode == 0
-    a = torch.load("models/pretrain/killed-test_resnet.pt", weights_only=False)
-    b = torch.load("models/pretrain/whole-test_resnet.pt", weights_only=False)
+    a = torch.load("models/pretrain/killed-test_resnet.pt", weights_only=True)
+    b = torch.load("models/pretrain/whole-test_resnet.pt", weights_only=True)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
@@ -118,12 +118,12 @@ def test_killed_training_never_leaves_other_weights_marked_up_to_date(project):
     FO.run(cfg())
     first = ["train.folds=[0]", "train.epochs=1"]
     assert cli("train", *first).returncode == 0
-    reference = torch.load("models/tiny/fold0/best.pt", weights_only=False)["model"]
+    reference = torch.load("models/tiny/fold0/best.pt", weights_only=True)["model"]
     killed = cli("train", "train.folds=[0]", "train.epochs=4", "train.lr=0.05", kill="epoch:1")
     assert killed.returncode == -9
     again = cli("train", *first)
     assert again.returncode == 0 and "fold 0 up to date" not in again.stdout
-    now = torch.load("models/tiny/fold0/best.pt", weights_only=False)["model"]
+    now = torch.load("models/tiny/fold0/best.pt", weights_only=True)["model"]
     assert all(torch.equal(reference[k], now[k]) for k in reference)  # the first config's weights again
     assert "fold 0 up to date" in cli("train", *first).stdout
 

@@ -194,7 +194,7 @@ def test_make_kaggle_bundles_what_inference_needs_and_says_so(demo):
     assert manifest["sets"]["demo-resnet"]["features"]["tta"] == "hflip"
     import torch
 
-    ckpt = torch.load(bundle / "models/demo-small/fold2.pt", map_location="cpu", weights_only=False)
+    ckpt = torch.load(bundle / "models/demo-small/fold2.pt", map_location="cpu", weights_only=True)
     assert set(ckpt) <= {"model", "heads", "model_cfg", "data_cfg", "fold", "epoch", "score", "metric", "stage_key"}
     assert ckpt["fold"] == 2 and ckpt["data_cfg"]["image_size"] == 24  # demo-small's own image size
     # stack saved its LightGBM models per fold; the bundle carries them with the tuned rules

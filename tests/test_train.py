@@ -18,7 +18,7 @@ from tests.conftest import TINY, tiny_cfg
 
 
 def weights(path, key="model"):
-    return torch.load(path, map_location="cpu", weights_only=False)[key]
+    return torch.load(path, map_location="cpu", weights_only=True)[key]
 
 
 def same_state(a, b):
@@ -71,7 +71,7 @@ def test_resume_after_kill_9_ends_with_same_weights(workdir, kill_at):
 
 def test_ema_weights_differ_from_raw_and_are_the_ones_evaluated_and_saved(workdir):
     T.run(tiny_cfg(workdir / "comp", "train.folds=[0]", "train.epochs=1", "train.ema=true", "train.ema_decay=0.9"))
-    last = torch.load("models/tiny/fold0/last.pt", map_location="cpu", weights_only=False)
+    last = torch.load("models/tiny/fold0/last.pt", map_location="cpu", weights_only=True)
     raw, ema = last["model"], {k.removeprefix("module."): v for k, v in last["ema"].items()}
     best = weights("models/tiny/fold0/best.pt")
     assert not same_state(raw, ema)
@@ -101,7 +101,7 @@ def test_early_stopping_stops(workdir):
 
 def test_swa_weights_are_saved_as_the_model(workdir):
     T.run(tiny_cfg(workdir / "comp", "train.folds=[0]", "train.epochs=3", "train.swa=true", "train.swa_start=0.3"))
-    ck = torch.load("models/tiny/fold0/best.pt", map_location="cpu", weights_only=False)
+    ck = torch.load("models/tiny/fold0/best.pt", map_location="cpu", weights_only=True)
     assert ck["epoch"] == "swa"
     assert not same_state(ck["model"], weights("models/tiny/fold0/last.pt"))
 
@@ -283,7 +283,7 @@ def test_lr_finder_writes_plot_and_a_sane_suggestion(workdir, capsys):
 def _one_fold(workdir, *over, name="opt"):
     cfg = tiny_cfg(workdir / "comp", "train.folds=[0]", "train.epochs=1", *over, name=name)
     T.run(cfg)
-    return cfg, torch.load(f"models/{name}/fold0/last.pt", map_location="cpu", weights_only=False)
+    return cfg, torch.load(f"models/{name}/fold0/last.pt", map_location="cpu", weights_only=True)
 
 
 def test_pooling_and_neck_options(workdir):
@@ -313,7 +313,7 @@ def test_auxiliary_and_vector_heads_train_with_their_own_outputs(workdir):
               "train.loss_weights={tab: 0.5, vec: 0.1}")
     valid = pd.read_parquet("models/opt/fold0/best_valid.parquet")
     assert {"target__0", "target__2", "tab__0", "vec__0", "vec__1"} <= set(valid.columns)
-    ck = torch.load("models/opt/fold0/best.pt", map_location="cpu", weights_only=False)
+    ck = torch.load("models/opt/fold0/best.pt", map_location="cpu", weights_only=True)
     assert {h["name"]: (h["kind"], h["weight"]) for h in ck["heads"]} == {
         "target": ("multiclass", 1.0), "tab": ("regression", 0.5), "vec": ("vector", 0.1)}
 
@@ -506,7 +506,7 @@ def test_valid_from_scores_only_the_later_epochs_and_the_best_comes_from_them(wo
     T.run(tiny_cfg(workdir / "comp", "train.folds=[0]", "train.epochs=3", "train.valid_from=3"))
     log = pd.read_csv(workdir / "models/tiny/fold0/log.csv")
     assert log["score"].isna().tolist() == [True, True, False]
-    assert torch.load(workdir / "models/tiny/fold0/best.pt", weights_only=False)["epoch"] == 3
+    assert torch.load(workdir / "models/tiny/fold0/best.pt", weights_only=True)["epoch"] == 3
 
 
 def test_training_curves_leave_out_epochs_that_were_not_scored():
