@@ -68,6 +68,11 @@ def _stage(argv: list[str]) -> int:
                         help="do nothing; exit 0 when the stage's outputs are up to date, 1 when it would run")
     parser.add_argument("overrides", nargs="*", help="config overrides, e.g. train.epochs=3 folds.n_splits=4")
     args = parser.parse_intermixed_args(argv)
+    if not args.config:
+        from .errors import ConfigError
+
+        raise ConfigError(f"{args.stage}: no config file; pass -c configs/<experiment>.yaml (the built-in defaults "
+                          "alone describe no competition of yours and would overwrite the shared folds file)")
     config = _enter_project(args.config)
     cfg = load_config(config, args.overrides)
     if args.check:

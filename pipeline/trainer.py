@@ -10,7 +10,6 @@ uninterrupted one.
 from __future__ import annotations
 
 import math
-import random
 import time
 from pathlib import Path
 
@@ -21,13 +20,14 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
-from . import teachers
+from . import resume, teachers
 from .artifacts import kill_point
 from .averaging import ModelEma
 from .competition import image_paths
 from .distributed import Dist
+from .errors import PipelineError
 from .images import ImageDataset, build_transform, loader_workers, resolve_cache, seed_everything, seed_worker
-from .io import atomic_path, load_checkpoint, log, write_parquet
+from .io import atomic_path, log, write_parquet
 from .losses import Criterion, class_weight_tensor, head_targets
 from .metrics import get_metric
 from .models import (
@@ -81,15 +81,9 @@ def to_device(y: dict, device) -> dict:
 
 
 
-def _numpy_rng_state() -> tuple:
-    """numpy's global RNG state with its key array as a tensor: last.pt stays loadable with weights_only."""
-    name, keys, pos, has_gauss, cached = np.random.get_state()
-    return name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached
+class TrainingDiverged(PipelineError):
+    """A NaN or infinite loss: the config's to fix (learning rate, clipping, AMP), never a saved model."""
 
-
-def _numpy_rng_from(state) -> tuple:
-    name, keys, pos, has_gauss, cached = state
-    return name, np.asarray(keys, dtype=np.int64).astype(np.uint32), pos, has_gauss, cached
 
 class FoldTrainer:
     """Trains one fold: the loop over epochs and batches, validation, checkpoints, resume."""
@@ -170,40 +164,11 @@ class FoldTrainer:
         return self.ema.module if self.ema is not None else self.model
 
     def save_last(self):
-        if not self.dist.main:
-            return
-        ckpt = {"key": self.key, "state": self.state, "model": self.model.state_dict(), "opt": self.opt.state_dict(),
-                "sched": self.sched.state_dict(), "scaler": self.scaler.state_dict(),
-                "ema": self.ema.state_dict() if self.ema else None, "ema_updates": self.ema.updates if self.ema else 0,
-                "swa": self.swa.state_dict() if self.swa is not None else None,
-                "rng": {"torch": torch.get_rng_state(), "numpy": _numpy_rng_state(), "python": random.getstate()}}
-        with atomic_path(self.out_dir / "last.pt") as tmp:
-            torch.save(ckpt, tmp)
+        if self.dist.main:
+            resume.save(self, self.out_dir / "last.pt")
 
     def try_resume(self) -> bool:
-        path = self.out_dir / "last.pt"
-        if not path.exists():
-            return False
-        ckpt = load_checkpoint(path)
-        if ckpt.get("key") != self.key:
-            log(f"[train] fold {self.fold}: {path} belongs to another config; starting over")
-            return False
-        self.model.load_state_dict(ckpt["model"])
-        self.opt.load_state_dict(ckpt["opt"])
-        self.sched.load_state_dict(ckpt["sched"])
-        self.scaler.load_state_dict(ckpt["scaler"])
-        if self.ema is not None and ckpt["ema"] is not None:
-            self.ema.load_state_dict(ckpt["ema"])
-            self.ema.updates = ckpt["ema_updates"]
-        if ckpt.get("swa") is not None:
-            self.swa = self._new_swa()
-            self.swa.load_state_dict(ckpt["swa"])
-        self.state = ckpt["state"]
-        torch.set_rng_state(ckpt["rng"]["torch"])
-        np.random.set_state(_numpy_rng_from(ckpt["rng"]["numpy"]))
-        random.setstate(ckpt["rng"]["python"])
-        log(f"[train] fold {self.fold}: resuming from {path} at epoch {self.state['epoch']}")
-        return True
+        return resume.restore(self, self.out_dir / "last.pt")
 
     def _new_swa(self):
         from torch.optim.swa_utils import AveragedModel
@@ -340,6 +305,10 @@ class FoldTrainer:
             epoch = self.state["epoch"]
             t0 = time.time()
             train_loss = self.train_epoch(epoch)
+            if not math.isfinite(train_loss):  # nothing of this epoch is saved: last.pt stays the epoch before
+                raise TrainingDiverged(f"train fold {self.fold} epoch {epoch + 1}/{epochs}: the training loss is "
+                                       f"{train_loss} (the run diverged); lower train.lr (now {tcfg['lr']}), set "
+                                       "train.grad_clip, or turn train.amp off, then rerun")
             if tcfg["swa"] and epoch >= swa_start:
                 if self.swa is None:
                     self.swa = self._new_swa()

@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 
 from pipeline.__main__ import main
-from tests.conftest import make_competition
+from tests.conftest import CFG, make_competition
 
 BASE = ["competition.root=comp", "competition.group=grp", "data.in_chans=1", "data.image_size=16",
         "model.backbone=test_resnet", "train.epochs=1", "train.batch_size=16", "folds.n_splits=3", "name=tiny"]
@@ -90,10 +90,10 @@ CASES = [
 def test_user_error_is_one_line_naming_the_culprit(tmp_path, capsys, case, damage, argv, names):
     root = _comp(tmp_path)
     if argv[0] in ("features", "lb", "train") and not damage:
-        assert main(["folds", *BASE]) == 0
+        assert main(["folds", *CFG, *BASE]) == 0
     if damage:
         damage(root)
-    code = main(argv if argv[0] == "lb" else [argv[0], *BASE, *argv[1:]])
+    code = main(argv if argv[0] == "lb" else [argv[0], *CFG, *BASE, *argv[1:]])
     err = capsys.readouterr().err.split("\r")[-1]  # (after any cleared progress bar)
     assert code == 2, err
     assert err.startswith("error: ") and "Traceback" not in err and err.count("\n") == 1
@@ -122,13 +122,13 @@ def test_submit_refuses_nan_predictions_and_sample_test_id_mismatch(tmp_path, ca
     pred = np.full((len(ids), 3), 1 / 3)
     pred[2] = np.nan
     _fake_feature_set("nanset", ids, pred)
-    assert main(["submit", *BASE, "submit.source=nanset"]) == 2
+    assert main(["submit", *CFG, *BASE, "submit.source=nanset"]) == 2
     err = capsys.readouterr().err
     assert "NaN" in err and f"'{ids[2]}'" in err and "Traceback" not in err
     _fake_feature_set("okset", ids, np.full((len(ids), 3), 1 / 3))
     sample = pd.read_csv(root / "sample_submission.csv", dtype={"id": str})
     sample.iloc[:-1].to_csv(root / "sample_submission.csv", index=False)  # one test id missing
-    assert main(["submit", *BASE, "submit.source=okset"]) == 2
+    assert main(["submit", *CFG, *BASE, "submit.source=okset"]) == 2
     err = capsys.readouterr().err
     assert "sample_submission.csv" in err and "test.csv" in err and f"'{ids.iloc[-1]}'" in err
     assert not (tmp_path / "submissions" / "okset.csv").exists()
@@ -139,7 +139,7 @@ def test_half_written_features_are_refused_by_submit(tmp_path, capsys):
     ids = pd.read_csv(root / "test.csv", dtype={"id": str})["id"]
     _fake_feature_set("half", ids, np.full((len(ids), 3), 1 / 3))
     (tmp_path / "features/half/meta.json").unlink()  # as a kill -9 mid-commit leaves it
-    assert main(["submit", *BASE, "submit.source=half"]) == 2
+    assert main(["submit", *CFG, *BASE, "submit.source=half"]) == 2
     assert "incomplete" in capsys.readouterr().err
 
 
@@ -158,7 +158,7 @@ def test_string_class_labels_are_supported_end_to_end(tmp_path):
     sample["target"] = "cat"
     sample.to_csv(root / "sample_submission.csv", index=False)
     for stage in ("folds", "train", "features", "submit"):
-        assert main([stage, *BASE, "train.epochs=2"]) == 0, stage
+        assert main([stage, *CFG, *BASE, "train.epochs=2"]) == 0, stage
     sub = pd.read_csv(tmp_path / "submissions/tiny.csv", dtype={"id": str})
     assert set(sub["target"]) <= set(names) and list(sub["id"]) == list(sample["id"].astype(str))
     local = read_json(tmp_path / "submissions/tiny.json")["local"]
@@ -169,9 +169,9 @@ def test_string_class_labels_are_supported_end_to_end(tmp_path):
 
 def test_no_traceback_from_the_real_command_line(tmp_path):
     _comp(tmp_path)
-    run = subprocess.run([sys.executable, "-m", "pipeline", "train", *BASE, "train.lr=-1"], capture_output=True,
+    run = subprocess.run([sys.executable, "-m", "pipeline", "train", *CFG, *BASE, "train.lr=-1"], capture_output=True,
                          text=True, cwd=tmp_path)
     assert run.returncode == 2 and run.stderr.startswith("error: ") and "Traceback" not in run.stderr
-    debug = subprocess.run([sys.executable, "-m", "pipeline", "--debug", "train", *BASE, "train.lr=-1"],
+    debug = subprocess.run([sys.executable, "-m", "pipeline", "--debug", "train", *CFG, *BASE, "train.lr=-1"],
                            capture_output=True, text=True, cwd=tmp_path)
     assert debug.returncode != 0 and "Traceback" in debug.stderr  # --debug shows where it came from

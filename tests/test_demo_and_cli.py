@@ -3,6 +3,7 @@ import pandas as pd
 from pipeline.__main__ import main
 from pipeline.demo import build
 from pipeline.io import file_hash
+from tests.conftest import CFG
 
 
 def test_demo_competition_is_deterministic_and_kaggle_shaped(tmp_path):
@@ -21,14 +22,14 @@ def test_demo_competition_is_deterministic_and_kaggle_shaped(tmp_path):
 
 
 def test_cli_reports_bad_input_with_exit_code_2(tmp_path, capsys):
-    code = main(["folds", f"competition.root={tmp_path}/missing", f"folds.file={tmp_path}/f.csv"])
+    code = main(["folds", *CFG, f"competition.root={tmp_path}/missing", f"folds.file={tmp_path}/f.csv"])
     assert code == 2
     assert "train file not found" in capsys.readouterr().err
     assert not (tmp_path / "f.csv").exists()
 
 
 def test_cli_unknown_key(capsys):
-    assert main(["folds", "folds.nsplits=3"]) == 2
+    assert main(["folds", *CFG, "folds.nsplits=3"]) == 2
     assert "folds.n_splits" in capsys.readouterr().err
 
 
@@ -38,7 +39,7 @@ def test_debug_flag_shows_the_traceback(tmp_path):
     from pipeline.errors import InputError
 
     with pytest.raises(InputError, match="train file not found"):
-        main(["--debug", "folds", f"competition.root={tmp_path}/missing"])
+        main(["--debug", "folds", *CFG, f"competition.root={tmp_path}/missing"])
 
 
 def test_every_user_error_class_is_caught_by_the_cli(tmp_path, capsys):

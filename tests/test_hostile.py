@@ -12,14 +12,13 @@ import pytest
 import torch
 
 from pipeline.__main__ import main
-from tests.conftest import ROOT, make_competition
+from tests.conftest import CFG, ROOT, make_competition
 
 
 
 @pytest.fixture
 def DEMO(tmp_path) -> str:
     """configs/demo.yaml copied into the test's folder: the stages work in the config's project."""
-    (tmp_path / "configs").mkdir()
     (tmp_path / "configs" / "demo.yaml").write_text((ROOT / "configs" / "demo.yaml").read_text())
     return str(tmp_path / "configs" / "demo.yaml")
 
@@ -77,7 +76,7 @@ def test_two_demo_generators_at_once_both_succeed(tmp_path):
     assert [p.returncode for p in procs] == [0, 0], outs
     assert sum("up to date" in o for o in outs) == 1  # the second waited for the first, then found it done
     assert len(list((tmp_path / "demo" / "images").iterdir())) == 1797
-    assert [p.name for p in tmp_path.iterdir()] == ["demo"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["configs", "demo"]  # no scratch folder left
 
 
 # -- 2. a checkpoint never runs code ---------------------------------------------------------------------------
@@ -112,8 +111,8 @@ def test_a_crafted_checkpoint_runs_nothing_and_the_error_names_it(tmp_path, caps
     assert not witness.exists()
     # through the command line: model.init names the planted file
     make_competition(tmp_path / "comp", n=60, n_groups=9, n_classes=3, size=16)
-    assert main(["folds", *BASE]) == 0
-    assert main(["train", *BASE, f"model.init={evil}"]) == 2
+    assert main(["folds", *CFG, *BASE]) == 0
+    assert main(["train", *CFG, *BASE, f"model.init={evil}"]) == 2
     assert "evil.pt" in _error_line(capsys)
     assert not witness.exists()
 
@@ -127,13 +126,13 @@ def test_a_crafted_fold_checkpoint_is_refused_by_every_reader(tmp_path, capsys):
     witness = tmp_path / "pwned.txt"
     make_competition(tmp_path / "comp", n=60, n_groups=9, n_classes=3, size=16)
     for stage in ("folds", "train"):
-        assert main([stage, *BASE]) == 0
+        assert main([stage, *CFG, *BASE]) == 0
     fold0 = tmp_path / "models" / "tiny" / "fold0"
     good = torch.load(fold0 / "best.pt", weights_only=True)  # our own checkpoints load with weights_only
     assert "model" in good and torch.load(fold0 / "last.pt", weights_only=True)["rng"]
     good["model"]["evil"] = _Planted(witness)
     torch.save(good, fold0 / "best.pt")
-    assert main(["features", *BASE, "--force"]) == 2
+    assert main(["features", *CFG, *BASE, "--force"]) == 2
     assert "best.pt" in _error_line(capsys)
     with pytest.raises(InputError, match="best.pt"):
         Predictor.from_experiment(tmp_path / "models" / "tiny")
@@ -142,7 +141,7 @@ def test_a_crafted_fold_checkpoint_is_refused_by_every_reader(tmp_path, capsys):
 
 def test_resume_from_last_pt_restores_numpy_rng(tmp_path):
     """last.pt keeps numpy's RNG as a tensor (weights_only-loadable) and restores it exactly."""
-    from pipeline.trainer import _numpy_rng_from, _numpy_rng_state
+    from pipeline.resume import _numpy_rng_from, _numpy_rng_state
 
     np.random.seed(123)
     state = _numpy_rng_state()
@@ -151,3 +150,40 @@ def test_resume_from_last_pt_restores_numpy_rng(tmp_path):
     np.random.seed(7)
     np.random.set_state(_numpy_rng_from(torch.load(tmp_path / "s.pt", weights_only=True)["rng"]))
     assert np.array_equal(np.random.random(5), expected)
+
+
+# -- 6. a fold whose best.pt is lost is trained again --------------------------------------------------------
+def test_a_fold_without_its_weights_is_trained_again(tmp_path):
+    from pipeline.stages import run_stage
+    from tests.conftest import tiny_cfg
+
+    make_competition(tmp_path / "comp", n=60, n_groups=9, n_classes=3, size=16)
+    cfg = tiny_cfg(tmp_path / "comp", "train.epochs=1")
+    run_stage("train", cfg)
+    fold0 = tmp_path / "models" / "tiny" / "fold0"
+    (fold0 / "best.pt").unlink()
+    run_stage("train", cfg)
+    assert (fold0 / "best.pt").exists()
+    log = pd.read_csv(fold0 / "log.csv")
+    assert list(log["epoch"]) == [1]  # trained from the start, not "resumed" past the end
+    run_stage("features", cfg)  # and the next stage finds every fold
+    assert (tmp_path / "features" / "tiny" / "oof.parquet").exists()
+
+
+# -- 8. a stage needs a config file ---------------------------------------------------------------------------
+def test_a_stage_without_a_config_file_is_refused(tmp_path, capsys):
+    make_competition(tmp_path / "comp", n=60, n_groups=9, n_classes=3, size=16)
+    assert main(["folds", "competition.root=comp"]) == 2
+    assert "-c configs/" in _error_line(capsys)
+    assert not (tmp_path / "folds").exists()
+
+
+# -- 12. a diverged run stops, naming the epoch --------------------------------------------------------------
+def test_a_nan_loss_stops_the_fold_and_saves_nothing(tmp_path, capsys):
+    make_competition(tmp_path / "comp", n=60, n_groups=9, n_classes=3, size=16)
+    assert main(["folds", *CFG, *BASE]) == 0
+    assert main(["train", *CFG, *BASE, "train.lr=1e12", "train.optimizer=sgd",
+                 "train.warmup_epochs=0", "train.folds=[0]"]) == 2
+    err = _error_line(capsys)
+    assert "fold 0 epoch 1/1" in err and "train.lr" in err
+    assert not (tmp_path / "models" / "tiny" / "fold0" / "best.pt").exists()

@@ -10,6 +10,7 @@ from pipeline.__main__ import main
 from pipeline.config import load_config
 from pipeline.errors import ConfigError
 from pipeline.schema import DEFAULTS, METRIC_TASKS, Config
+from tests.conftest import CFG
 
 
 def _enumerated(model=Config, prefix=""):
@@ -118,7 +119,7 @@ def test_values_are_coerced_to_their_types():
 
 def test_cli_refuses_before_any_work(tmp_path, capsys):
     # a typo in stack.model stops at once: no folds, features or leaderboard are touched
-    assert main(["stack", "stack.model=lgb", f"competition.root={tmp_path}/none"]) == 2
+    assert main(["stack", *CFG, "stack.model=lgb", f"competition.root={tmp_path}/none"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "stack.model = 'lgb'" in err and "lgbm, linear, weighted" in err
     assert "Traceback" not in err and not any(tmp_path.iterdir())

@@ -14,7 +14,7 @@ from pipeline import train as T
 from pipeline import trainer as TR
 from pipeline.errors import InputError
 from pipeline.models import Head, build_model, load_backbone_weights, load_model
-from tests.conftest import TINY, tiny_cfg
+from tests.conftest import CFG, TINY, tiny_cfg
 
 
 def weights(path, key="model"):
@@ -527,15 +527,15 @@ def test_train_check_answers_up_to_date_only_when_every_fold_is(workdir):
             "folds.file=folds/{competition}.csv", "data.in_chans=1", "data.image_size=16", "name=tiny", *TINY,
             "train.epochs=1"]
     cfg = tiny_cfg(workdir / "comp", "train.epochs=1")
-    assert main(["train", "--check", *args]) == 1
+    assert main(["train", "--check", *CFG, *args]) == 1
     assert not (workdir / "models").exists()  # a check writes nothing
     T.run(cfg)
-    assert main(["train", "--check", *args]) == 0
+    assert main(["train", "--check", *CFG, *args]) == 0
     assert main(["train", "--check", "--force", *args]) == 1
-    assert main(["train", "--check", *args, "train.lr=0.01"]) == 1  # another config would retrain
-    assert main(["train", "--check", *args, "train.folds=[1]"]) == 0
-    assert main(["train", "--check", *args, "data.cache=false", "data.num_workers=1"]) == 0  # how images are read
-    assert main(["features", "--check", *args]) == 1  # no cheap answer: running it is how to find out
+    assert main(["train", "--check", *CFG, *args, "train.lr=0.01"]) == 1  # another config would retrain
+    assert main(["train", "--check", *CFG, *args, "train.folds=[1]"]) == 0
+    assert main(["train", "--check", *CFG, *args, "data.cache=false", "data.num_workers=1"]) == 0  # how images are read
+    assert main(["features", "--check", *CFG, *args]) == 1  # no cheap answer: running it is how to find out
 
 
 def test_each_loader_is_iterated_once_so_its_workers_start_once_per_epoch(workdir, monkeypatch):

@@ -8,6 +8,7 @@ from tune_workers import logs, trials, tune_config, tune_rows, worker
 from pipeline.__main__ import main
 from pipeline.config import load_config
 from pipeline.stages import run_stage
+from tests.conftest import CFG
 
 optuna = pytest.importorskip("optuna")
 from optuna.trial import TrialState  # noqa: E402
@@ -24,16 +25,16 @@ from optuna.trial import TrialState  # noqa: E402
     ("name={choices: [a, b]}", "tune.params.name", "cannot be searched"),
 ])
 def test_a_bad_search_space_is_refused_before_any_training(tmp_path, capsys, param, named, says):
-    assert main(["tune", f"tune.params.{param}", "model.backbone=test_resnet"]) == 2
+    assert main(["tune", *CFG, f"tune.params.{param}", "model.backbone=test_resnet"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and named in err and says in err, err
     assert not any((tmp_path / d).exists() for d in ("models", "tune", "submissions"))  # nothing trained or created
 
 
 def test_an_empty_space_and_a_stray_enqueued_key_are_refused(capsys):
-    assert main(["tune"]) == 2
+    assert main(["tune", *CFG]) == 2
     assert "tune.params is empty" in capsys.readouterr().err
-    assert main(["tune", "tune.params.train.lr={low: 0.001, high: 0.01}", "tune.enqueue=[{train.epochs: 3}]"]) == 2
+    assert main(["tune", *CFG, "tune.params.train.lr={low: 0.001, high: 0.01}", "tune.enqueue=[{train.epochs: 3}]"]) == 2
     assert "tune.enqueue[0] sets train.epochs, which tune.params does not search" in capsys.readouterr().err
 
 
@@ -44,7 +45,7 @@ def test_a_storage_that_cannot_be_reached_is_a_user_error_that_hides_the_passwor
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     space = "tune.params.train.lr={low: 0.001, high: 0.01}"
-    assert main(["tune", space, f"tune.storage=postgresql://me:secret@127.0.0.1:{port}/optuna"]) == 2
+    assert main(["tune", *CFG, space, f"tune.storage=postgresql://me:secret@127.0.0.1:{port}/optuna"]) == 2
     err = capsys.readouterr().err
     assert "tune.storage postgresql://me:***@127.0.0.1" in err and "cannot open the study storage" in err
     assert "secret" not in err and not (tmp_path / "models").exists()
