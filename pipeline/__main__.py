@@ -136,14 +136,14 @@ def _inputs(argv: list[str]) -> int:
 def _leaderboard(argv: list[str]) -> int:
     """``lb`` has its own sub-commands; ``-c`` and key=value overrides still choose the database."""
     from . import leaderboard
-    from .config import load_config
+    from .config import is_override, load_config
 
     cfg_path, overrides, rest = None, [], []
     it = iter(argv)
     for a in it:
         if a in ("-c", "--config"):
             cfg_path = next(it, None)
-        elif "=" in a and not a.startswith("-"):
+        elif is_override(a):
             overrides.append(a)
         else:
             rest.append(a)

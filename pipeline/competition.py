@@ -58,6 +58,9 @@ def read_table(path: Path, what: str, id_col: str) -> pd.DataFrame:
                          f"{_rows(np.flatnonzero(df[id_col].to_numpy() == first))}); ids must be unique.")
     if df[id_col].isna().any():
         raise InputError(f"{path}: id column '{id_col}' is empty at {_rows(np.flatnonzero(df[id_col].isna()))}.")
+    if df.empty:
+        raise InputError(f"{path}: the {what} table has a header but no rows; a competition needs rows to "
+                         f"{'train on' if what == 'train' else 'predict'}.")
     return df
 
 
@@ -91,6 +94,10 @@ def load_train(cfg: dict, check_images: bool | None = None) -> pd.DataFrame:
             if nonint.any():
                 raise InputError(f"{path}: target column '{col}' must hold integer class labels for task "
                                  f"'{comp['task']}', but has {vals[nonint].iloc[0]!r} at {_rows(np.flatnonzero(nonint))}.")
+            if vals.nunique() < 2:
+                raise InputError(f"{path}: target column '{col}' holds one class only ({vals.iloc[0]!r} in all "
+                                 f"{len(vals)} rows); there is nothing to learn and every score would be perfect: "
+                                 "check competition.target and the file.")
             n_classes = comp["num_classes"]
             if n_classes is not None:
                 out = (vals < 0) | (vals >= n_classes)

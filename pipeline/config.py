@@ -35,6 +35,38 @@ _Loader.add_implicit_resolver(
 )
 
 
+def _int(loader, node):
+    """YAML 1.1 reads ``010`` as octal 8; a competitor who writes epochs: 010 means ten (YAML 1.2 agrees)."""
+    raw = loader.construct_scalar(node).replace("_", "")
+    if re.fullmatch(r"[-+]?0[0-9]+", raw):
+        return int(raw, 10)
+    return yaml.SafeLoader.construct_yaml_int(loader, node)
+
+
+def _mapping(loader, node, deep=False):
+    """A key given twice in one mapping is refused (YAML would keep the last one silently)."""
+    seen = {}
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        if key in seen:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"key '{key}' is given twice (lines {seen[key] + 1} and {key_node.start_mark.line + 1}); "
+                "keep one", key_node.start_mark)
+        seen[key] = key_node.start_mark.line
+    return yaml.SafeLoader.construct_mapping(loader, node, deep=deep)
+
+
+_Loader.add_constructor("tag:yaml.org,2002:int", _int)
+_Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG,
+                        lambda loader, node: _mapping(loader, node, deep=True))
+
+
+def yaml_error(exc: Exception) -> str:
+    """A YAML error as one line (PyYAML's messages span several, with a caret drawing)."""
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip() and not set(ln.strip()) <= {"^"}]
+    return "; ".join(ln for ln in lines if not ln.startswith('in "<unicode string>"') and not ln.startswith("in '"))
+
+
 def yaml_load(text: str):
     return yaml.load(text, Loader=_Loader)
 
@@ -104,7 +136,7 @@ def _read_yaml(path: Path, seen: tuple = ()) -> dict:
     try:
         data = yaml_load(path.read_text()) or {}
     except yaml.YAMLError as exc:
-        raise ConfigError(f"config file '{path}' is not valid YAML: {exc}") from exc
+        raise ConfigError(f"config file '{path}' is not valid YAML: {yaml_error(exc)}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"config file '{path}' must hold a mapping of keys, not {type(data).__name__}.")
     base = data.pop("base", None)
@@ -126,11 +158,26 @@ def _deep_update(a: dict, b: dict) -> dict:
 
 def parse_override(text: str) -> tuple[str, Any]:
     if "=" not in text:
-        raise ConfigError(f"override '{text}' must look like key=value, e.g. train.epochs=3.")
+        raise ConfigError(f"override '{text}' must look like key=value, e.g. train.epochs=3 (a value with spaces, "
+                          "e.g. a list: quote it whole, \"train.folds=[0, 1]\").")
     key, raw = text.split("=", 1)
     key = key.strip()
-    value = yaml_load(raw) if raw.strip() else None
+    try:
+        value = yaml_load(raw) if raw.strip() else None
+    except yaml.YAMLError as exc:
+        hint = (f"quote it whole, e.g. \"{key}=[0, 1]\" (the shell splits a list at its spaces)"
+                if raw.lstrip()[:1] in "[{" else "check its quotes: every opening quote needs its closing one")
+        raise ConfigError(f"override '{text}': the value is not valid YAML ({yaml_error(exc)}); {hint}") from None
     return key, value
+
+
+def is_override(arg: str) -> bool:
+    """Whether a command-line word is a ``key=value`` config override (its key is a config key), not
+    free text that happens to hold '=' (a leaderboard note, a pattern)."""
+    if "=" not in arg or arg.startswith("-"):
+        return False
+    key = arg.split("=", 1)[0].strip()
+    return key in set(known_keys()) or any(key.startswith(f + ".") for f in FREE_FORM)
 
 
 def apply_overrides(cfg: dict, overrides: Iterable[str]) -> dict:

@@ -24,12 +24,42 @@ def read_image(path: str | Path, in_chans: int) -> np.ndarray:
 
     try:
         with Image.open(path) as img:
-            arr = np.asarray(img.convert("L" if in_chans == 1 else "RGB"))
+            arr = to_uint8(img, in_chans, path)
     except FileNotFoundError:
         raise InputError(f"image file {path} does not exist; check competition.image and the images folder.") from None
     except (UnidentifiedImageError, OSError) as exc:
         raise InputError(f"image file {path} cannot be read ({exc}); replace or remove that row.") from None
     return arr[:, :, None] if arr.ndim == 2 else arr
+
+
+def to_uint8(img, in_chans: int, path) -> np.ndarray:
+    """Any PIL mode as 8-bit L (in_chans 1) or RGB, scaled by its own range, never clipped: 16-bit
+    (I;16*, and I holding 0..65535) is divided by 257; float (F) in 0..1 is times 255, in 0..255 as is;
+    palette (P) through its colours; alpha (RGBA, LA, PA) composited over black; CMYK and YCbCr through
+    PIL's conversion. Anything else is refused, naming the file and the mode."""
+    from PIL import Image
+
+    mode = img.mode
+    want = "L" if in_chans == 1 else "RGB"
+    if mode.startswith("I") or mode == "F":
+        a = np.asarray(img, dtype=np.float64)
+        lo, hi = (float(a.min()), float(a.max())) if a.size else (0.0, 0.0)
+        if mode == "F" and lo >= 0 and hi <= 1:
+            a = a * 255.0
+        elif mode.startswith("I;16") or (lo >= 0 and hi <= 65535 and mode == "I" and hi > 255):
+            a = a / 257.0
+        elif not (lo >= 0 and hi <= 255):
+            raise InputError(f"image file {path}: mode {mode} with values {lo:g}..{hi:g} has no known 8-bit "
+                             "scale; convert it to 8 or 16 bits per channel")
+        img = Image.fromarray(np.clip(np.rint(a), 0, 255).astype(np.uint8), mode="L")
+    elif mode in ("RGBA", "LA", "PA", "P") or "A" in img.getbands():
+        rgba = np.asarray(img.convert("RGBA"), dtype=np.float64)
+        img = Image.fromarray(np.rint(rgba[..., :3] * rgba[..., 3:4] / 255.0).astype(np.uint8), mode="RGB")
+    try:
+        return np.asarray(img.convert(want))
+    except ValueError as exc:
+        raise InputError(f"image file {path}: PIL mode {mode} cannot be converted to {want} ({exc}); save it as "
+                         "8-bit grayscale or RGB") from None
 
 
 def norm_stats(data_cfg: dict) -> tuple[tuple[float, ...], tuple[float, ...]]:

@@ -5,6 +5,7 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import subprocess
 import tempfile
 from datetime import datetime, timezone
@@ -20,8 +21,25 @@ def config_hash(obj: Any) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
+_SECRET = re.compile(r"(://[^:/@\s]*):[^@/\s]*@")
+
+
+def redact(obj: Any) -> Any:
+    """``obj`` with every password in a URL (``postgresql://user:password@host/db``) replaced by ``***``:
+    what is written to a file (saved configs, the leaderboard, the Kaggle bundle) or a log never holds one.
+    The password belongs in PGPASSWORD or ~/.pgpass."""
+    if isinstance(obj, str):
+        return _SECRET.sub(r"\1:***@", obj)
+    if isinstance(obj, dict):
+        return {k: redact(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(redact(v) for v in obj)
+    return obj
+
+
 def dump_yaml(cfg: dict) -> str:
-    return yaml.safe_dump(cfg, sort_keys=False)
+    """A config as YAML, passwords in URLs hidden (every saved config goes through here)."""
+    return yaml.safe_dump(redact(cfg), sort_keys=False)
 
 
 def _umask() -> int:

@@ -25,6 +25,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from .errors import LeaderboardError
+from .io import redact
 
 SCHEMA_VERSION = 2
 MIGRATIONS = {
@@ -55,7 +56,7 @@ def is_url(location) -> bool:
 
 def describe(location) -> str:
     """The location for a message, with any password in a URL hidden."""
-    return re.sub(r"(://[^:/@]*):[^@/]*@", r"\1:***@", str(location))
+    return redact(str(location))
 
 
 @contextmanager
@@ -70,9 +71,15 @@ def connect(location, write: bool = False, retries: int = 200):
     path.parent.mkdir(parents=True, exist_ok=True)
     con = sqlite3.connect(path, timeout=60, isolation_level=None)
     try:
-        con.execute("PRAGMA journal_mode=WAL")
-        con.execute("PRAGMA busy_timeout=60000")
-        _migrate(con, path)
+        try:
+            con.execute("PRAGMA journal_mode=WAL")
+            con.execute("PRAGMA busy_timeout=60000")
+            _migrate(con, path)
+        except sqlite3.DatabaseError as exc:
+            if "locked" in str(exc):
+                raise
+            raise LeaderboardError(f"{path}: not a readable leaderboard ({exc}); move it aside (mv {path} "
+                                   f"{path}.broken) and rerun: a new, empty one is made") from None
         if not write:
             yield con
             return

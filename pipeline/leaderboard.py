@@ -38,6 +38,15 @@ def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
+def check(cfg: dict) -> None:
+    """Open the leaderboard once before a stage works, so a broken one is named before any output is
+    written (not after, when only the record is missing)."""
+    where = db_path(cfg)
+    if cfg.get("leaderboard", {}).get("enabled", True) and isinstance(where, Path) and where.exists():
+        with connect(where):  # (a server is reached when the stage records; nothing is made here)
+            pass
+
+
 def record(cfg: dict, stage: str, started: float, cv: float | None = None, folds: dict | None = None,
            artifacts: list | dict | None = None, submission: str | None = None, epochs: list[dict] | None = None,
            experiment: str | None = None, note: str | None = None, trial: int | None = None) -> int | None:
@@ -46,7 +55,7 @@ def record(cfg: dict, stage: str, started: float, cv: float | None = None, folds
     lcfg = cfg.get("leaderboard", {})
     if not lcfg.get("enabled", True):
         return None
-    from .io import config_hash, git_info
+    from .io import config_hash, git_info, redact
     from .metrics import get_metric
 
     metric = get_metric(cfg["competition"]["metric"])
@@ -59,7 +68,7 @@ def record(cfg: dict, stage: str, started: float, cv: float | None = None, folds
             con, "INSERT INTO runs (experiment, stage, config_hash, config, git_commit, git_dirty, started, ended,"
             " duration, metric, higher_is_better, cv, cv_std, folds, artifacts, submission, note, trial)"
             " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
-            (experiment or cfg["name"], stage, config_hash(cfg), json.dumps(cfg, default=str), git["commit"],
+            (experiment or cfg["name"], stage, config_hash(cfg), json.dumps(redact(cfg), default=str), git["commit"],
              None if git["dirty"] is None else int(git["dirty"]),
              datetime.fromtimestamp(started, timezone.utc).isoformat(timespec="seconds"),
              datetime.fromtimestamp(ended, timezone.utc).isoformat(timespec="seconds"), round(ended - started, 3),

@@ -20,6 +20,39 @@ from pydantic import (
 )
 
 from .errors import ConfigError
+
+
+def _safe_name(v):
+    """A name that becomes a folder or file name (models/<name>/, features/<name>/): one path component."""
+    if v is not None and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._+=@-]*", str(v)):
+        raise ValueError("must be one folder name: letters, digits and . _ + = @ - (not starting with a dot, no "
+                         "'/' or '..'), since outputs go to models/<name>/, features/<name>/")
+    return v
+
+
+def _home(v):
+    """``~`` and ``~user`` mean the home folder, as in a shell (no folder named '~' is ever made)."""
+    import os
+
+    return os.path.expanduser(v) if isinstance(v, str) else v
+
+
+def _image_pattern(v: str):
+    """The image path pattern knows exactly one placeholder, {id}; without it every row is one image."""
+    import string
+
+    names = [f for _, f, _, _ in string.Formatter().parse(v) if f is not None]
+    unknown = [n for n in names if n != "id"]
+    if unknown:
+        raise ValueError(f"knows only the placeholder {{id}}, not {', '.join('{' + n + '}' for n in unknown)} "
+                         "(e.g. images/{id}.png)")
+    if "id" not in names:
+        raise ValueError("must contain {id} (e.g. images/{id}.png); without it every row points at one image")
+    return v
+
+
+SafeName = Annotated[str, AfterValidator(_safe_name)]
+HomePath = Annotated[str, AfterValidator(_home)]
 from .kaggle_schema import Kaggle  # make kaggle (pipeline/bundle.py)
 from .tune_schema import Tune
 
@@ -70,13 +103,13 @@ class _Section(BaseModel):
 
 
 class Competition(_Section):
-    name: str = "demo"
-    root: str = "data/demo"
+    name: SafeName = "demo"
+    root: HomePath = "data/demo"
     train: str = "train.csv"
     test: str = "test.csv"
     sample_submission: str = "sample_submission.csv"
     solution: str = "solution.csv"
-    image: str = "images/{id}.png"
+    image: Annotated[str, AfterValidator(_image_pattern)] = "images/{id}.png"
     id: str = "id"
     target: Union[str, list[str]] = "target"
     task: Literal["binary", "multiclass", "regression", "ordinal"] = "multiclass"
@@ -258,7 +291,7 @@ class Features(_Section):
 
 
 class Stack(_Section):
-    name: Optional[str] = None  # output feature set; default: the experiment name (+ "-l2" if it is also an input)
+    name: Optional[SafeName] = None  # output feature set; default: the experiment name (+ "-l2" if it is also an input)
     experiments: list[str] = []  # level-1 experiments to stack; default: this config's own experiment
     # auto: the weighted blend or LightGBM, whichever scores better on OOF (fold k's rows: on the other folds)
     model: Annotated[str, AfterValidator(_level2)] = "auto"
@@ -271,7 +304,7 @@ class Stack(_Section):
 
 class Postprocess(_Section):
     source: Optional[str] = None  # feature set to post-process; default: this config's level 2, else its level 1
-    name: Optional[str] = None  # output feature set; default: <source>-pp
+    name: Optional[SafeName] = None  # output feature set; default: <source>-pp
     blend_with: Optional[str] = None  # a level-1 experiment to blend with (the atmaCup11 author used 0.5)
     blend_weight: Optional[float] = Field(None, ge=0, le=1)  # fixed weight of the source; None = tuned on OOF
     force_from: Optional[dict[str, str]] = None  # {experiment: x, head: y}: force class i when p > t
@@ -298,7 +331,7 @@ class Postprocess(_Section):
 
 class Leaderboard(_Section):
     enabled: bool = True
-    path: str = "submissions/leaderboard.db"  # relative to workdir
+    path: HomePath = "submissions/leaderboard.db"  # relative to workdir
     mlflow: bool = False  # also log to MLflow when the package is installed
     mlflow_uri: Optional[str] = None  # default: a local file store, file:./mlruns
     url: Optional[str] = None  # a server database for a team (postgresql://user@host/db); overrides path
@@ -319,9 +352,9 @@ class Submit(_Section):
 
 
 class Config(_Section):
-    name: str = "experiment"
+    name: SafeName = "experiment"
     seed: int = 42
-    workdir: str = "."  # where folds/, models/, features/, submissions/ go (never under competition.root)
+    workdir: HomePath = "."  # where folds/, models/, features/, submissions/ go (never under competition.root)
     competition: Competition = Competition()
     folds: Folds = Folds()
     data: Data = Data()

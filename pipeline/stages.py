@@ -32,7 +32,12 @@ STAGES = {
 def run_stage(stage: str, cfg: dict, force: bool = False):
     """Run one stage on a resolved config (``load_config``); returns what the stage returns (its output
     path, or the training summary)."""
-    return _module(stage).run(cfg, force=force)
+    module = _module(stage)
+    if stage not in ("data",):
+        from . import leaderboard
+
+        leaderboard.check(cfg)
+    return module.run(cfg, force=force)
 
 
 def stage_up_to_date(stage: str, cfg: dict) -> bool:

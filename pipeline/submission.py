@@ -11,6 +11,26 @@ from .errors import SubmissionError
 from .metrics import to_labels
 
 
+def class_columns(cols: list, n_classes: int, labels: list | None = None) -> list:
+    """The sample_submission column of each class index 0..n-1, matched by the class's label (column '9'
+    holds class 9's probability whatever the column order). Columns that name no class at all (e.g.
+    'Class_1'..) are taken in order, and the log says so; columns naming only some classes are refused."""
+    names = [str(v) for v in (labels if labels is not None else range(n_classes))]
+    by_name = {str(c): c for c in cols}
+    hits = [nm for nm in names if nm in by_name]
+    if len(hits) == len(names) == len(cols):
+        return [by_name[nm] for nm in names]
+    if not hits:
+        from .io import log
+
+        log(f"[submit] sample_submission's columns {list(cols)[:4]}... name no class label {names[:4]}...: class "
+            f"i goes to the i-th column ({cols[0]!r} <- class {names[0]!r}); rename them to the labels to match by name")
+        return list(cols)
+    raise SubmissionError(f"sample_submission's probability columns {list(cols)} name some classes but not all of "
+                          f"{names}; missing {[nm for nm in names if nm not in by_name][:5]}: fix the columns or "
+                          "competition.target")
+
+
 def validate(sub: pd.DataFrame, sample: pd.DataFrame, id_col: str, where: str = "submission") -> None:
     if list(sub.columns) != list(sample.columns):
         raise SubmissionError(f"{where}: columns {list(sub.columns)} differ from sample_submission's {list(sample.columns)}.")
@@ -53,10 +73,10 @@ def to_submission(cfg: dict, pred: np.ndarray, ids, sample: pd.DataFrame, labels
     pred_by_id = pred_by_id.reindex(sample[id_col].astype(str))
     out = sample[[id_col]].copy()
     p = pred_by_id.to_numpy()
-    if len(cols) > 1 and p.shape[1] == len(cols):  # one probability column per class
-        for j, c in enumerate(cols):
+    if len(cols) > 1 and p.shape[1] == len(cols):  # one probability column per class, matched by label
+        for j, c in enumerate(class_columns(cols, p.shape[1], labels)):
             out[c] = p[:, j]
-        return out
+        return out[sample.columns]
     nan = np.isnan(p).any(axis=1)
     if nan.any():  # a prediction that is not a number: name the rows instead of writing a broken file
         bad = sample[id_col].astype(str)[nan]

@@ -25,7 +25,7 @@ from .paths import (
     submissions_dir,
     targets,
 )
-from .submission import to_submission, validate  # shared with pipeline.inference (a Kaggle notebook)
+from .submission import class_columns, to_submission, validate  # shared with pipeline.inference (a Kaggle notebook)
 
 
 def score_local(cfg: dict, sub: pd.DataFrame) -> dict | None:
@@ -45,6 +45,8 @@ def score_local(cfg: dict, sub: pd.DataFrame) -> dict | None:
         sub = encode_labels(sub, target, labels, path) if target in sub.columns else sub
     merged = sol.merge(sub, on=comp["id"], suffixes=("", "_pred"))
     pred_cols = [c for c in sub.columns if c != comp["id"]]
+    if len(pred_cols) > 1:  # class probabilities: scored in class order, each column matched by its label
+        pred_cols = class_columns(pred_cols, len(pred_cols), labels)
     pred = merged[[c + "_pred" if c in sol.columns else c for c in pred_cols]].to_numpy()
     pred = pred[:, 0] if pred.shape[1] == 1 else pred
     scores = {}

@@ -2,6 +2,7 @@
 nothing silently wrong. Each test fails when its fix is taken out."""
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -187,3 +188,200 @@ def test_a_nan_loss_stops_the_fold_and_saves_nothing(tmp_path, capsys):
     err = _error_line(capsys)
     assert "fold 0 epoch 1/1" in err and "train.lr" in err
     assert not (tmp_path / "models" / "tiny" / "fold0" / "best.pt").exists()
+
+
+# -- 4. per-class probability columns are matched by label --------------------------------------------------
+def test_probability_columns_are_filled_and_scored_by_label_not_position():
+    from pipeline.config import load_config
+    from pipeline.errors import SubmissionError
+    from pipeline.submission import class_columns, to_submission
+
+    cfg = load_config(None, ["competition.metric=logloss"])
+    ids = ["a", "b"]
+    pred = np.array([[0.7, 0.2, 0.1], [0.1, 0.1, 0.8]])
+    sample = pd.DataFrame({"id": ids, "2": 0.0, "0": 0.0, "1": 0.0})  # columns in another order than the classes
+    sub = to_submission(cfg, pred, ids, sample)
+    assert list(sub.columns) == ["id", "2", "0", "1"]
+    assert sub["0"].tolist() == [0.7, 0.1] and sub["2"].tolist() == [0.1, 0.8]
+    assert class_columns(["dog", "cat"], 2, ["cat", "dog"]) == ["cat", "dog"]  # string labels too
+    assert class_columns(["Class_1", "Class_2"], 2) == ["Class_1", "Class_2"]  # no label named: in order
+    with pytest.raises(SubmissionError, match="missing"):
+        class_columns(["0", "x", "2"], 3)
+
+
+def test_local_score_of_probability_columns_follows_the_labels(tmp_path):
+    from pipeline.config import load_config
+    from pipeline.submit import score_local
+
+    root = tmp_path / "c"
+    root.mkdir()
+    ids = [f"t{i}" for i in range(6)]
+    y = np.array([0, 1, 2, 0, 1, 2])
+    pd.DataFrame({"id": ids, "target": y, "Usage": "Public"}).to_csv(root / "solution.csv", index=False)
+    cfg = load_config(None, [f"competition.root={root}", "competition.metric=logloss"])
+    p = np.full((6, 3), 0.05)
+    p[np.arange(6), y] = 0.9
+    sub = pd.DataFrame({"id": ids, "2": p[:, 2], "1": p[:, 1], "0": p[:, 0]})
+    assert score_local(cfg, sub)["public"] == pytest.approx(-np.log(0.9), rel=1e-6)
+
+
+# -- 5. every PIL mode is scaled, not clipped ---------------------------------------------------------------
+@pytest.mark.parametrize("mode", ["I;16", "I", "F", "P", "RGBA", "LA", "CMYK", "1"])
+def test_every_pil_mode_reads_on_its_own_scale(tmp_path, mode):
+    from PIL import Image
+
+    from pipeline.images import read_image
+
+    ramp = np.tile(np.linspace(0, 1, 16), (16, 1))  # 0 .. 1 left to right
+    if mode == "I;16":
+        img = Image.fromarray((ramp * 65535).astype(np.uint16))
+        assert img.mode == "I;16"
+    elif mode == "I":
+        img = Image.fromarray((ramp * 65535).astype(np.int32), mode="I")
+    elif mode == "F":
+        img = Image.fromarray(ramp.astype(np.float32), mode="F")
+    elif mode == "1":
+        img = Image.fromarray(ramp > 0.5)
+    else:
+        img = Image.fromarray((ramp * 255).astype(np.uint8), mode="L").convert(mode)
+        if mode in ("RGBA", "LA"):
+            img.putalpha(255)
+    path = tmp_path / ("x.tif" if mode in ("F", "I", "CMYK") else "x.png")
+    img.save(path)
+    assert Image.open(path).mode == mode
+    gray = read_image(path, 1)[:, :, 0].astype(float)
+    expected = (ramp > 0.5) * 255.0 if mode == "1" else ramp * 255
+    assert np.abs(gray - expected).max() <= 3, (mode, gray[0])  # the whole range, not black and white
+    assert read_image(path, 3).shape == (16, 16, 3)
+
+
+def test_alpha_is_composited_and_an_unscalable_mode_is_refused(tmp_path):
+    from PIL import Image
+
+    from pipeline.errors import InputError
+    from pipeline.images import read_image
+
+    rgba = np.zeros((4, 4, 4), np.uint8)
+    rgba[..., :3] = 200
+    rgba[..., 3] = 0  # fully transparent: over black
+    rgba[0, :, 3] = 255
+    Image.fromarray(rgba, mode="RGBA").save(tmp_path / "a.png")
+    g = read_image(tmp_path / "a.png", 1)[:, :, 0]
+    assert g[0].tolist() == [200] * 4 and g[1:].max() == 0
+    Image.fromarray(np.full((4, 4), -5.0, np.float32), mode="F").save(tmp_path / "neg.tif")
+    with pytest.raises(InputError, match="neg.tif.*mode F"):
+        read_image(tmp_path / "neg.tif", 1)
+
+
+# -- 7. secrets never reach a file ---------------------------------------------------------------------------
+def test_a_password_in_a_url_is_never_written(tmp_path):
+    import sqlite3
+
+    from pipeline.config import load_config
+    from pipeline.io import dump_yaml, write_resolved_config
+    from pipeline import leaderboard
+
+    cfg = load_config(None, ["tune.storage=postgresql://me:s3cret@db.example/optuna", "name=sec"])
+    assert "s3cret" not in dump_yaml(cfg) and "me:***@db.example" in dump_yaml(cfg)
+    write_resolved_config(tmp_path / "config.yaml", cfg)
+    assert "s3cret" not in (tmp_path / "config.yaml").read_text()
+    leaderboard.record(cfg, "train", 0.0, cv=0.5)
+    rows = sqlite3.connect("submissions/leaderboard.db").execute("SELECT config FROM runs").fetchall()
+    assert rows and all("s3cret" not in r[0] for r in rows) and "***" in rows[0][0]
+
+
+# -- 9. config values that would mean something else --------------------------------------------------------
+def test_yaml_octal_and_duplicate_keys(tmp_path):
+    from pipeline.config import load_config
+    from pipeline.errors import ConfigError
+
+    (tmp_path / "a.yaml").write_text("train:\n  epochs: 010\n")
+    assert load_config(tmp_path / "a.yaml")["train"]["epochs"] == 10
+    assert load_config(None, ["train.epochs=010"])["train"]["epochs"] == 10
+    (tmp_path / "b.yaml").write_text("train:\n  epochs: 3\n  lr: 0.1\n  epochs: 5\n")
+    with pytest.raises(ConfigError, match=r"b.yaml.*'epochs' is given twice \(lines 2 and 4\)") as e:
+        load_config(tmp_path / "b.yaml")
+    assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("override,says", [
+    ("name=../outside", "one folder name"), ("name=a/b", "one folder name"), ("stack.name=..", "one folder name"),
+    ("competition.image=images/x.png", "must contain {id}"),
+    ("competition.image=train/{target}/{id}.png", "not {target}"), ("competition.image=img/{ID}.png", "not {ID}"),
+])
+def test_names_and_patterns_that_would_write_or_read_elsewhere_are_refused(override, says):
+    from pipeline.config import load_config
+    from pipeline.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=re.escape(says)):
+        load_config(None, [override])
+
+
+def test_a_tilde_means_the_home_folder(monkeypatch, tmp_path):
+    from pipeline.config import load_config
+
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    cfg = load_config(None, ["workdir=~/x", "competition.root=~/data"])
+    assert cfg["workdir"] == str(tmp_path / "home" / "x") and cfg["competition"]["root"] == str(tmp_path / "home/data")
+
+
+def test_one_class_and_an_empty_test_table_are_refused_at_folds(tmp_path, capsys):
+    root = make_competition(tmp_path / "comp", n=60, n_groups=9, n_classes=3, size=16)
+    df = pd.read_csv(root / "train.csv")
+    df.assign(target=1).to_csv(root / "train.csv", index=False)
+    assert main(["folds", *CFG, *BASE]) == 2
+    assert "one class only" in _error_line(capsys)
+    df.to_csv(root / "train.csv", index=False)
+    pd.read_csv(root / "test.csv").iloc[:0].to_csv(root / "test.csv", index=False)
+    assert main(["folds", *CFG, *BASE]) == 2
+    assert "test.csv" in _error_line(capsys)
+    assert not (tmp_path / "folds").exists()
+
+
+# -- 10. a user's mistake is one error line, not a traceback ---------------------------------------------------
+@pytest.mark.parametrize("argv,says", [
+    (["train.folds=[0,", "1]"], "quote it whole"),
+    (["name='abc"], "check its quotes"),
+])
+def test_command_line_quoting_mistakes(tmp_path, capsys, argv, says):
+    make_competition(tmp_path / "comp", n=60, n_groups=9, n_classes=3, size=16)
+    assert main(["folds", *CFG, *BASE, *argv]) == 2
+    assert says in _error_line(capsys)
+
+
+def test_leaderboard_text_with_equals_is_not_a_config_override(tmp_path, capsys):
+    from pipeline.config import is_override
+
+    assert is_override("train.lr=0.1") and is_override("stack.lgbm.num_leaves=7")
+    assert not is_override("lr=0.1") and not is_override("a=b") and not is_override("--pattern=x")
+    assert main(["lb", "--pattern", "x=y"]) == 0  # a pattern holding '=' is the pattern, not an override
+
+
+def test_a_corrupt_leaderboard_is_named_before_any_output(tmp_path, capsys):
+    make_competition(tmp_path / "comp", n=60, n_groups=9, n_classes=3, size=16)
+    (tmp_path / "submissions").mkdir()
+    (tmp_path / "submissions" / "leaderboard.db").write_bytes(b"this is not sqlite" * 100)
+    assert main(["folds", *CFG, *BASE]) == 2
+    err = _error_line(capsys)
+    assert "leaderboard.db" in err and "move it aside" in err
+    assert not (tmp_path / "folds").exists()
+    assert main(["lb", *CFG]) == 2
+    assert "leaderboard.db" in _error_line(capsys)
+
+
+def test_the_lock_folder_is_per_user(tmp_path, monkeypatch):
+    """Another user's /tmp/pipeline-locks (not writable for us) does not stop our stages."""
+    import tempfile
+
+    from pipeline.artifacts import stage_lock
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    theirs = tmp_path / "pipeline-locks"
+    theirs.mkdir()
+    theirs.chmod(0o500)
+    try:
+        with stage_lock(tmp_path / "x"):
+            pass
+        assert any(p.name.startswith("pipeline-locks-") for p in tmp_path.iterdir())
+    finally:
+        theirs.chmod(0o700)
