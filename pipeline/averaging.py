@@ -9,21 +9,38 @@ import torch
 import torch.nn as nn
 
 
-class ModelEma(nn.Module):
-    """Exponential moving average of a model's weights (buffers copied); decay warms up early on."""
+def warmup_steps(setting, total_updates: int) -> int:
+    """``train.ema_warmup``: "auto" = a tenth of the run's optimizer steps; an integer = that many; 0 = none."""
+    return max(1, round(total_updates / 10)) if setting == "auto" else int(setting)
 
-    def __init__(self, model: nn.Module, decay: float):
+
+class ModelEma(nn.Module):
+    """Exponential moving average of a model's weights (buffers copied).
+
+    The decay warms up over ``warmup`` optimizer steps: ``min(decay, (1 + u) / (c + u))`` at update u, with
+    c chosen so that the target decay is reached exactly at update ``warmup`` (timm's old 10 is the case
+    warmup = 890 for decay 0.99, more steps than a short run has, so its EMA never took effect). With
+    ``warmup`` = 0 the target decay applies from the first update."""
+
+    def __init__(self, model: nn.Module, decay: float, warmup: int = 0):
         super().__init__()
         self.module = copy.deepcopy(model).eval()
         for p in self.module.parameters():
             p.requires_grad_(False)
         self.decay = decay
+        self.warmup = warmup
         self.updates = 0
+
+    def decay_at(self, updates: int) -> float:
+        if self.warmup <= 0:
+            return self.decay
+        c = (1 + self.warmup) / self.decay - self.warmup
+        return min(self.decay, (1 + updates) / (c + updates))
 
     @torch.no_grad()
     def update(self, model: nn.Module):
         self.updates += 1
-        d = min(self.decay, (1 + self.updates) / (10 + self.updates))
+        d = self.decay_at(self.updates)
         floats_e, floats_m = [], []
         for e, m in zip(self.module.state_dict().values(), model.state_dict().values()):
             if e.dtype.is_floating_point:

@@ -53,7 +53,16 @@ def _binary_target(y, opts):
 
 @LOSSES["binary"].register("bce")
 def bce(logits, y, head: Head, opts: dict, cw=None):
-    return F.binary_cross_entropy_with_logits(logits.float().squeeze(-1), _binary_target(y, opts), reduction="none")
+    loss = F.binary_cross_entropy_with_logits(logits.float().squeeze(-1), _binary_target(y, opts), reduction="none")
+    return _class_weighted(loss, y, cw)
+
+
+def _class_weighted(loss, y, cw):
+    """Binary class weights [w0, w1] per row: w1 * y + w0 * (1 - y) (a soft target weighs in between)."""
+    if cw is None:
+        return loss
+    t = y.float().reshape(loss.shape)
+    return loss * (cw[1] * t + cw[0] * (1 - t))
 
 
 @LOSSES["binary"].register("focal")
@@ -61,7 +70,8 @@ def binary_focal(logits, y, head: Head, opts: dict, cw=None):
     z, t = logits.float().squeeze(-1), _binary_target(y, opts)
     p = torch.sigmoid(z)
     pt = p * t + (1 - p) * (1 - t)
-    return (1 - pt).pow(opts["focal_gamma"]) * F.binary_cross_entropy_with_logits(z, t, reduction="none")
+    return _class_weighted((1 - pt).pow(opts["focal_gamma"]) * F.binary_cross_entropy_with_logits(z, t, reduction="none"),
+                           y, cw)
 
 
 def _flat(logits, y):

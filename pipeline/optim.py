@@ -52,7 +52,7 @@ def lr_lambda(tcfg: dict, steps_per_epoch: int):
             return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * t))
         if kind == "step":
             epoch = s // steps_per_epoch
-            return tcfg["gamma"] ** sum(epoch >= m for m in tcfg["milestones"])
+            return max(floor, tcfg["gamma"] ** sum(epoch >= m for m in tcfg["milestones"]))
         return 1.0
 
     return f
@@ -69,7 +69,8 @@ for _name in ("cosine", "restarts", "step", "none"):
 @SCHEDULERS.register("plateau")
 def plateau(opt, tcfg: dict, steps_per_epoch: int, higher_is_better: bool):
     return torch.optim.lr_scheduler.ReduceLROnPlateau(opt, mode="max" if higher_is_better else "min",
-                                                      factor=tcfg["gamma"], patience=tcfg["patience"])
+                                                      factor=tcfg["gamma"], patience=tcfg["patience"],
+                                                      min_lr=[g["lr"] * tcfg["min_lr_ratio"] for g in opt.param_groups])
 
 
 def steps_each_batch(sched) -> bool:

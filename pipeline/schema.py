@@ -212,6 +212,8 @@ class Train(_Section):
     channels_last: bool = False
     ema: bool = False
     ema_decay: float = Field(0.999, gt=0, lt=1)
+    # optimizer steps until ema_decay is reached: auto = a tenth of the run, an integer, or 0 (none)
+    ema_warmup: Union[Literal["auto"], Annotated[int, Field(ge=0)]] = "auto"
     swa: bool = False
     swa_start: float = Field(0.75, gt=0)  # < 1: fraction of the epochs after which weights are averaged
     multiscale: list[int] = []  # e.g. [24, 32, 40]: a random input size per batch
@@ -379,6 +381,20 @@ class Config(_Section):
         if self.train.loss not in allowed:
             raise ValueError(f"train.loss '{self.train.loss}' does not apply to a {kind} head (task "
                              f"'{self.competition.task}'); allowed: {', '.join(allowed)}")
+        if self.train.class_weights is not None and kind == "regression":
+            raise ValueError(f"train.class_weights: a {kind} head (task '{self.competition.task}') has no classes to "
+                             "weight; remove it (classes are weighted for multiclass and binary heads)")
+        return self
+
+    @model_validator(mode="after")
+    def _schedule_uses_its_options(self):
+        t = self.train
+        if t.scheduler == "plateau" and t.warmup_epochs:
+            raise ValueError("train.warmup_epochs: the plateau scheduler has no warm-up (it steps once per epoch on the "
+                             "score); use cosine, step or none with a warm-up, or set warmup_epochs=0")
+        if t.scheduler == "none" and t.min_lr_ratio:
+            raise ValueError("train.min_lr_ratio: scheduler none keeps the lr constant, so there is no floor to set; "
+                             "use cosine, restarts, step or plateau, or set min_lr_ratio=0")
         return self
 
 

@@ -33,6 +33,8 @@ _RUN_ONLY = ("folds", "full", "device")
 
 def stage_key(cfg: dict, folds_hash: str, train_hash: str) -> str:
     tcfg = {k: v for k, v in cfg["train"].items() if k not in _RUN_ONLY}
+    if not tcfg["ema"]:  # (a key added later leaves models trained without EMA up to date)
+        tcfg.pop("ema_warmup")
     return config_hash([cfg["competition"], data_key(cfg["data"]), cfg["model"], tcfg, cfg["seed"], folds_hash,
                         train_hash])
 

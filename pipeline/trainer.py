@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader
 
 from . import resume, teachers
 from .artifacts import kill_point
-from .averaging import ModelEma
+from .averaging import ModelEma, warmup_steps
 from .competition import image_paths
 from .distributed import Dist
 from .errors import PipelineError
@@ -122,11 +122,16 @@ class FoldTrainer:
                 for ds in (self.train_ds, self.valid_ds):
                     ds.preload(workers)
             main_head = heads[0]
-            cw = class_weight_tensor(self.tcfg, ys[main_head.name][self.tr_idx] if main_head.kind == "multiclass"
-                                     else None, main_head.out)
+            classed = main_head.kind in ("multiclass", "binary")  # (regression refuses class_weights in the schema)
+            cw = class_weight_tensor(self.tcfg, ys[main_head.name][self.tr_idx].astype(int) if classed else None,
+                                     2 if main_head.kind == "binary" else main_head.out)
         else:
             self.train_ds, self.valid_ds, self.y_valid = datasets
         self.criterion = Criterion(heads, self.tcfg, main_targets, cw).to(self.device)
+        # the validation loss is the plain one (each head's default loss; no smoothing, class weights or OHEM),
+        # so it compares across configs
+        plain = {"loss": "auto", "label_smoothing": 0.0, "focal_gamma": 0.0, "ohem": 1.0, "distill": None}
+        self.valid_criterion = Criterion(heads, plain, set()).to(self.device)
         self.steps_per_epoch = max(1, math.ceil(len(self.train_ds) / self.tcfg["batch_size"] / self.tcfg["accumulate"]))
         self.build()
 
@@ -151,7 +156,13 @@ class FoldTrainer:
         groups = [{"params": backbone, "lr": tcfg["lr"] * tcfg["backbone_lr_mult"]}, {"params": rest, "lr": tcfg["lr"]}]
         self.opt = OPTIMIZERS[tcfg["optimizer"]](groups, tcfg)
         self.sched = SCHEDULERS[tcfg["scheduler"]](self.opt, tcfg, self.steps_per_epoch, self.metric.higher_is_better)
-        self.ema = ModelEma(self.model, tcfg["ema_decay"]) if tcfg["ema"] else None
+        self.ema = None
+        if tcfg["ema"]:
+            total = self.steps_per_epoch * tcfg["epochs"]
+            self.ema = ModelEma(self.model, tcfg["ema_decay"], warmup_steps(tcfg["ema_warmup"], total))
+            if self.dist.main:
+                log(f"[train] fold {self.fold}: EMA decay {tcfg['ema_decay']} reached after {self.ema.warmup} of "
+                    f"{total} optimizer steps (train.ema_warmup={tcfg['ema_warmup']})")
         self.swa = None
         self.amp_dtype = None
         if tcfg["amp"] and self.device.type == "cuda":
@@ -279,7 +290,7 @@ class FoldTrainer:
                 x = x.contiguous(memory_format=torch.channels_last)
             with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
                 out = model(x)
-            total += float(self.criterion(out, to_device(y, self.device))) * len(x)
+            total += float(self.valid_criterion(out, to_device(y, self.device))) * len(x)
             n += len(x)
             for h in self.heads:
                 outs[h.name].append(activate(h, out[h.name]).cpu().numpy())
@@ -344,6 +355,8 @@ class FoldTrainer:
             msg = f"[train] fold {self.fold} epoch {epoch + 1}/{epochs} loss {train_loss:.4f}"
             if validate:
                 msg += f" valid_loss {row['valid_loss']:.4f} {self.metric.name} {row['score']:.4f}" + (" *" if improved else "")
+            if self.ema is not None:
+                msg += f" ema_decay {self.ema.decay_at(self.ema.updates):.4g}"
             if self.dist.main:
                 log(msg + f" ({row['seconds']:.1f}s)")
             kill_point(f"epoch:{epoch + 1}")

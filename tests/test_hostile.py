@@ -385,3 +385,69 @@ def test_the_lock_folder_is_per_user(tmp_path, monkeypatch):
         assert any(p.name.startswith("pipeline-locks-") for p in tmp_path.iterdir())
     finally:
         theirs.chmod(0o700)
+
+
+# -- 14. options a schedule or head would ignore are honoured or refused ---------------------------------------
+@pytest.mark.parametrize("overrides,says", [
+    (["train.scheduler=plateau", "train.warmup_epochs=1"], "plateau scheduler has no warm-up"),
+    (["train.scheduler=none", "train.min_lr_ratio=0.1"], "no floor to set"),
+    (["competition.task=regression", "competition.metric=rmse", "train.class_weights=[1, 2]"], "no classes to weight"),
+])
+def test_options_a_schedule_or_head_cannot_use_are_refused(overrides, says):
+    from pipeline.config import load_config
+    from pipeline.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=re.escape(says)):
+        load_config(None, overrides)
+
+
+def test_min_lr_ratio_floors_plateau_and_step_and_warmup_ramps_step_and_none():
+    from pipeline.config import load_config
+    from pipeline.optim import SCHEDULERS, lr_lambda
+
+    def tcfg(*o):
+        return load_config(None, ["train.lr=0.1", "train.epochs=6", *o])["train"]
+
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
+    sched = SCHEDULERS["plateau"](opt, tcfg("train.scheduler=plateau", "train.min_lr_ratio=0.25", "train.patience=0"),
+                                  1, True)
+    for _ in range(10):
+        sched.step(0.0)  # never improves
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.025)
+    f = lr_lambda(tcfg("train.scheduler=step", "train.milestones=[1, 2, 3]", "train.gamma=0.1",
+                       "train.min_lr_ratio=0.05"), 1)
+    assert [round(f(s), 4) for s in range(5)] == [1.0, 0.1, 0.05, 0.05, 0.05]
+    for kind in ("step", "none"):
+        f = lr_lambda(tcfg(f"train.scheduler={kind}", "train.warmup_epochs=2"), 2)
+        assert [f(s) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
+
+
+def test_binary_class_weights_weigh_each_row_by_its_class():
+    from pipeline.losses import bce, binary_focal
+    from pipeline.models import Head
+
+    head = Head("t", ["t"], "binary", 1)
+    logits, y = torch.tensor([[0.3], [-0.2]]), torch.tensor([1.0, 0.0])
+    opts = {"label_smoothing": 0.0, "focal_gamma": 2.0}
+    cw = torch.tensor([1.0, 3.0])
+    for fn in (bce, binary_focal):
+        plain, weighted = fn(logits, y, head, opts), fn(logits, y, head, opts, cw)
+        assert torch.allclose(weighted, plain * torch.tensor([3.0, 1.0]))
+
+
+# -- 16. the validation loss is the plain loss --------------------------------------------------------------
+def test_the_logged_validation_loss_is_plain_cross_entropy(tmp_path):
+    from pipeline.stages import run_stage
+    from tests.conftest import tiny_cfg
+
+    make_competition(tmp_path / "comp", n=60, n_groups=9, n_classes=3, size=16)
+    cfg = tiny_cfg(tmp_path / "comp", "train.epochs=1", "train.folds=[0]", "train.label_smoothing=0.4",
+                   "train.ohem=0.5", "train.class_weights=[1, 5, 1]")
+    run_stage("train", cfg)
+    fold0 = tmp_path / "models" / "tiny" / "fold0"
+    valid = pd.read_parquet(fold0 / "best_valid.parquet")
+    y = pd.read_csv(tmp_path / "comp" / "train.csv", dtype={"id": str}).set_index("id").loc[valid["id"], "target"]
+    p = valid[[c for c in valid.columns if c != "id"]].to_numpy()
+    plain = float(-np.log(p[np.arange(len(p)), y.to_numpy()]).mean())
+    logged = float(pd.read_csv(fold0 / "log.csv")["valid_loss"].iloc[0])
+    assert logged == pytest.approx(plain, rel=1e-4)

@@ -455,10 +455,25 @@ def test_ema_update_is_the_decayed_average_of_float_weights_and_copies_integer_b
             p.add_(1.0)
     net.train()(torch.randn(4, 3))  # moves the running stats and num_batches_tracked
     ema.update(net)
-    d = min(0.5, 2 / 11)  # the warm-up decay of the first update
+    d = 0.5  # no warm-up: the target decay from the first update
     for k, v in ema.module.state_dict().items():
         want = net.state_dict()[k] if not v.dtype.is_floating_point else d * before[k] + (1 - d) * net.state_dict()[k]
         assert torch.allclose(v, want), k
+
+
+def test_ema_warmup_reaches_the_target_decay_at_its_step_and_the_run_says_so(workdir, capsys):
+    from pipeline.averaging import ModelEma, warmup_steps
+
+    ema = ModelEma(torch.nn.Linear(2, 2), decay=0.99, warmup=20)
+    ramp = [ema.decay_at(u) for u in range(1, 30)]
+    assert ramp[18] < 0.99 and ramp[19] == pytest.approx(0.99) and max(ramp) == 0.99
+    assert all(a <= b for a, b in zip(ramp, ramp[1:]))  # a ramp, never above the target
+    assert warmup_steps("auto", 108) == 11 and warmup_steps(0, 108) == 0 and warmup_steps(50, 108) == 50
+    # a short run (2 epochs of 4 steps): the decay the user asked for is the one in effect by the end
+    T.run(tiny_cfg(workdir / "comp", "train.folds=[0]", "train.epochs=2", "train.ema=true", "train.ema_decay=0.9"))
+    out = capsys.readouterr().out
+    assert "EMA decay 0.9 reached after 1 of 8 optimizer steps (train.ema_warmup=auto)" in out, out
+    assert "epoch 2/2" in out and out.split("epoch 2/2")[1].splitlines()[0].count("ema_decay 0.9 ") == 1
 
 
 def test_preloaded_cache_is_shared_with_loader_workers(tmp_path):
