@@ -218,6 +218,7 @@ def write_metadata(cfg: dict, source: str, folder: Path, wheels: list[str]) -> N
     write_json(folder / "kernel-metadata.json", {
         "id": f"{user}/{slug}-inference", "title": f"{slug}-inference", "code_file": "inference.ipynb",
         "language": "python", "kernel_type": "notebook", "is_private": True, "enable_gpu": True,
+        **({"machine_shape": cfg["kaggle"]["machine_shape"]} if cfg["kaggle"]["machine_shape"] else {}),
         "enable_internet": False, "dataset_sources": [f"{user}/{slug}"], "competition_sources": [competition],
         "kernel_sources": []})
     sample = cfg["competition"]["sample_submission"]

@@ -15,4 +15,7 @@ class Kaggle(BaseModel):
     user: Optional[str] = None  # Kaggle user owning the dataset; default: $KAGGLE_USERNAME
     dataset: Optional[str] = None  # dataset slug (6-50 of a-z, 0-9, -); default: <competition>-<source>
     competition: Optional[str] = None  # the competition's slug on Kaggle (/kaggle/input/<it>); default: its name
+    # the notebook's accelerator (kernel-metadata.json machine_shape); PyPI's CUDA builds of torch no longer
+    # run on the P100, so the default asks for a T4
+    machine_shape: Optional[str] = "NvidiaTeslaT4"
     verify: bool = True  # predict the local test set from the bundle; refuse it unless it matches the features

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from .errors import InputError
 from .paths import targets
-from .io import load_checkpoint
+from .io import load_checkpoint, log
 
 
 @dataclass
@@ -135,11 +135,41 @@ def create_backbone(name: str, in_chans: int) -> nn.Module:
     return timm.create_model(name, pretrained=False, num_classes=0, global_pool="", in_chans=in_chans)
 
 
-def build_model(cfg: dict, heads: list[Head]) -> Net:
+def init_path(cfg: dict, fold=None) -> str | None:
+    """``model.init`` for one fold: ``{fold}`` in the path becomes the fold (0, 1, ..., full), so each fold can
+    start from its own fold's checkpoint of an earlier experiment."""
+    init = cfg["model"]["init"]
+    return init.format(fold=fold) if init and "{fold}" in init else init
+
+
+def init_leak(cfg: dict, folds, folds_hash: str) -> str | None:
+    """A LEAKY mark when a fold starts from a fold checkpoint that trained on its validation rows: another
+    fold's model, the all-data model, or a model of another folds file. Label-free weights (jigsaw) and each
+    fold's own checkpoint of the same folds are clean."""
+    if not cfg["model"]["init"]:
+        return None
+    bad = []
+    for k in folds:
+        path = Path(init_path(cfg, k))
+        if not path.exists() or k == "full":
+            continue
+        ck = load_checkpoint(path, mmap=True)
+        if not isinstance(ck, dict) or "fold" not in ck or "folds_hash" not in ck:
+            continue  # not a fold model (a backbone state dict, our jigsaw weights)
+        if str(ck["fold"]) != str(k) or ck["folds_hash"] != folds_hash:
+            bad.append(f"fold {k} <- {path} (fold {ck['fold']}" + (", other folds" if ck["folds_hash"] != folds_hash
+                                                                  else "") + ")")
+    if not bad:
+        return None
+    return (f"LEAKY: model.init starts fold(s) from a model that trained on their validation rows ({'; '.join(bad[:3])}); "
+            "its CV is optimistic: use model.init=.../fold{fold}/best.pt with the same folds")
+
+
+def build_model(cfg: dict, heads: list[Head], fold=None) -> Net:
     m = cfg["model"]
     net = Net(create_backbone(m["backbone"], cfg["data"]["in_chans"]), heads, m["pool"], m["bnneck"], m["dropout"])
     if m["init"]:
-        report = load_backbone_weights(net.backbone, m["init"])
+        report = load_backbone_weights(net.backbone, init_path(cfg, fold))
         print(f"[model] {report}", flush=True)
     return net
 
@@ -241,11 +271,33 @@ def activate(head: Head, logits: torch.Tensor) -> torch.Tensor:
     return logits.float()
 
 
+_CUDA_OK: dict = {}
+
+
+def cuda_works() -> bool:
+    """Whether this torch can run a kernel on the GPU: ``is_available()`` is true on a GPU the build has no
+    kernels for (a P100 under a cu128 torch), where the first real op fails. Probed once per process."""
+    if "ok" not in _CUDA_OK:
+        try:
+            x = torch.ones(8, device="cuda")
+            torch.nn.functional.conv2d(x.view(1, 2, 2, 2), torch.ones(1, 2, 1, 1, device="cuda")).sum().item()
+            _CUDA_OK["ok"] = True
+        except Exception as exc:  # noqa: BLE001 (any failure of the probe means: do not use this GPU)
+            try:
+                name = torch.cuda.get_device_name(0)
+            except Exception:  # noqa: BLE001
+                name = "the GPU"
+            log(f"[device] {name} is visible but this torch {torch.__version__} cannot run on it "
+                f"({str(exc).splitlines()[0][:120]}); using the CPU")
+            _CUDA_OK["ok"] = False
+    return _CUDA_OK["ok"]
+
+
 def pick_device(choice: str = "auto") -> torch.device:
     """CUDA, then Apple MPS, then CPU (or the device named in the config)."""
     if choice != "auto":
         return torch.device(choice)
-    if torch.cuda.is_available():
+    if torch.cuda.is_available() and cuda_works():
         return torch.device("cuda")
     if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
         return torch.device("mps")

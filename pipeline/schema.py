@@ -51,6 +51,16 @@ def _image_pattern(v: str):
     return v
 
 
+def _init_pattern(v: str):
+    import string
+
+    names = [f for _, f, _, _ in string.Formatter().parse(v) if f is not None]
+    if any(n != "fold" for n in names):
+        raise ValueError(f"knows only the placeholder {{fold}} (each fold's own file, e.g. "
+                         f"models/a/fold{{fold}}/best.pt), not {', '.join('{' + n + '}' for n in names if n != 'fold')}")
+    return _home(v)
+
+
 SafeName = Annotated[str, AfterValidator(_safe_name)]
 HomePath = Annotated[str, AfterValidator(_home)]
 from .kaggle_schema import Kaggle  # make kaggle (pipeline/bundle.py)
@@ -156,7 +166,8 @@ class Data(_Section):
 
 class Model(_Section):
     backbone: str = "resnet18"
-    init: Optional[str] = None  # local weights file (our jigsaw pretraining or a user's), never a download
+    # local weights file (our jigsaw pretraining or a user's), never a download; {fold} = each fold's own file
+    init: Optional[Annotated[str, AfterValidator(_init_pattern)]] = None
     pool: Literal["avg", "gem", "avgmax"] = "avg"
     bnneck: bool = False
     dropout: float = Field(0.0, ge=0.0, lt=1.0)

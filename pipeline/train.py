@@ -23,7 +23,7 @@ from .errors import InputError
 from .images import data_key
 from .io import config_hash, file_hash, load_checkpoint, log, provenance, read_json, write_json, write_resolved_config
 from .metrics import get_metric
-from .models import heads_for
+from .models import heads_for, init_leak
 from .paths import models_dir, targets, valid_prediction
 from .trainer import FoldTrainer
 
@@ -89,7 +89,8 @@ def up_to_date(cfg: dict) -> bool:
 def run(cfg: dict, force: bool = False) -> dict:
     started = time.time()
     train_df, fold, folds_hash, heads, key, todo = _plan(cfg)
-    leak = teachers.leak_note(cfg)  # carried by every fold's meta.json, so what is built on them is marked too
+    # carried by every fold's meta.json, so what is built on them is marked too
+    leak = teachers.leak_note(cfg) or init_leak(cfg, todo, folds_hash)
     exp = models_dir(cfg)
     exp.mkdir(parents=True, exist_ok=True)
     trained = []

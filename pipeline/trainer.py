@@ -139,7 +139,7 @@ class FoldTrainer:
     def build(self):
         cfg, tcfg = self.cfg, self.tcfg
         seed_everything(epoch_seed(cfg["seed"], self.fold, -1))
-        self.model = build_model(cfg, self.heads).to(self.device)
+        self.model = build_model(cfg, self.heads, self.fold).to(self.device)
         self.frozen = freeze_stages(self.model.backbone, cfg["model"]["freeze_stages"])
         if tcfg["channels_last"]:
             self.model = self.model.to(memory_format=torch.channels_last)

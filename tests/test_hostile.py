@@ -451,3 +451,50 @@ def test_the_logged_validation_loss_is_plain_cross_entropy(tmp_path):
     plain = float(-np.log(p[np.arange(len(p)), y.to_numpy()]).mean())
     logged = float(pd.read_csv(fold0 / "log.csv")["valid_loss"].iloc[0])
     assert logged == pytest.approx(plain, rel=1e-4)
+
+
+# -- 18. a GPU this torch cannot drive falls back to the CPU -------------------------------------------------
+def test_a_gpu_the_installed_torch_cannot_drive_falls_back_to_cpu(monkeypatch, capsys):
+    from pipeline import models
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(models, "_CUDA_OK", {})
+
+    def no_kernel(*a, **k):
+        if str(k.get("device", "")).startswith("cuda"):
+            raise RuntimeError("CUDA error: no kernel image is available for execution on the device")
+        return torch.zeros(*a)
+
+    monkeypatch.setattr(torch, "ones", no_kernel)
+    assert models.pick_device("auto").type == "cpu"
+    assert "cannot run on it (CUDA error: no kernel image" in capsys.readouterr().out
+    monkeypatch.setattr(models, "_CUDA_OK", {"ok": True})  # a GPU that works is used
+    assert models.pick_device("auto").type == "cuda"
+
+
+# -- 15. model.init per fold; a cross-fold init is marked LEAKY ------------------------------------------------
+def test_init_per_fold_is_clean_and_a_cross_fold_init_is_leaky(tmp_path):
+    from pipeline.io import read_json
+    from pipeline.stages import run_stage
+    from tests.conftest import tiny_cfg
+
+    make_competition(tmp_path / "comp", n=60, n_groups=9, n_classes=3, size=16)
+    run_stage("train", tiny_cfg(tmp_path / "comp", "train.epochs=1", name="first"))
+    own = tiny_cfg(tmp_path / "comp", "train.epochs=1", "model.init=models/first/fold{fold}/best.pt", "train.lr=1e-12",
+                   "train.optimizer=sgd", name="own")  # (an lr that leaves the conv weights where they started)
+    run_stage("train", own)
+    metas = [read_json(tmp_path / f"models/own/fold{k}/meta.json") for k in range(3)]
+    assert all(not m.get("leak") for m in metas)
+    first = [torch.load(tmp_path / f"models/first/fold{k}/best.pt", weights_only=True)["model"] for k in range(3)]
+    own1 = torch.load(tmp_path / "models/own/fold1/best.pt", weights_only=True)["model"]
+    conv = next(k for k, v in own1.items() if v.ndim == 4)
+    assert torch.allclose(own1[conv], first[1][conv]) and not torch.allclose(own1[conv], first[0][conv])
+    cross = tiny_cfg(tmp_path / "comp", "train.epochs=1", "model.init=models/first/fold0/best.pt", name="cross")
+    run_stage("train", cross)
+    leak = read_json(tmp_path / "models/cross/fold1/meta.json").get("leak") or ""
+    assert leak.startswith("LEAKY") and "fold 1 <- models/first/fold0/best.pt" in leak
+    from pipeline.config import load_config
+    from pipeline.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"only the placeholder \{fold\}"):
+        load_config(None, ["model.init=models/a/fold{k}/best.pt"])

@@ -143,7 +143,9 @@ def test_notebook_in_a_fresh_offline_env_writes_the_submission_make_submit_wrote
     project, _ = demo
     bundle = project / "kaggle" / source
     dataset = json.loads((bundle / "dataset-metadata.json").read_text())["id"].split("/")[1]
-    competition = json.loads((bundle / "kernel-metadata.json").read_text())["competition_sources"][0]
+    kernel = json.loads((bundle / "kernel-metadata.json").read_text())
+    competition = kernel["competition_sources"][0]
+    assert kernel["machine_shape"] == "NvidiaTeslaT4" and kernel["enable_internet"] is False
     # Kaggle's layout: the dataset and the competition read-only under input/, outputs in working/
     input_dir, working = tmp_path / "kaggle" / "input", tmp_path / "kaggle" / "working"
     shutil.copytree(bundle, input_dir / dataset)
