@@ -227,6 +227,37 @@ def auto(d: Level2Data) -> Level2Result:
 
 # ------------------------------------------------------------------- saved level 2 (Kaggle bundles)
 SAVED = "level2.json"
+def category_text(s: pd.Series) -> pd.Series:
+    """A categorical column's values as the text they were written as: an integer code read as a float
+    (a column with one blank cell: 1 -> 1.0) is '1' again, so the hidden test set's levels match the
+    trained ones. Blanks stay missing."""
+    def one(v):
+        if v is None or (isinstance(v, float) and np.isnan(v)):
+            return np.nan
+        if isinstance(v, (float, np.floating)) and float(v).is_integer():
+            return str(int(v))
+        text = str(v).strip()
+        head, dot, tail = text.partition(".")
+        return head if dot and tail and set(tail) == {"0"} and head.lstrip("-").isdigit() else text
+
+    return s.map(one).astype(object)
+
+
+def as_trained_categories(T: pd.DataFrame, categories: dict, where) -> pd.DataFrame:
+    """Categorical columns of ``T`` on the categories level 2 was fitted with (unseen values become missing),
+    with a warning naming each column where many values were never seen in training."""
+    T = T.copy()
+    for c, cats in categories.items():
+        text = category_text(T[c])
+        seen = text.isna() | text.isin(cats)
+        if len(text) and (~seen).mean() > 0.1:
+            log(f"[level2] warning: {where}: {int((~seen).sum())} of {len(text)} values of categorical column '{c}' "
+                f"were never seen in training (e.g. {text[~seen].iloc[0]!r}; trained: {list(cats)[:5]}); they count "
+                "as missing")
+        T[c] = text.astype(pd.CategoricalDtype(cats))
+    return T
+
+
 REPRODUCIBLE = ("lgbm", "weighted")  # level-2 models whose test predictions can be redone from saved files
 
 
@@ -242,6 +273,8 @@ def stage_models(group, folder, d: Level2Data, result: Level2Result) -> None:
     spec = {"model": kind, "reproducible": kind in REPRODUCIBLE, "task": d.task,
             "n_classes": d.n_classes, "experiments": list(d.experiments), "columns": [str(c) for c in d.T.columns],
             "categorical": [str(c) for c in d.T.columns if isinstance(d.T[c].dtype, pd.CategoricalDtype)],
+            "categories": {str(c): [str(v) for v in d.T[c].dtype.categories] for c in d.T.columns
+                           if isinstance(d.T[c].dtype, pd.CategoricalDtype)},
             "test_mode": d.scfg["test_mode"], "stat": d.scfg["stat"], "files": files,
             "weights": result.info.get("weights")}
     group.json(folder / SAVED, spec)
@@ -265,7 +298,9 @@ def predict_saved(folder, T: pd.DataFrame | None, preds: list[np.ndarray] | None
     import lightgbm as lgb
 
     T = T[spec["columns"]].copy()
-    for c in spec["categorical"]:  # LightGBM maps the values onto the categories saved in the model
-        T[c] = T[c].astype(str).astype("category")
+    if "categories" in spec:  # the train-time categories exactly (LightGBM maps values onto them by name)
+        T = as_trained_categories(T, spec["categories"], folder)
+    for c in [c for c in spec["categorical"] if c not in spec.get("categories", {})]:  # a stack saved before
+        T[c] = category_text(T[c]).astype("category")
     names = ["refit"] if spec["test_mode"] == "refit" else [n for n in spec["files"] if n != "refit"]
     return np.mean([lgb.Booster(model_file=str(folder / spec["files"][n])).predict(T) for n in names], axis=0)

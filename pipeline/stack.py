@@ -21,7 +21,7 @@ from .artifacts import ArtifactGroup, inherited_leak, require_complete, stage_lo
 from .competition import fold_of, load_folds, load_test, load_train
 from .errors import InputError
 from .io import config_hash, is_up_to_date, log, provenance, read_json, read_parquet_meta, resolved_config_text
-from .level2 import LEVEL2_MODELS, SAVED, Level2Data, stage_models
+from .level2 import LEVEL2_MODELS, SAVED, Level2Data, category_text, stage_models
 from .metrics import get_metric
 from .paths import (
     features_dir,
@@ -62,9 +62,10 @@ def tabular(cfg: dict, train_df: pd.DataFrame, test_df: pd.DataFrame) -> tuple[p
     cols = list(comp["tabular"])
     tr, te = train_df[cols].copy(), test_df[cols].copy()
     cats = [c for c in cols if c in comp["categorical"] or tr[c].dtype == object]
-    for c in cats:
-        cat = pd.CategoricalDtype(sorted(set(tr[c].dropna().astype(str)) | set(te[c].dropna().astype(str))))
-        tr[c], te[c] = tr[c].astype(str).astype(cat), te[c].astype(str).astype(cat)
+    for c in cats:  # as written: an integer code read as float (a blank cell elsewhere) is the same level
+        tr[c], te[c] = category_text(tr[c]), category_text(te[c])
+        cat = pd.CategoricalDtype(sorted(set(tr[c].dropna()) | set(te[c].dropna())))
+        tr[c], te[c] = tr[c].astype(cat), te[c].astype(cat)
     return tr, te, cats
 
 

@@ -498,3 +498,38 @@ def test_init_per_fold_is_clean_and_a_cross_fold_init_is_leaky(tmp_path):
 
     with pytest.raises(ConfigError, match=r"only the placeholder \{fold\}"):
         load_config(None, ["model.init=models/a/fold{k}/best.pt"])
+
+
+# -- 17. the hidden test set's categorical levels are the trained ones ------------------------------------------
+def test_integer_codes_read_as_float_keep_their_trained_category(tmp_path, capsys):
+    import json
+
+    import lightgbm as lgb
+
+    from pipeline.config import load_config
+    from pipeline.level2 import SAVED, category_text, predict_saved
+    from pipeline.stack import tabular
+
+    assert category_text(pd.Series([1.0, np.nan, 2.0])).tolist()[::2] == ["1", "2"]
+    assert category_text(pd.Series(["1.0", "a", " 3 ", "1.5"])).tolist() == ["1", "a", "3", "1.5"]
+    cfg = load_config(None, ["competition.tabular=[code]", "competition.categorical=[code]"])
+    tr, te, cats = tabular(cfg, pd.DataFrame({"code": [1.0, 2.0, np.nan]}), pd.DataFrame({"code": [1, 2, 2]}))
+    assert cats == ["code"] and list(tr["code"].dtype.categories) == ["1", "2"] and te["code"].tolist() == ["1", "2", "2"]
+    # a level-2 model fitted where the column was read as text '1', '2': the hidden test reads it as 1.0, 2.0
+    rng = np.random.default_rng(0)
+    code = rng.integers(1, 3, 400).astype(str)
+    X = pd.DataFrame({"code": pd.Categorical(code, categories=["1", "2"]), "p": rng.random(400)})
+    y = (code == "2").astype(float)
+    booster = lgb.train({"objective": "binary", "verbose": -1, "min_data_in_leaf": 5, "cat_smooth": 1}, lgb.Dataset(X, y),
+                        num_boost_round=20)
+    booster.save_model(str(tmp_path / "fold0.txt"))
+    (tmp_path / SAVED).write_text(json.dumps({
+        "model": "lgbm", "columns": ["code", "p"], "categorical": ["code"], "categories": {"code": ["1", "2"]},
+        "test_mode": "mean", "files": {"fold0": "fold0.txt"}}))
+    hidden = pd.DataFrame({"code": [1.0, 2.0, np.nan, 2.0], "p": [0.5] * 4})
+    as_text = pd.DataFrame({"code": ["1", "2", None, "2"], "p": [0.5] * 4})
+    p_hidden, p_text = predict_saved(tmp_path, hidden), predict_saved(tmp_path, as_text)
+    assert np.allclose(p_hidden, p_text) and p_hidden[1] > 0.9 > 0.1 > p_hidden[0]
+    unseen = pd.DataFrame({"code": [7.0, 8.0, 9.0, 1.0], "p": [0.5] * 4})
+    predict_saved(tmp_path, unseen)
+    assert "3 of 4 values of categorical column 'code' were never seen in training" in capsys.readouterr().out
