@@ -63,16 +63,19 @@ def _stage(argv: list[str]) -> int:
                                      epilog="other commands: config, inputs, lb; --debug shows tracebacks")
     parser.add_argument("stage", choices=sorted(STAGES), help="stage to run")
     parser.add_argument("-c", "--config", help="experiment YAML under configs/")
+    parser.add_argument("--defaults", action="store_true",
+                        help="no config file: the built-in defaults and the overrides alone (the project is here)")
     parser.add_argument("--force", action="store_true", help="rerun even when the outputs are up to date")
     parser.add_argument("--check", action="store_true",
                         help="do nothing; exit 0 when the stage's outputs are up to date, 1 when it would run")
     parser.add_argument("overrides", nargs="*", help="config overrides, e.g. train.epochs=3 folds.n_splits=4")
     args = parser.parse_intermixed_args(argv)
-    if not args.config:
+    if not args.config and not args.defaults:
         from .errors import ConfigError
 
         raise ConfigError(f"{args.stage}: no config file; pass -c configs/<experiment>.yaml (the built-in defaults "
-                          "alone describe no competition of yours and would overwrite the shared folds file)")
+                          "alone describe no competition of yours and would overwrite the shared folds file; "
+                          "--defaults runs them on purpose)")
     config = _enter_project(args.config)
     cfg = load_config(config, args.overrides)
     if args.check:
@@ -143,6 +146,8 @@ def _leaderboard(argv: list[str]) -> int:
     for a in it:
         if a in ("-c", "--config"):
             cfg_path = next(it, None)
+        elif a == "--defaults":  # (as for a stage: no config file, on purpose)
+            continue
         elif is_override(a):
             overrides.append(a)
         else:

@@ -57,12 +57,10 @@ def _outside_the_repository(tmp_path, monkeypatch):
     count N parallel jobs (data.cache=auto reads MAKEFLAGS)."""
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("MAKEFLAGS", raising=False)
-    (tmp_path / "configs").mkdir(exist_ok=True)
-    (tmp_path / "configs" / "test.yaml").write_text("# the built-in defaults; the command line sets the rest\n{}\n")
 
 
-# the command line refuses to run a stage without a config file: tests name this empty one (see above)
-CFG = ["-c", "configs/test.yaml"]
+# the command line refuses to run a stage without a config file; tests choose the built-in defaults on purpose
+CFG = ["--defaults"]
 
 
 @pytest.fixture

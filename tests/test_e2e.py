@@ -4,6 +4,7 @@ import os
 import shutil
 import subprocess
 import sys
+from functools import partial
 from pathlib import Path
 
 import pandas as pd
@@ -14,7 +15,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_make_demo_chain(tmp_path):
     for item in ("Makefile", "configs", "requirements.txt", "pyproject.toml"):
         src = ROOT / item
-        (shutil.copytree if src.is_dir() else shutil.copy2)(src, tmp_path / item)  # copy2 keeps mtimes: no reinstall
+        (partial(shutil.copytree, dirs_exist_ok=True) if src.is_dir() else shutil.copy2)(src, tmp_path / item)  # copy2 keeps mtimes: no reinstall
     venv = Path(sys.executable).parent.parent
     args = "train.epochs=2 model.backbone=test_resnet"
     env = {**os.environ, "PYTHONPATH": str(ROOT)}

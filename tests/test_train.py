@@ -46,7 +46,7 @@ def test_training_learns_and_writes_fold_artifacts(workdir):
 
 
 def _run_cli(workdir, name, *extra, env=None):
-    args = [sys.executable, "-m", "pipeline", "train", f"competition.root={workdir / 'comp'}", "competition.group=grp",
+    args = [sys.executable, "-m", "pipeline", "train", "--defaults", f"competition.root={workdir / 'comp'}", "competition.group=grp",
             "folds.file=folds/{competition}.csv", "data.in_chans=1", "data.image_size=16", f"name={name}",
             "model.backbone=test_resnet", "train.epochs=3", "train.batch_size=16", "folds.n_splits=3",
             "train.folds=[0]", "train.ema=true", "train.mixup=0.4", *extra]
@@ -253,7 +253,7 @@ def test_local_weights_load_with_report_and_mismatch_refused(workdir, tmp_path):
 def test_ddp_two_cpu_processes_with_gloo(workdir):
     tiny_cfg(workdir / "comp")
     args = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "pipeline", "train",
-            f"competition.root={workdir / 'comp'}", "competition.group=grp", "folds.file=folds/{competition}.csv",
+            "--defaults", f"competition.root={workdir / 'comp'}", "competition.group=grp", "folds.file=folds/{competition}.csv",
             "data.in_chans=1", "data.image_size=16", "name=ddp", "model.backbone=test_resnet", "train.epochs=2",
             "train.batch_size=8", "folds.n_splits=3", "train.folds=[0]", "train.sync_bn=true"]
     run = subprocess.run(args, cwd=workdir, capture_output=True, text=True, timeout=600,
@@ -546,7 +546,7 @@ def test_train_check_answers_up_to_date_only_when_every_fold_is(workdir):
     assert not (workdir / "models").exists()  # a check writes nothing
     T.run(cfg)
     assert main(["train", "--check", *CFG, *args]) == 0
-    assert main(["train", "--check", "--force", *args]) == 1
+    assert main(["train", "--check", "--force", *CFG, *args]) == 1
     assert main(["train", "--check", *CFG, *args, "train.lr=0.01"]) == 1  # another config would retrain
     assert main(["train", "--check", *CFG, *args, "train.folds=[1]"]) == 0
     assert main(["train", "--check", *CFG, *args, "data.cache=false", "data.num_workers=1"]) == 0  # how images are read
