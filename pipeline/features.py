@@ -22,6 +22,7 @@ from . import leaderboard, teachers
 from .artifacts import ArtifactGroup, kill_point, refuse_mixed_full_model, require_full_model, stage_lock
 from .competition import image_paths, load_folds, load_test, load_train, table_path
 from .errors import InputError
+from .fold_models import images_hash, require_current, train_key
 from .images import ImageDataset, SharedImages, build_transform, loader_workers
 from .io import (config_hash, file_hash, is_up_to_date, load_checkpoint, log, provenance, read_json,
                  read_parquet_meta, resolved_config_text, write_parquet)
@@ -86,6 +87,8 @@ def _run(cfg: dict, force: bool) -> Path:
             raise InputError(f"{mdir}/fold{k} was trained with folds file hash {metas[k]['folds_hash']}, but "
                              f"{folds_df.shape[0]}-row folds file now has hash {folds_hash}; the OOF rows would "
                              "leak. Retrain (`make train`) with the current folds, or restore the old folds file.")
+    # the rule `train --check` applies: this config, these folds, train.csv, images and teacher
+    require_current(mdir, range(n_splits), train_key(cfg, train_df, folds_hash))
     if fcfg["use_full"] == "only":
         require_full_model(mdir)
     use_full = bool(fcfg["use_full"]) and (mdir / "foldfull" / "best.pt").exists()
@@ -94,7 +97,7 @@ def _run(cfg: dict, force: bool) -> Path:
         metas["full"] = read_json(full) if full.exists() else {}
         refuse_mixed_full_model(mdir, {"fold0": metas[0]["stage_key"], "foldfull": metas["full"].get("stage_key")})
     key = config_hash([fcfg, [metas[k]["stage_key"] for k in metas], folds_hash, use_full,
-                       file_hash(table_path(cfg, "test"))])
+                       file_hash(table_path(cfg, "test")), images_hash(cfg, test_df[id_col])])
     # a leaky model's features are leaky (models trained before the mark was recorded: their config says it)
     leak = next((m["leak"] for m in metas.values() if m.get("leak")), None) or teachers.leak_note(cfg)
     oof_path, test_path = out / "oof.parquet", out / "test.parquet"

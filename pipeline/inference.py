@@ -94,6 +94,7 @@ def level1_frame(bundle: Path, name: str, spec: dict, cfg: dict, test: pd.DataFr
     aggregated (mean/var/max/min), then the mean over fold models; keyed by id, in test.csv order."""
     from torch.utils.data import DataLoader
 
+    from .fold_models import require_one_config
     from .images import SharedImages, build_transform
     from .models import load_model
     from .tta import aggregate, predict_views, tta_views
@@ -101,9 +102,11 @@ def level1_frame(bundle: Path, name: str, spec: dict, cfg: dict, test: pd.DataFr
     f, id_col = spec["features"], cfg["competition"]["id"]
     views = tta_views(f["tta"], f.get("scales"))
     paths = image_paths(cfg, test[id_col])
-    parts, images = [], SharedImages(paths, {"cache": "auto"})
+    parts, images, keys = [], SharedImages(paths, {"cache": "auto"}), {}
     for rel in spec["models"]:
         model, ckpt = load_model(bundle / rel, str(device))
+        keys[rel] = ckpt.get("stage_key")
+        require_one_config(keys)  # never a mean over models of different configs
         dcfg = ckpt["data_cfg"]  # the image size/normalisation the model was trained with
         loader = DataLoader(images.view(dcfg["in_chans"], build_transform(dcfg))[0], batch_size=f["batch_size"],
                             shuffle=False)

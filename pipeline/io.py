@@ -203,3 +203,34 @@ def load_checkpoint(path: str | Path, mmap: bool = False) -> Any:
             raise InputError(f"{path}: checkpoint not found") from None
         raise InputError(f"{path}: cannot be read as a PyTorch checkpoint ({str(exc).splitlines()[0][:160]}); "
                          "is it truncated or another kind of file?") from None
+
+
+def files_fingerprint(paths, cache: str | Path | None = None) -> str:
+    """One hash of the content of every file in ``paths`` (in order): a changed pixel changes it, a copy
+    with new modification times does not. Each file's own hash is kept in ``cache`` (JSON, keyed by path,
+    valid while the file's size and mtime stay), so a file is read once and afterwards only stat'ed."""
+    known: dict = {}
+    if cache is not None and Path(cache).exists():
+        try:
+            known = read_json(cache)
+        except (OSError, ValueError):
+            known = {}
+    h, fresh, changed = hashlib.sha256(), {}, False
+    for p in paths:
+        key = str(Path(p).resolve())
+        try:
+            st = os.stat(key)
+        except FileNotFoundError:
+            h.update(f"{p}:missing\n".encode())
+            continue
+        entry = known.get(key)
+        if not entry or entry[0] != st.st_size or entry[1] != st.st_mtime_ns:
+            entry, changed = [st.st_size, st.st_mtime_ns, file_hash(key, 20)], True
+        fresh[key] = entry
+        h.update(f"{Path(p).name}:{entry[2]}\n".encode())
+    if cache is not None and changed:
+        try:
+            write_json(cache, {**known, **fresh})
+        except OSError:
+            pass  # a read-only workspace: the hashes are recomputed next time
+    return h.hexdigest()[:12]

@@ -17,6 +17,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from .artifacts import refuse_mixed_full_model, require_full_model
 from .errors import InputError
+from .fold_models import require_one_config
 from .images import build_transform, read_image, resolve_cache
 from .io import read_json
 from .models import load_model, pick_device
@@ -44,6 +45,8 @@ class Predictor:
             raise InputError("Predictor: no checkpoints given.")
         self.device = pick_device(device)
         loaded = [load_model(p, str(self.device)) for p in checkpoints]
+        # never a mean over models of different configs (a resnet10t fold beside a resnet18 one)
+        require_one_config({str(p): ck.get("stage_key") for p, (_, ck) in zip(checkpoints, loaded)})
         self.models = [m for m, _ in loaded]
         self.data_cfg = loaded[0][1]["data_cfg"]
         self.heads = self.models[0].head_specs

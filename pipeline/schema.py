@@ -10,7 +10,6 @@ import re
 from typing import Annotated, Any, Literal, Optional, Union
 
 from pydantic import (
-    AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
@@ -20,79 +19,11 @@ from pydantic import (
 )
 
 from .errors import ConfigError
-
-
-def _safe_name(v):
-    """A name that becomes a folder or file name (models/<name>/, features/<name>/): one path component."""
-    if v is not None and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._+=@-]*", str(v)):
-        raise ValueError("must be one folder name: letters, digits and . _ + = @ - (not starting with a dot, no "
-                         "'/' or '..'), since outputs go to models/<name>/, features/<name>/")
-    return v
-
-
-def _home(v):
-    """``~`` and ``~user`` mean the home folder, as in a shell (no folder named '~' is ever made)."""
-    import os
-
-    return os.path.expanduser(v) if isinstance(v, str) else v
-
-
-def _image_pattern(v: str):
-    """The image path pattern knows exactly one placeholder, {id}; without it every row is one image."""
-    import string
-
-    names = [f for _, f, _, _ in string.Formatter().parse(v) if f is not None]
-    unknown = [n for n in names if n != "id"]
-    if unknown:
-        raise ValueError(f"knows only the placeholder {{id}}, not {', '.join('{' + n + '}' for n in unknown)} "
-                         "(e.g. images/{id}.png)")
-    if "id" not in names:
-        raise ValueError("must contain {id} (e.g. images/{id}.png); without it every row points at one image")
-    return v
-
-
-def _init_pattern(v: str):
-    import string
-
-    names = [f for _, f, _, _ in string.Formatter().parse(v) if f is not None]
-    if any(n != "fold" for n in names):
-        raise ValueError(f"knows only the placeholder {{fold}} (each fold's own file, e.g. "
-                         f"models/a/fold{{fold}}/best.pt), not {', '.join('{' + n + '}' for n in names if n != 'fold')}")
-    return _home(v)
-
-
-SafeName = Annotated[str, AfterValidator(_safe_name)]
-HomePath = Annotated[str, AfterValidator(_home)]
 from .kaggle_schema import Kaggle  # make kaggle (pipeline/bundle.py)
+from .schema_types import HomePath, ImagePattern, InitPath, Level2Model, Optimizer, SafeName, Scheduler, TtaSet
 from .tune_schema import Tune
 
 
-def _optimizer(v: str) -> str:
-    from .optim import OPTIMIZERS
-
-    return OPTIMIZERS.check(v)
-
-
-def _scheduler(v: str) -> str:
-    from .optim import SCHEDULERS
-
-    return SCHEDULERS.check(v)
-
-
-def _tta_set(v: str) -> str:
-    from .tta import TTA_SETS
-
-    return TTA_SETS.check(v)
-
-
-def _level2(v: str) -> str:
-    from .level2 import LEVEL2_MODELS
-
-    return LEVEL2_MODELS.check(v)
-
-
-Optimizer = Annotated[str, AfterValidator(_optimizer)]
-Scheduler = Annotated[str, AfterValidator(_scheduler)]
 TASKS = ("binary", "multiclass", "regression", "ordinal")
 # which competition metrics make sense for which task (a metric on the wrong task is refused)
 METRIC_TASKS = {
@@ -119,7 +50,7 @@ class Competition(_Section):
     test: str = "test.csv"
     sample_submission: str = "sample_submission.csv"
     solution: str = "solution.csv"
-    image: Annotated[str, AfterValidator(_image_pattern)] = "images/{id}.png"
+    image: ImagePattern = "images/{id}.png"
     id: str = "id"
     target: Union[str, list[str]] = "target"
     task: Literal["binary", "multiclass", "regression", "ordinal"] = "multiclass"
@@ -167,7 +98,7 @@ class Data(_Section):
 class Model(_Section):
     backbone: str = "resnet18"
     # local weights file (our jigsaw pretraining or a user's), never a download; {fold} = each fold's own file
-    init: Optional[Annotated[str, AfterValidator(_init_pattern)]] = None
+    init: Optional[InitPath] = None
     pool: Literal["avg", "gem", "avgmax"] = "avg"
     bnneck: bool = False
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
@@ -277,7 +208,7 @@ class Pretrain(_Section):
 
 
 class Features(_Section):
-    tta: Annotated[str, AfterValidator(_tta_set)] = "none"  # registry: pipeline.tta.TTA_SETS (identity view first)
+    tta: TtaSet = "none"  # registry: pipeline.tta.TTA_SETS (identity view first)
     scales: list[float] = [1.0]  # multi-scale TTA: input scale factors, e.g. [0.875, 1.0, 1.125]
     stats: list[Literal["mean", "var", "max", "min"]] = ["mean", "var", "max", "min"]
     keep_views: bool = False
@@ -307,7 +238,7 @@ class Stack(_Section):
     name: Optional[SafeName] = None  # output feature set; default: the experiment name (+ "-l2" if it is also an input)
     experiments: list[str] = []  # level-1 experiments to stack; default: this config's own experiment
     # auto: the weighted blend or LightGBM, whichever scores better on OOF (fold k's rows: on the other folds)
-    model: Annotated[str, AfterValidator(_level2)] = "auto"
+    model: Level2Model = "auto"
     stat: str = "mean"  # weighted: which per-view statistic (or view, e.g. v0) of each experiment to blend
     use_tabular: bool = True
     test_mode: Literal["mean", "refit"] = "mean"

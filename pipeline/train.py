@@ -17,45 +17,15 @@ import pandas as pd
 
 from . import leaderboard, plots, teachers
 from .artifacts import stage_lock
-from .competition import fold_of, load_folds, load_train, table_path
+from .competition import fold_of, load_folds, load_train
 from .distributed import Dist
 from .errors import InputError
-from .images import data_key
-from .io import config_hash, file_hash, load_checkpoint, log, provenance, read_json, write_json, write_resolved_config
+from .fold_models import fold_is_current, train_key
+from .io import log, provenance, read_json, write_json, write_resolved_config
 from .metrics import get_metric
 from .models import heads_for, init_leak
 from .paths import models_dir, targets, valid_prediction
 from .trainer import FoldTrainer
-
-# keys that do not change what a fold's model is (so changing them does not retrain)
-_RUN_ONLY = ("folds", "full", "device")
-
-
-def stage_key(cfg: dict, folds_hash: str, train_hash: str) -> str:
-    tcfg = {k: v for k, v in cfg["train"].items() if k not in _RUN_ONLY}
-    if not tcfg["ema"]:  # (a key added later leaves models trained without EMA up to date)
-        tcfg.pop("ema_warmup")
-    return config_hash([cfg["competition"], data_key(cfg["data"]), cfg["model"], tcfg, cfg["seed"], folds_hash,
-                        train_hash])
-
-
-def fold_is_current(out: Path, key: str) -> bool:
-    """A fold is up to date when its meta.json AND every artifact it vouches for carry this stage key
-    (best.pt, best_valid.parquet): files of one config are never taken for another's."""
-    import torch
-
-    from .io import read_parquet_meta
-
-    meta, best, valid = out / "meta.json", out / "best.pt", out / "best_valid.parquet"
-    try:
-        if not meta.exists() or not best.exists() or read_json(meta).get("stage_key") != key:
-            return False
-        if load_checkpoint(best, mmap=True).get("stage_key") != key:
-            return False
-        return not valid.exists() or read_parquet_meta(valid).get("stage_key") == key
-    except (OSError, ValueError, RuntimeError):
-        return False
-
 
 def _plan(cfg: dict):
     """What a run of this config trains: the table, folds, heads, the stage key and the folds to do."""
@@ -64,9 +34,8 @@ def _plan(cfg: dict):
     fold = fold_of(cfg, train_df, folds_df)
     heads = heads_for(cfg, train_df)
     teachers.check_heads(cfg, heads)
-    key = stage_key(cfg, folds_hash, file_hash(table_path(cfg, "train")))
-    if teachers.active(cfg):  # a changed teacher retrains the student
-        key = config_hash([key, teachers.teacher_key(cfg)])
+    key = train_key(cfg, train_df, folds_hash)
+    if teachers.active(cfg):
         log(f"[train] {cfg['name']}: {teachers.describe(cfg)}")
     n_splits = int(fold.max()) + 1
     chosen = cfg["train"]["folds"]

@@ -535,3 +535,44 @@ def test_integer_codes_read_as_float_keep_their_trained_category(tmp_path, capsy
     unseen = pd.DataFrame({"code": [7.0, 8.0, 9.0, 1.0], "p": [0.5] * 4})
     predict_saved(tmp_path, unseen)
     assert "3 of 4 values of categorical column 'code' were never seen in training" in capsys.readouterr().out
+
+
+# -- 3. every reader applies train --check's rule and never mixes configs ------------------------------------
+def test_readers_refuse_fold_models_of_another_config_or_data(tmp_path, capsys):
+    from PIL import Image
+
+    from pipeline.errors import InputError
+    from pipeline.predict import Predictor
+
+    root = make_competition(tmp_path / "comp", n=60, n_groups=9, n_classes=3, size=16)
+    for stage in ("folds", "train"):
+        assert main([stage, *CFG, *BASE]) == 0
+    # another backbone: train --check would retrain, so features refuses (with or without --force)
+    for force in ([], ["--force"]):
+        assert main(["features", *CFG, *BASE, "model.backbone=resnet10t", *force]) == 2
+        assert "fold0: the fold model is out of date" in _error_line(capsys)
+    assert main(["features", *CFG, *BASE]) == 0
+    capsys.readouterr()
+    # a label changed in train.csv, then one image's pixels: every reader sees it
+    df = pd.read_csv(root / "train.csv")
+    df.loc[0, "target"] = (df.loc[0, "target"] + 1) % 3
+    df.to_csv(root / "train.csv", index=False)
+    assert main(["train", "--check", *CFG, *BASE]) == 1
+    assert main(["features", *CFG, *BASE]) == 2
+    assert "out of date" in _error_line(capsys)
+    assert main(["train", *CFG, *BASE]) == 0 and main(["features", *CFG, *BASE]) == 0
+    assert main(["train", "--check", *CFG, *BASE]) == 0
+    img = root / "images" / f"{df.loc[3, 'id']}.png"
+    arr = np.asarray(Image.open(img)).copy()
+    arr[0, 0] = 255 - arr[0, 0]
+    Image.fromarray(arr).save(img)
+    assert main(["train", "--check", *CFG, *BASE]) == 1  # a changed pixel: would retrain
+    capsys.readouterr()
+    assert main(["features", *CFG, *BASE]) == 2
+    # the Predictor refuses a mean over models of different configs
+    assert main(["train", *CFG, *BASE, "name=other", "train.lr=0.01", "train.folds=[0]"]) == 0
+    import shutil
+
+    shutil.copy(tmp_path / "models/other/fold0/best.pt", tmp_path / "models/tiny/fold0/best.pt")
+    with pytest.raises(InputError, match="2 different configs"):
+        Predictor.from_experiment(tmp_path / "models" / "tiny")

@@ -7,6 +7,7 @@ import pandas as pd
 import pytest
 import torch
 
+from pipeline import fold_models as FM
 from pipeline import losses as L
 from pipeline import lr_find as LF
 from pipeline import optim as O
@@ -434,13 +435,14 @@ def test_stage_keys_ignore_how_images_are_read_and_match_keys_from_before_cache_
     from pipeline.io import config_hash
 
     cfg = tiny_cfg(workdir / "comp")
-    keys = {T.stage_key(tiny_cfg(workdir / "comp", *o), "f", "t") for o in
+    keys = {FM.stage_key(tiny_cfg(workdir / "comp", *o), "f", "t") for o in
             ([], ["data.cache=true"], ["data.cache=false"], ["data.num_workers=3"])}
     assert len(keys) == 1
     old = {k: v for k, v in cfg["data"].items() if k != "num_workers"} | {"cache": False}  # the key before auto
     assert keys == {config_hash([cfg["competition"], old, cfg["model"],
-                                 {k: v for k, v in cfg["train"].items() if k not in T._RUN_ONLY}, cfg["seed"], "f", "t"])}
-    assert T.stage_key(tiny_cfg(workdir / "comp", "data.image_size=20"), "f", "t") not in keys
+                                 {k: v for k, v in cfg["train"].items() if k not in (*FM.RUN_ONLY, "ema_warmup")},
+                                 cfg["seed"], "f", "t"])}
+    assert FM.stage_key(tiny_cfg(workdir / "comp", "data.image_size=20"), "f", "t") not in keys
 
 
 def test_ema_update_is_the_decayed_average_of_float_weights_and_copies_integer_buffers():
