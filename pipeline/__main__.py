@@ -32,6 +32,15 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:  # a folder the user cannot write (read-only workdir, another user's), a full disk
+        import errno
+
+        if debug or exc.errno not in (errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT):
+            raise
+        where = exc.filename or "a file"
+        print(f"error: cannot write {where}: {exc.strerror}; set workdir=<a folder you can write> (outputs go under "
+              "it) or free space / fix that folder's permissions", file=sys.stderr)
+        return 2
 
 
 def project_root(config: str | None) -> Path | None:

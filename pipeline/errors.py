@@ -25,3 +25,7 @@ class SubmissionError(PipelineError):
 
 class LeaderboardError(PipelineError):
     """Bad leaderboard input (unknown experiment, a score that is not a number, a newer schema)."""
+
+
+class UnsafeCheckpoint(InputError):
+    """A checkpoint that holds pickled objects or code: never loaded, never silently replaced."""

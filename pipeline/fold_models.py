@@ -17,7 +17,7 @@ from pathlib import Path
 
 from . import teachers
 from .competition import image_paths, table_path
-from .errors import InputError
+from .errors import InputError, UnsafeCheckpoint
 from .images import data_key
 from .io import config_hash, file_hash, files_fingerprint, load_checkpoint, read_json, read_parquet_meta
 from .paths import under
@@ -57,6 +57,8 @@ def fold_is_current(out: Path, key: str) -> bool:
         if load_checkpoint(best, mmap=True).get("stage_key") != key:
             return False
         return not valid.exists() or read_parquet_meta(valid).get("stage_key") == key
+    except UnsafeCheckpoint:
+        raise  # a planted file is named, never taken for a stale one and trained over
     except (OSError, ValueError, RuntimeError):
         return False
 

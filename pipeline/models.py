@@ -125,14 +125,26 @@ class Net(nn.Module):
         return {name: head(z) for name, head in self.heads.items()}
 
 
-def create_backbone(name: str, in_chans: int) -> nn.Module:
+def create_backbone(name: str, in_chans: int, image_size: int | None = None) -> nn.Module:
+    """A timm backbone without its classifier or pooling. Models built for one input size (ViT, Swin, ...)
+    are built for ``image_size`` (timm's ``img_size``); the others take any size and ignore it."""
     import timm
 
     if not timm.is_model(name):
         close = difflib.get_close_matches(name, timm.list_models(), n=5, cutoff=0.6)
         raise InputError(f"model.backbone: unknown timm model '{name}'"
                          + (f"; close names: {', '.join(close)}." if close else "; see timm.list_models()."))
-    return timm.create_model(name, pretrained=False, num_classes=0, global_pool="", in_chans=in_chans)
+    kwargs = dict(pretrained=False, num_classes=0, global_pool="", in_chans=in_chans)
+    if image_size:
+        try:
+            return timm.create_model(name, img_size=image_size, **kwargs)
+        except TypeError as exc:  # a model with no fixed input size has no img_size argument
+            if "img_size" not in str(exc):
+                raise
+        except (AssertionError, ValueError) as exc:  # e.g. a patch or window size that does not divide it
+            raise InputError(f"model.backbone '{name}' cannot be built for data.image_size={image_size} ({exc}); "
+                             "pick a size it divides (e.g. a multiple of its patch size)") from None
+    return timm.create_model(name, **kwargs)
 
 
 def init_path(cfg: dict, fold=None) -> str | None:
@@ -167,7 +179,8 @@ def init_leak(cfg: dict, folds, folds_hash: str) -> str | None:
 
 def build_model(cfg: dict, heads: list[Head], fold=None) -> Net:
     m = cfg["model"]
-    net = Net(create_backbone(m["backbone"], cfg["data"]["in_chans"]), heads, m["pool"], m["bnneck"], m["dropout"])
+    net = Net(create_backbone(m["backbone"], cfg["data"]["in_chans"], cfg["data"]["image_size"]), heads, m["pool"],
+              m["bnneck"], m["dropout"])
     if m["init"]:
         report = load_backbone_weights(net.backbone, init_path(cfg, fold))
         print(f"[model] {report}", flush=True)
@@ -233,7 +246,8 @@ def load_model(path: str | Path, device: str = "cpu") -> tuple[Net, dict]:
     ckpt = load_checkpoint(path)
     heads = [Head(**h) for h in ckpt["heads"]]
     m = ckpt["model_cfg"]
-    net = Net(create_backbone(m["backbone"], ckpt["data_cfg"]["in_chans"]), heads, m["pool"], m["bnneck"], 0.0)
+    d = ckpt["data_cfg"]
+    net = Net(create_backbone(m["backbone"], d["in_chans"], d.get("image_size")), heads, m["pool"], m["bnneck"], 0.0)
     net.load_state_dict(ckpt["model"])
     return net.to(device).eval(), ckpt
 

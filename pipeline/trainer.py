@@ -150,7 +150,9 @@ class FoldTrainer:
             elif tcfg["sync_bn"] and self.dist.main:
                 log("[train] train.sync_bn: SyncBatchNorm needs CUDA; each CPU process keeps its own BatchNorm statistics")
             ids = [self.device.index] if self.device.type == "cuda" else None
-            self.net = nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
+            # a head-only warm-up freezes the backbone after DDP is built: those parameters get no gradient
+            self.net = nn.parallel.DistributedDataParallel(self.model, device_ids=ids,
+                                                           find_unused_parameters=tcfg["freeze_backbone_epochs"] > 0)
         backbone = [p for p in self.model.backbone.parameters() if p.requires_grad]
         rest = [p for n, p in self.model.named_parameters() if not n.startswith("backbone.") and p.requires_grad]
         groups = [{"params": backbone, "lr": tcfg["lr"] * tcfg["backbone_lr_mult"]}, {"params": rest, "lr": tcfg["lr"]}]

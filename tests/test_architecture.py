@@ -29,6 +29,8 @@ def _imports(path: Path) -> set[str]:
                 found |= {a.name for a in node.names}
             elif node.module and node.module.startswith("pipeline."):
                 found.add(node.module.split(".")[1])
+            elif node.module == "pipeline":  # from pipeline import features
+                found |= {a.name for a in node.names}
         elif isinstance(node, ast.Import):
             found |= {a.name.split(".")[1] for a in node.names if a.name.startswith("pipeline.")}
         elif isinstance(node, ast.Call) and getattr(node.func, "attr", "") == "import_module":
@@ -65,6 +67,15 @@ def test_the_graph_is_read_from_the_code():
     assert "trainer" in GRAPH["train"] and "errors" in GRAPH["config"]
     assert "losses" in GRAPH["schema"]  # imported inside a validator
     assert _cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
+
+
+def test_absolute_imports_count_too(tmp_path):
+    forms = {"from pipeline import features": "features", "from pipeline.features import run": "features",
+             "import pipeline.features": "features", "from . import features": "features",
+             "from .features import run": "features", "def f():\n    from pipeline import stack\n": "stack"}
+    for code, module in forms.items():
+        (tmp_path / "m.py").write_text(code + "\n")
+        assert module in _imports(tmp_path / "m.py"), code
 
 
 def test_no_import_cycle():

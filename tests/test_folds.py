@@ -164,3 +164,17 @@ def test_mnist_writers_five_grouped_folds_within_one_point(tmp_path):
     assert fold.groupby(df["writer"]).nunique().max() == 1
     shares = pd.crosstab(fold, df["target"], normalize="index")
     assert (shares - df["target"].value_counts(normalize=True)).abs().to_numpy().max() < 0.01
+
+
+def test_search_keeps_the_best_stratified_of_its_seeds(tmp_path):
+    """folds.search=N tries seeds seed..seed+N-1 and keeps the split with the smallest class-share gap."""
+    root = make_competition(tmp_path / "c", n=300, n_groups=30, n_classes=4)
+    df = pd.read_csv(root / "train.csv")
+    base = config_for(root, tmp_path, "folds.n_splits=5", "folds.seed=3", "folds.balance=false")
+    labels = F.stratify_labels(base, df)
+    errors = [F.stratification_error(F.make_folds(config_for(root, tmp_path, "folds.n_splits=5", f"folds.seed={3 + t}",
+                                                             "folds.balance=false"), df), labels) for t in range(6)]
+    assert len(set(np.round(errors, 6))) > 1  # the seeds differ, so the choice matters
+    searched = F.make_folds(config_for(root, tmp_path, "folds.n_splits=5", "folds.seed=3", "folds.balance=false",
+                                       "folds.search=6"), df)
+    assert F.stratification_error(searched, labels) == pytest.approx(min(errors))

@@ -576,3 +576,39 @@ def test_readers_refuse_fold_models_of_another_config_or_data(tmp_path, capsys):
     shutil.copy(tmp_path / "models/other/fold0/best.pt", tmp_path / "models/tiny/fold0/best.pt")
     with pytest.raises(InputError, match="2 different configs"):
         Predictor.from_experiment(tmp_path / "models" / "tiny")
+
+
+# -- 21. the README's notebook example runs as written -------------------------------------------------------
+def test_the_readme_notebook_example_runs_as_written(tmp_path, monkeypatch):
+    import pipeline
+
+    readme = (ROOT / "README.md").read_text()
+    block = readme.split("From a notebook (offline)")[1].split("```python\n")[1].split("```")[0]
+    (tmp_path / "configs").mkdir()
+    (tmp_path / "configs" / "demo.yaml").write_text((ROOT / "configs" / "demo.yaml").read_text())
+    real = pipeline.load_config
+    small = ["model.backbone=test_resnet", "train.epochs=1", "folds.n_splits=3", "data.num_workers=0"]
+    monkeypatch.setattr(pipeline, "load_config", lambda path, o=(): real(path, [*o, *small]))  # tiny, same chain
+    code = block.replace("/kaggle/working", str(tmp_path / "working"))
+    exec(compile(code, "README.md", "exec"), {})
+    sub = pd.read_csv(tmp_path / "working" / "submissions" / "demo-resnet.csv")
+    assert len(sub) == len(pd.read_csv(tmp_path / "data" / "demo" / "test.csv"))
+
+
+# -- 10 (cont.). a workdir that cannot be written; a ViT at a small size ------------------------------------
+def test_an_unwritable_workdir_is_one_error_line(tmp_path, capsys):
+    make_competition(tmp_path / "comp", n=60, n_groups=9, n_classes=3, size=16)
+    assert main(["folds", *CFG, *BASE, f"competition.root={tmp_path / 'comp'}", "workdir=/sys/pipeline-x"]) == 2
+    line = _error_line(capsys)
+    assert "cannot write /sys/pipeline-x" in line and "workdir=" in line
+
+
+def test_a_vit_trains_at_the_configured_size(tmp_path):
+    from pipeline.stages import run_stage
+    from tests.conftest import tiny_cfg
+
+    make_competition(tmp_path / "comp", n=60, n_groups=9, n_classes=3, size=16)
+    cfg = tiny_cfg(tmp_path / "comp", "train.epochs=1", "train.folds=[0]", "model.backbone=vit_tiny_patch16_224",
+                   "data.image_size=32")
+    run_stage("train", cfg)  # timm builds the ViT for 32 px (img_size), not its 224 default
+    assert (tmp_path / "models/tiny/fold0/best.pt").exists()

@@ -46,7 +46,7 @@ def _student(root, *extra):
     return tiny_cfg(root, "train.epochs=1", *extra, name="student")
 
 
-def test_pseudo_labels_of_fold_k_come_only_from_the_teachers_fold_k_model(teacher):
+def test_pseudo_labels_of_fold_k_come_only_from_the_teachers_fold_k_model(teacher, monkeypatch):
     root = teacher["competition"]["root"]
     # make each fold model's test predictions recognisable: fold k predicts class k for every row
     path = "features/teach/test_folds.parquet"
@@ -60,8 +60,20 @@ def test_pseudo_labels_of_fold_k_come_only_from_the_teachers_fold_k_model(teache
     for k in range(3):
         ids, probs = teachers.pseudo_labels(cfg, k, meta["folds_hash"], "id")
         assert len(ids) == len(pd.read_csv(f"{root}/test.csv")) and (probs.argmax(1) == k).all()
+    seen = {}  # what each fold's trainer actually trains on (through the trainer, not pseudo_labels alone)
+    real = teachers.extend
+
+    def spy(cfg_, heads, fold, *a, **k):
+        paths, ys = real(cfg_, heads, fold, *a, **k)
+        seen[fold] = np.asarray(ys["target"])
+        return paths, ys
+
+    monkeypatch.setattr(teachers, "extend", spy)
     summary = T.run(cfg)  # a student trains with them (hard labels, weight 1)
     assert set(summary["folds"]) == {"fold0", "fold1", "fold2"}
+    n_test = len(pd.read_csv(f"{root}/test.csv"))
+    assert sorted(seen) == [0, 1, 2] and all((seen[k][-n_test:] == k).all() for k in range(3))
+    monkeypatch.setattr(teachers, "extend", real)
     # below the threshold nothing is added
     ids, _ = teachers.pseudo_labels(_student(root, "train.pseudo.source=teach", "train.pseudo.threshold=0.99"),
                                     0, meta["folds_hash"], "id")
@@ -132,8 +144,11 @@ def test_the_leak_mark_follows_the_artifacts_into_everything_built_on_them(teach
     from pipeline import stack as S
 
     root = teacher["competition"]["root"]
-    T.run(_student(root, "train.distill.teacher=teach", "train.distill.allow_leak=true"))
-    FE.run(_student(root))  # the same models, featurised with a config that does not say allow_leak
+    leaky = _student(root, "train.distill.teacher=teach", "train.distill.allow_leak=true")
+    T.run(leaky)
+    with pytest.raises(InputError, match="out of date"):  # another config cannot featurise these models at all
+        FE.run(_student(root))
+    FE.run(leaky)
     assert read_json("features/student/meta.json")["leak"].startswith("LEAKY")
     S.run(tiny_cfg(root, "stack.experiments=[teach, student]", "stack.model=weighted", "stack.name=l2"))
     PP.run(tiny_cfg(root, "postprocess.source=teach", "postprocess.blend_with=student", "postprocess.name=teach-pp"))

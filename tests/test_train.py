@@ -105,6 +105,9 @@ def test_swa_weights_are_saved_as_the_model(workdir):
     ck = torch.load("models/tiny/fold0/best.pt", map_location="cpu", weights_only=True)
     assert ck["epoch"] == "swa"
     assert not same_state(ck["model"], weights("models/tiny/fold0/last.pt"))
+    # every epoch from swa_start on is in the average (int(0.3 * 3) = 0: all three), not only the first
+    swa = torch.load("models/tiny/fold0/last.pt", map_location="cpu", weights_only=True)["swa"]
+    assert int(swa["n_averaged"]) == 3
 
 
 def test_head_only_warmup_then_unfreeze_and_frozen_stages(workdir):
@@ -121,6 +124,9 @@ def test_head_only_warmup_then_unfreeze_and_frozen_stages(workdir):
     after2 = weights("models/fs/fold0/last.pt")
     assert torch.equal(init["backbone.layer1.0.conv1.weight"], after2["backbone.layer1.0.conv1.weight"])
     assert not torch.equal(init["backbone.layer3.0.conv1.weight"], after2["backbone.layer3.0.conv1.weight"])
+    # after the head-only epoch the backbone trains again
+    T.run(tiny_cfg(workdir / "comp", "train.folds=[0]", "train.epochs=2", "train.freeze_backbone_epochs=1", name="thaw"))
+    assert not torch.equal(init[conv], weights("models/thaw/fold0/last.pt")[conv])
 
 
 def build_model_for(cfg):
@@ -206,7 +212,7 @@ def test_discriminative_lr_groups(workdir):
 
 
 def test_multiscale_feeds_sizes_from_the_list(workdir):
-    cfg = tiny_cfg(workdir / "comp", "train.folds=[0]", "train.epochs=1", "train.multiscale=[12, 20]")
+    cfg = tiny_cfg(workdir / "comp", "train.folds=[0]", "train.epochs=2", "train.multiscale=[12, 20]")
     seen = set()
     orig = torch.nn.functional.interpolate
 
@@ -219,7 +225,7 @@ def test_multiscale_feeds_sizes_from_the_list(workdir):
         T.run(cfg)
     finally:
         torch.nn.functional.interpolate = orig
-    assert seen <= {(12, 12), (20, 20)} and seen
+    assert seen == {(12, 12), (20, 20)}  # both sizes drawn over the run's 8 batches, nothing else
 
 
 def test_bad_inputs_are_named(workdir):
@@ -256,7 +262,8 @@ def test_ddp_two_cpu_processes_with_gloo(workdir):
     args = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "pipeline", "train",
             "--defaults", f"competition.root={workdir / 'comp'}", "competition.group=grp", "folds.file=folds/{competition}.csv",
             "data.in_chans=1", "data.image_size=16", "name=ddp", "model.backbone=test_resnet", "train.epochs=2",
-            "train.batch_size=8", "folds.n_splits=3", "train.folds=[0]", "train.sync_bn=true"]
+            "train.batch_size=8", "folds.n_splits=3", "train.folds=[0]", "train.sync_bn=true",
+            "train.freeze_backbone_epochs=1"]  # a head-only first epoch: parameters frozen after DDP is built
     run = subprocess.run(args, cwd=workdir, capture_output=True, text=True, timeout=600,
                          env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert run.returncode == 0, run.stderr[-3000:]
