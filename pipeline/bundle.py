@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from . import versions
 from .artifacts import require_complete, stage_lock
 from .competition import class_labels, table_path
 from .config import yaml_load
@@ -193,7 +194,8 @@ def make_manifest(cfg: dict, source: str, sets: dict, folder: Path, key: str, wh
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "competition": {**comp, "root": None},
             "class_labels": class_labels(cfg), "sample_columns": list(pd.read_csv(sample, nrows=0).columns),
             "test_columns": list(dict.fromkeys([comp["id"], *tabular])), "submit": {"stat": cfg["submit"]["stat"]},
-            "sets": sets, "wheels": wheels, "files": files}
+            "sets": sets, "wheels": wheels, "files": files,
+            "versions": versions.recorded()}  # what it was built and verified with (the notebook prints them)
 
 
 # ------------------------------------------------------------------------ Kaggle-facing files
@@ -261,8 +263,10 @@ NOTEBOOK_PREDICT = '''\
 import pandas as pd
 from pipeline.inference import predict_bundle
 
-# every fold model with its TTA, level 2, post-processing, then the checks `make submit` makes
-submission = predict_bundle(BUNDLE, COMPETITION, WORKING / "submission.csv")
+# every fold model with its TTA, level 2, post-processing, then the checks `make submit` makes.
+# TIME_BUDGET (seconds; None = no limit): fewer fold models, then TTA views, when the projection exceeds it
+TIME_BUDGET = float(os.environ["TIME_BUDGET"]) if os.environ.get("TIME_BUDGET") else None
+submission = predict_bundle(BUNDLE, COMPETITION, WORKING / "submission.csv", time_budget=TIME_BUDGET)
 pd.read_csv(submission).head()
 '''
 

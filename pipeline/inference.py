@@ -89,40 +89,78 @@ def check_competition(manifest: dict, cfg: dict) -> tuple[pd.DataFrame, pd.DataF
     return test, read_table(sample_path, "sample_submission", comp["id"])
 
 
-def level1_frame(bundle: Path, name: str, spec: dict, cfg: dict, test: pd.DataFrame, device) -> pd.DataFrame:
+def _views_that_fit(model, loader, views, device, budget: float, n_models: int, name: str) -> list:
+    """The TTA views one model can run within its share of ``budget`` (timed on the first batch), at least
+    the first (plain) view; fold models are dropped first, views only when one model alone would not fit."""
+    from .tta import predict_views
+
+    it = iter(loader)
+    first = next(it, None)
+    if first is None:
+        return views
+    t0 = time.time()
+    predict_views(model, model.head_specs, [first], views, device)
+    projected = (time.time() - t0) * len(loader)  # one model, every view
+    keep = max(1, int(len(views) * budget / max(projected, 1e-9)))
+    if keep < len(views):
+        log(f"[inference] {name}: time budget {budget:.0f}s: one model with {len(views)} TTA views is projected at "
+            f"{projected:.0f}s; using the first {keep} view(s) (and as many of the {n_models} fold models as fit)")
+    return views[:keep]
+
+
+def level1_frame(bundle: Path, name: str, spec: dict, cfg: dict, test: pd.DataFrame, device,
+                 budget: float | None = None) -> pd.DataFrame:
     """An experiment's test features as ``features`` makes them: per fold model, every TTA view's outputs
-    aggregated (mean/var/max/min), then the mean over fold models; keyed by id, in test.csv order."""
+    aggregated (mean/var/max/min), then the mean over fold models; keyed by id, in test.csv order. With a
+    ``budget`` (seconds), fewer fold models (then fewer TTA views) when the projected time exceeds it."""
     from torch.utils.data import DataLoader
+    from tqdm.auto import tqdm
 
     from .fold_models import require_one_config
-    from .images import SharedImages, build_transform
+    from .images import SharedImages, build_transform, loader_workers
     from .models import load_model
     from .tta import aggregate, predict_views, tta_views
 
     f, id_col = spec["features"], cfg["competition"]["id"]
     views = tta_views(f["tta"], f.get("scales"))
     paths = image_paths(cfg, test[id_col])
-    parts, images, keys = [], SharedImages(paths, {"cache": "auto"}), {}
-    for rel in spec["models"]:
+    workers = loader_workers({"num_workers": "auto"}, device)  # decode in workers on a GPU machine
+    parts, images, keys = [], SharedImages(paths, {"cache": "auto"}, workers, f"{name}: decode test images"), {}
+    models, started = list(spec["models"]), time.time()
+    for i, rel in enumerate(tqdm(models, desc=f"{name}: fold models", leave=False)):
+        if budget is not None and i and (time.time() - started) / i * (i + 1) > budget:
+            log(f"[inference] {name}: time budget {budget:.0f}s: {i} of {len(models)} fold models fit (about "
+                f"{(time.time() - started) / i:.0f}s each); the test mean uses those {i}")
+            break
         model, ckpt = load_model(bundle / rel, str(device))
         keys[rel] = ckpt.get("stage_key")
         require_one_config(keys)  # never a mean over models of different configs
         dcfg = ckpt["data_cfg"]  # the image size/normalisation the model was trained with
         loader = DataLoader(images.view(dcfg["in_chans"], build_transform(dcfg))[0], batch_size=f["batch_size"],
-                            shuffle=False)
-        outputs = predict_views(model, model.head_specs, loader, views, device, f["embedding"])
+                            shuffle=False, num_workers=workers)
+        if budget is not None and i == 0 and len(views) > 1 and not f["keep_views"]:
+            views = _views_that_fit(model, loader, views, device, budget, len(models), name)
+        batches = tqdm(loader, desc=f"{name}: {rel}", leave=False)
+        outputs = predict_views(model, model.head_specs, batches, views, device, f["embedding"])
         parts.append(aggregate(name, outputs, f["stats"], f["keep_views"]))
     cols = list(parts[0].columns)
     mean = np.mean([p[cols].to_numpy() for p in parts], axis=0)
     return pd.concat([pd.DataFrame({id_col: test[id_col].to_numpy()}), pd.DataFrame(mean, columns=cols)], axis=1)
 
 
-def predict(bundle: str | Path, competition: str | Path, device: str = "auto") -> tuple[pd.DataFrame, dict]:
-    """The validated submission frame and every feature set's test predictions ({name: frame keyed by id})."""
+def predict(bundle: str | Path, competition: str | Path, device: str = "auto",
+            time_budget: float | None = None) -> tuple[pd.DataFrame, dict]:
+    """The validated submission frame and every feature set's test predictions ({name: frame keyed by id}).
+    ``time_budget`` (seconds, e.g. a Kaggle notebook's limit less a margin) is shared by the level-1 sets."""
+    from . import versions
     from .models import pick_device
 
+    t_start = time.time()
     bundle = Path(bundle)
     manifest = read_manifest(bundle)
+    log("[inference] " + versions.report(manifest.get("versions")))
+    versions.check({"albumentations"} | ({"lightgbm"} if any(s["kind"] == "stack" for s in manifest["sets"].values())
+                                         else set()))
     cfg = competition_config(manifest, competition)
     test, sample = check_competition(manifest, cfg)
     comp, device = cfg["competition"], pick_device(device)
@@ -132,7 +170,11 @@ def predict(bundle: str | Path, competition: str | Path, device: str = "auto") -
     for name, spec in manifest["sets"].items():  # in dependency order
         started = time.time()
         if spec["kind"] == "features":
-            frames[name] = level1_frame(bundle, name, spec, cfg, test, device)
+            budget = None
+            if time_budget is not None:  # an equal share of what is left for each level-1 set still to run
+                left = [n for n, s in manifest["sets"].items() if s["kind"] == "features" and n not in frames]
+                budget = max(0.0, time_budget - (time.time() - t_start)) / len(left)
+            frames[name] = level1_frame(bundle, name, spec, cfg, test, device, budget)
             what = f"{len(spec['models'])} fold model(s), TTA {spec['features']['tta']}"
         elif spec["kind"] == "stack":
             folder, exps = bundle / spec["level2"], spec["experiments"]
@@ -161,10 +203,11 @@ def predict(bundle: str | Path, competition: str | Path, device: str = "auto") -
 
 
 def predict_bundle(bundle: str | Path, competition: str | Path, output: str | Path = "/kaggle/working/submission.csv",
-                   device: str = "auto") -> Path:
-    """Predict ``competition``'s test set with the bundle and write the validated submission to ``output``."""
+                   device: str = "auto", time_budget: float | None = None) -> Path:
+    """Predict ``competition``'s test set with the bundle and write the validated submission to ``output``
+    (within ``time_budget`` seconds when given: fewer fold models, then TTA views, as the log says)."""
     started = time.time()
-    sub, _ = predict(bundle, competition, device)
+    sub, _ = predict(bundle, competition, device, time_budget)
     output = Path(output)
     with atomic_path(output) as tmp:
         sub.to_csv(tmp, index=False)

@@ -339,3 +339,34 @@ def test_wheels_are_those_kaggle_lacks_and_never_torch():
     for never in ("nvidia-cublas", "triton"):
         with pytest.raises(InputError, match=f"'{never}' must come from the Kaggle image"):
             W.missing_on_kaggle(W.applicable([never]))
+
+
+def test_a_time_budget_uses_fewer_models_then_views_and_says_so(demo, monkeypatch, capsys):
+    project, _ = demo
+    monkeypatch.chdir(project)
+    manifest = json.loads(Path("kaggle/demo-stack-pp/bundle.json").read_text())
+    torch_version = metadata.version("torch")
+    assert manifest["versions"]["torch"] == torch_version and "lightgbm" in manifest["versions"]
+    capsys.readouterr()
+    sub, frames = predict("kaggle/demo-stack-pp", "data/demo", time_budget=1e-6)
+    out = capsys.readouterr().out
+    assert "package versions" in out and f"built with {torch_version}" in out
+    assert "1 of 3 fold models fit" in out and "using the first 1 view(s)" in out
+    assert len(sub) == len(pd.read_csv("data/demo/test.csv"))  # still a whole, validated submission
+    full, _ = predict("kaggle/demo-stack-pp", "data/demo")
+    name = next(n for n in frames if n == "demo-resnet")
+    assert not np.allclose(frames[name].drop(columns="id").to_numpy(float),
+                           _[name].drop(columns="id").to_numpy(float))  # it did predict with less
+
+
+def test_known_bad_versions_stop_with_one_readable_line():
+    from pipeline import versions
+
+    versions.check(installed={"albumentations": "2.0.8", "lightgbm": "4.7.0"})
+    versions.check(installed={"albumentations": "1.4.21", "lightgbm": "3.3.5"})
+    with pytest.raises(InputError, match=r"albumentations 1.4.20 has no Compose\(seed=\)"):
+        versions.check(installed={"albumentations": "1.4.20"})
+    with pytest.raises(InputError, match="lightgbm 4.1.0 cannot read"):
+        versions.check(installed={"lightgbm": "4.1.0"})
+    versions.check({"albumentations"}, installed={"lightgbm": "4.0.0"})  # a bundle without level 2 needs no lightgbm
+    assert "built with 9.9" in versions.report({"torch": "9.9"})
