@@ -98,6 +98,7 @@ def _stage(argv: list[str]) -> int:
 def _show_config(argv: list[str]) -> int:
     """``config -c x.yaml [key=value ...] [--get dotted.key]``: print the resolved config (or one value)."""
     from .config import config_hash, dump_yaml, load_config
+    from .io import redact
 
     parser = argparse.ArgumentParser(prog="python -m pipeline config")
     parser.add_argument("-c", "--config")
@@ -112,7 +113,7 @@ def _show_config(argv: list[str]) -> int:
                 print(f"error: no config key '{args.get}'", file=sys.stderr)
                 return 2
             value = value[part]
-        print(value if not isinstance(value, (dict, list)) else dump_yaml(value).strip())
+        print(redact(value) if not isinstance(value, (dict, list)) else dump_yaml(value).strip())
     else:
         print(f"# hash {config_hash(cfg)}\n" + dump_yaml(cfg))
     return 0

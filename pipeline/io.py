@@ -217,7 +217,7 @@ def files_fingerprint(paths, cache: str | Path | None = None) -> str:
             known = {}
     h, fresh, changed = hashlib.sha256(), {}, False
     for p in paths:
-        key = str(Path(p).resolve())
+        key = os.path.abspath(p)  # (not resolve(): it costs a readlink per path component)
         try:
             st = os.stat(key)
         except FileNotFoundError:
@@ -227,7 +227,7 @@ def files_fingerprint(paths, cache: str | Path | None = None) -> str:
         if not entry or entry[0] != st.st_size or entry[1] != st.st_mtime_ns:
             entry, changed = [st.st_size, st.st_mtime_ns, file_hash(key, 20)], True
         fresh[key] = entry
-        h.update(f"{Path(p).name}:{entry[2]}\n".encode())
+        h.update(f"{os.path.basename(key)}:{entry[2]}\n".encode())
     if cache is not None and changed:
         try:
             write_json(cache, {**known, **fresh})

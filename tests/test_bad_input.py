@@ -161,6 +161,10 @@ def test_string_class_labels_are_supported_end_to_end(tmp_path):
         assert main([stage, *CFG, *BASE, "train.epochs=2"]) == 0, stage
     sub = pd.read_csv(tmp_path / "submissions/tiny.csv", dtype={"id": str})
     assert set(sub["target"]) <= set(names) and list(sub["id"]) == list(sample["id"].astype(str))
+    # each row's label is the one of its most probable class index (sorted labels: 0 cat, 1 dog, 2 eel)
+    feats = pd.read_parquet(tmp_path / "features/tiny/test.parquet").set_index("id").loc[sub["id"]]
+    probs = feats[[f"tiny__target__{j}__mean" for j in range(3)]].to_numpy()
+    assert list(sub["target"]) == list(names[probs.argmax(1)])
     local = read_json(tmp_path / "submissions/tiny.json")["local"]
     sol = pd.read_csv(root / "solution.csv", dtype={"id": str})
     pub = (sol["Usage"] == "Public").to_numpy()

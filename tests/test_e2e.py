@@ -15,7 +15,9 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_make_demo_chain(tmp_path):
     for item in ("Makefile", "configs", "requirements.txt", "pyproject.toml"):
         src = ROOT / item
-        (partial(shutil.copytree, dirs_exist_ok=True) if src.is_dir() else shutil.copy2)(src, tmp_path / item)  # copy2 keeps mtimes: no reinstall
+        (partial(shutil.copytree, dirs_exist_ok=True) if src.is_dir() else shutil.copy2)(src, tmp_path / item)
+    for item in ("requirements.txt", "pyproject.toml"):  # older than the venv's stamp: `make setup` does nothing
+        os.utime(tmp_path / item, (0, 0))  # (a reinstall from here would point the venv at this copy)
     venv = Path(sys.executable).parent.parent
     args = "train.epochs=2 model.backbone=test_resnet"
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
@@ -68,6 +70,8 @@ def test_make_j2_trains_folds_in_parallel_then_summarises(tmp_path):
 
     for item in ("Makefile", "requirements.txt", "pyproject.toml"):
         shutil.copy2(ROOT / item, tmp_path / item)
+    for item in ("requirements.txt", "pyproject.toml"):  # older than the venv's stamp: `make setup` does nothing
+        os.utime(tmp_path / item, (0, 0))
     make_competition(tmp_path / "comp", n=90, n_groups=12, n_classes=3, size=16)
     (tmp_path / "tiny.yaml").write_text(
         "name: tiny\ncompetition: {name: tiny, root: comp, group: grp}\nfolds: {n_splits: 3}\n"

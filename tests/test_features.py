@@ -51,6 +51,11 @@ def test_d4_of_an_invariant_model_has_zero_variance():
     df = TTA.aggregate("e", out, ["mean", "var", "max", "min"], keep_views=False)
     assert out["t"].shape == (8, 10, 3)
     assert np.allclose(df.filter(like="__var").to_numpy(), 0, atol=1e-12)
+    # ... and the 8 views are the 8 distinct symmetries of the square (8 copies of one view would pass above)
+    x = torch.arange(16.0).reshape(1, 1, 4, 4)
+    seen = {tuple(v(x).flatten().tolist()) for v in TTA.tta_views("d4")}
+    square = {tuple(torch.rot90(t, k, (2, 3)).flatten().tolist()) for t in (x, x.flip(3)) for k in range(4)}
+    assert seen == square and len(seen) == 8
 
 
 def test_mean_over_views_equals_ttach_merged_mean_and_batched_equals_loop():

@@ -276,7 +276,7 @@ def test_alpha_is_composited_and_an_unscalable_mode_is_refused(tmp_path):
 
 
 # -- 7. secrets never reach a file ---------------------------------------------------------------------------
-def test_a_password_in_a_url_is_never_written(tmp_path):
+def test_a_password_in_a_url_is_never_written(tmp_path, capsys):
     import sqlite3
 
     from pipeline.config import load_config
@@ -290,6 +290,9 @@ def test_a_password_in_a_url_is_never_written(tmp_path):
     leaderboard.record(cfg, "train", 0.0, cv=0.5)
     rows = sqlite3.connect("submissions/leaderboard.db").execute("SELECT config FROM runs").fetchall()
     assert rows and all("s3cret" not in r[0] for r in rows) and "***" in rows[0][0]
+    for get in (["--get", "tune.storage"], ["--get", "tune"], []):  # `pipeline config` prints to the log
+        assert main(["config", "tune.storage=postgresql://me:s3cret@db.example/optuna", *get]) == 0
+        assert "s3cret" not in capsys.readouterr().out
 
 
 # -- 9. config values that would mean something else --------------------------------------------------------

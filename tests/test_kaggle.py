@@ -370,3 +370,27 @@ def test_known_bad_versions_stop_with_one_readable_line():
         versions.check(installed={"lightgbm": "4.1.0"})
     versions.check({"albumentations"}, installed={"lightgbm": "4.0.0"})  # a bundle without level 2 needs no lightgbm
     assert "built with 9.9" in versions.report({"torch": "9.9"})
+
+
+def test_verify_refuses_a_bundle_that_does_not_reproduce_the_features_and_keeps_the_old_one(demo, monkeypatch):
+    from pipeline import inference as INF
+    from pipeline.config import load_config
+    from pipeline.stages import run_stage
+
+    project, _ = demo
+    monkeypatch.chdir(project)
+    before = Path("kaggle/demo-resnet/bundle.json").read_text()
+    real = INF.level1_frame
+
+    def drifted(*a, **k):  # as if the bundled checkpoints were not the ones the features came from
+        frame = real(*a, **k)
+        cols = [c for c in frame.columns if c != "id"]
+        frame[cols] = frame[cols] + 0.01
+        return frame
+
+    monkeypatch.setattr(INF, "level1_frame", drifted)
+    cfg = load_config("configs/demo.yaml", TINY.split() + ["kaggle.source=demo-resnet"])
+    with pytest.raises(InputError, match=r"predicts the local test set differently \(max \|diff\| 0.01"):
+        run_stage("kaggle", cfg, force=True)
+    assert Path("kaggle/demo-resnet/bundle.json").read_text() == before  # the previous bundle is untouched
+    assert not Path("kaggle/.demo-resnet.tmp").exists()

@@ -44,10 +44,15 @@ def test_tiny_pretrain_lowers_loss_and_weights_load_into_train(workdir, formulat
     state = torch.load(out, map_location="cpu")
     assert not any(k.startswith(("heads.", "backbone.")) for k in state)
     capsys.readouterr()
-    T.run(tiny_cfg(workdir / "comp", *over, "train.epochs=1", "train.folds=[0]", f"model.init={out}", name="ft"))
+    T.run(tiny_cfg(workdir / "comp", *over, "train.epochs=1", "train.folds=[0]", f"model.init={out}",
+                   "train.lr=1e-12", "train.optimizer=sgd", name="ft"))  # an lr that leaves the weights in place
     msg = capsys.readouterr().out
     n = len(state)
     assert f"loaded {n}/{n} backbone tensors from {out}" in msg  # every backbone key matched
+    # the fine-tuned model really started from the pretrained backbone (not only a log line)
+    ft = torch.load("models/ft/fold0/last.pt", map_location="cpu", weights_only=True)["model"]
+    convs = [k for k, v in state.items() if v.ndim == 4]
+    assert convs and all(torch.allclose(ft["backbone." + k], state[k]) for k in convs)
 
 
 def test_bad_inputs(workdir):

@@ -189,6 +189,13 @@ def test_level2_says_plainly_when_it_loses_to_its_best_input_and_auto_picks_by_c
     printed = capsys.readouterr().out
     assert guard["wins"] == (l2 > level1_acc)
     assert ("WARNING: level 2" in printed) == (not guard["wins"])
+    # the leaderboard row says what the stack is and, when it loses, to which input
+    import sqlite3
+
+    note = sqlite3.connect("submissions/leaderboard.db").execute(
+        "SELECT note FROM runs WHERE experiment = 'l2-lgbm' AND stage = 'stack'").fetchone()[0]
+    assert note.startswith("lgbm on tiny, noise")
+    assert ("does not beat its input tiny" in note) == (not guard["wins"])
     auto = S.run(tiny_cfg(level1["competition"]["root"], "stack.experiments=[tiny, noise]", "train.epochs=2",
                           "features.tta=hflip", "stack.name=l2-auto"))
     info = read_parquet_meta(auto / "oof.parquet")["level2"]

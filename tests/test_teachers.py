@@ -1,5 +1,7 @@
 """Pseudo-labelling and distillation: fold k never sees its own validation rows' information, a
 teacher from another folds file is refused, the soft-target loss equals its formula."""
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -118,12 +120,26 @@ def test_distillation_targets_of_fold_k_come_from_the_teachers_fold_k_model(teac
     assert "LEAKY" not in note
 
 
-def test_the_leaky_oof_variant_needs_allow_leak_and_is_marked(teacher):
+def test_the_leaky_oof_variant_needs_allow_leak_and_is_marked(teacher, monkeypatch):
     root = teacher["competition"]["root"]
     cfg = _student(root, "train.distill.teacher=teach", "train.distill.allow_leak=true")
+    seen = {}  # what each fold's trainer distils from: the teacher's OOF rows (not the fold-k model)
+    real = teachers.extend
+
+    def spy(cfg_, heads, fold, *a, **k):
+        paths, ys = real(cfg_, heads, fold, *a, **k)
+        seen[fold] = (list(paths), np.asarray(ys["__teacher"]))
+        return paths, ys
+
+    monkeypatch.setattr(teachers, "extend", spy)
     T.run(cfg)
+    monkeypatch.setattr(teachers, "extend", real)
+    oof = pd.read_parquet("features/teach/oof.parquet").set_index("id")
+    cols = [f"teach__target__{j}__mean" for j in range(3)]
+    for k, (paths, got) in seen.items():
+        ids = [Path(p).stem for p in paths]
+        assert np.allclose(got, oof.loc[ids, cols].to_numpy(), atol=1e-6), k
     import json
-    from pathlib import Path
 
     for m in Path("models/student").glob("fold*/meta.json"):  # models trained before the mark was recorded
         m.write_text(json.dumps({k: v for k, v in read_json(m).items() if k != "leak"}))
