@@ -43,3 +43,17 @@ class Dist:
             import torch.distributed as tdist
 
             tdist.barrier()
+
+    def weights_agree(self, model: torch.nn.Module, device) -> bool:
+        """Whether every process ends with the same weights (DDP keeps them in sync; a divergence means the
+        gradients were not averaged): one checksum per process, compared with all_reduce min/max."""
+        if not self.enabled:
+            return True
+        import torch.distributed as tdist
+
+        total = sum(float(p.detach().double().abs().sum()) for p in model.parameters())
+        lo = torch.tensor([total], dtype=torch.float64, device=device)
+        hi = lo.clone()
+        tdist.all_reduce(lo, op=tdist.ReduceOp.MIN)
+        tdist.all_reduce(hi, op=tdist.ReduceOp.MAX)
+        return bool(torch.isclose(lo, hi, rtol=1e-9, atol=0.0).item())

@@ -368,6 +368,10 @@ class FoldTrainer:
                 log(f"[train] fold {self.fold}: early stopping after {epoch + 1} epochs "
                     f"(best {self.state['best']:.4f} at epoch {self.state['best_epoch']})")
                 break
+        if not self.dist.weights_agree(self.model, self.device):
+            raise RuntimeError(f"train fold {self.fold}: the DDP processes ended with different weights")
+        if self.dist.enabled and self.dist.main:
+            log(f"[train] fold {self.fold}: the {self.dist.world} DDP processes end with the same weights")
         if self.swa is not None:
             self.finish_swa(has_valid)
         if not has_valid:  # the all-data model: its final weights are the ones kept

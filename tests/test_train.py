@@ -268,6 +268,7 @@ def test_ddp_two_cpu_processes_with_gloo(workdir):
                          env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert run.returncode == 0, run.stderr[-3000:]
     assert "DDP world size 2" in run.stdout
+    assert "[train] fold 0: the 2 DDP processes end with the same weights" in run.stdout  # an all_reduce check
     assert run.stdout.count("[train] fold 0 epoch 2/2") == 1  # one process writes and reports
     log = pd.read_csv(workdir / "models/ddp/fold0/log.csv")
     assert len(log) == 2 and log["score"].notna().all()
