@@ -151,7 +151,7 @@ def init_path(cfg: dict, fold=None) -> str | None:
     """``model.init`` for one fold: ``{fold}`` in the path becomes the fold (0, 1, ..., full), so each fold can
     start from its own fold's checkpoint of an earlier experiment."""
     init = cfg["model"]["init"]
-    return init.format(fold=fold) if init and "{fold}" in init else init
+    return init.format(fold=fold) if init else init  # (the schema allows no other placeholder)
 
 
 def init_leak(cfg: dict, folds, folds_hash: str) -> str | None:

@@ -3,7 +3,9 @@ with ``~``, the image and init path patterns, and names of registered builders (
 TTA set, level-2 model), checked against the registry that holds them."""
 from __future__ import annotations
 
+import os
 import re
+import string
 from typing import Annotated
 
 from pydantic import AfterValidator
@@ -19,16 +21,16 @@ def _safe_name(v):
 
 def _home(v):
     """``~`` and ``~user`` mean the home folder, as in a shell (no folder named '~' is ever made)."""
-    import os
-
     return os.path.expanduser(v) if isinstance(v, str) else v
+
+
+def _placeholders(v: str) -> list[str]:
+    return [f for _, f, _, _ in string.Formatter().parse(v) if f is not None]
 
 
 def _image_pattern(v: str):
     """The image path pattern knows exactly one placeholder, {id}; without it every row is one image."""
-    import string
-
-    names = [f for _, f, _, _ in string.Formatter().parse(v) if f is not None]
+    names = _placeholders(v)
     unknown = [n for n in names if n != "id"]
     if unknown:
         raise ValueError(f"knows only the placeholder {{id}}, not {', '.join('{' + n + '}' for n in unknown)} "
@@ -39,12 +41,10 @@ def _image_pattern(v: str):
 
 
 def _init_pattern(v: str):
-    import string
-
-    names = [f for _, f, _, _ in string.Formatter().parse(v) if f is not None]
-    if any(n != "fold" for n in names):
+    unknown = [n for n in _placeholders(v) if n != "fold"]
+    if unknown:
         raise ValueError(f"knows only the placeholder {{fold}} (each fold's own file, e.g. "
-                         f"models/a/fold{{fold}}/best.pt), not {', '.join('{' + n + '}' for n in names if n != 'fold')}")
+                         f"models/a/fold{{fold}}/best.pt), not {', '.join('{' + n + '}' for n in unknown)}")
     return _home(v)
 
 
