@@ -31,6 +31,16 @@ class ModelEma(nn.Module):
         self.warmup = warmup
         self.updates = 0
 
+    def horizon_warning(self, total_updates: int) -> str:
+        """A warning when the average spans more than half the run (1 / (1 - decay) steps): the EMA weights
+        then stay a blend with the initial ones (the demo's 108 steps at 0.99 scored 0.15 against 0.98 at 0.9)."""
+        span = 1 / (1 - self.decay)
+        if span <= total_updates / 2:
+            return ""
+        return (f"; WARNING: decay {self.decay} averages over ~{span:.0f} steps, more than half of this run's "
+                f"{total_updates}: the EMA weights stay close to the initial ones; use train.ema_decay <= "
+                f"{1 - 2 / max(total_updates, 3):.3g}")
+
     def decay_at(self, updates: int) -> float:
         if self.warmup <= 0:
             return self.decay

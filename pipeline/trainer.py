@@ -164,7 +164,7 @@ class FoldTrainer:
             self.ema = ModelEma(self.model, tcfg["ema_decay"], warmup_steps(tcfg["ema_warmup"], total))
             if self.dist.main:
                 log(f"[train] fold {self.fold}: EMA decay {tcfg['ema_decay']} reached after {self.ema.warmup} of "
-                    f"{total} optimizer steps (train.ema_warmup={tcfg['ema_warmup']})")
+                    f"{total} optimizer steps (train.ema_warmup={tcfg['ema_warmup']}){self.ema.horizon_warning(total)}")
         self.swa = None
         self.amp_dtype = None
         if tcfg["amp"] and self.device.type == "cuda":

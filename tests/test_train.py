@@ -487,7 +487,8 @@ def test_ema_warmup_reaches_the_target_decay_at_its_step_and_the_run_says_so(wor
     # a short run (2 epochs of 4 steps): the decay the user asked for is the one in effect by the end
     T.run(tiny_cfg(workdir / "comp", "train.folds=[0]", "train.epochs=2", "train.ema=true", "train.ema_decay=0.9"))
     out = capsys.readouterr().out
-    assert "EMA decay 0.9 reached after 1 of 8 optimizer steps (train.ema_warmup=auto)" in out, out
+    assert "EMA decay 0.9 reached after 1 of 8 optimizer steps (train.ema_warmup=auto); WARNING: decay 0.9" in out, out
+    assert ModelEma(torch.nn.Linear(2, 2), 0.9).horizon_warning(108) == ""
     assert "epoch 2/2" in out and out.split("epoch 2/2")[1].splitlines()[0].count("ema_decay 0.9 ") == 1
 
 
