@@ -58,10 +58,10 @@ def mnist_overrides(root: Path) -> list[str]:
 def bench_trainer(root: Path, *overrides: str):
     """The throughput benchmarks' set-up: a FoldTrainer over every row of a synthetic competition (images
     cached, constant lr, no leaderboard), with its config and heads."""
-    from pipeline.competition import load_train
-    from pipeline.config import load_config
-    from pipeline.models import heads_for
-    from pipeline.trainer import FoldTrainer
+    from pipeline.competition.tables import load_train
+    from pipeline.config.loading import load_config
+    from pipeline.training.models import heads_for
+    from pipeline.training.trainer import FoldTrainer
 
     cfg = load_config(None, [f"competition.root={root}", "competition.check_images=false", "data.in_chans=3",
                              "data.cache=true", "train.scheduler=none", "train.epochs=100",

@@ -1,4 +1,4 @@
-"""What the image-content fingerprint (``pipeline.io.files_fingerprint``) costs on a folder of images.
+"""What the image-content fingerprint (``pipeline.store.io.files_fingerprint``) costs on a folder of images.
 
     python bench/fingerprint.py ../shared/data/mnist-writers/images
 
@@ -13,7 +13,7 @@ import sys
 import tempfile
 import time
 
-from pipeline.io import files_fingerprint
+from pipeline.store.io import files_fingerprint
 
 
 def main(folder: str) -> None:

@@ -16,9 +16,15 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench._common import OUT, mnist_overrides, mnist_subset  # noqa: E402
-from pipeline import features, folds, stack, submit, train  # noqa: E402
-from pipeline.config import load_config  # noqa: E402
-from pipeline.io import read_json  # noqa: E402
+from pipeline.config.loading import load_config  # noqa: E402
+from pipeline.stages import (
+    features,
+    folds,
+    stack,
+    submit,
+    train,  # noqa: E402
+)
+from pipeline.store.io import read_json  # noqa: E402
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "mnist-writers.yaml"
 

@@ -18,8 +18,12 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench._common import OUT, SHARED, mnist_overrides, mnist_subset  # noqa: E402
-from pipeline import folds, pretrain, train  # noqa: E402
-from pipeline.config import load_config  # noqa: E402
+from pipeline.config.loading import load_config  # noqa: E402
+from pipeline.stages import (
+    folds,
+    pretrain,
+    train,  # noqa: E402
+)
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "mnist-writers.yaml"
 
@@ -47,7 +51,9 @@ def main():
     weights = pretrain.run(pcfg)
     t_pre = time.time() - t0
     common = mnist_overrides(root) + model + [f"train.epochs={args.epochs}", "train.batch_size=64", "train.lr=0.001",
-                                             "train.warmup_epochs=1", "train.augment=[{Affine: {translate_percent: [-0.08, 0.08], rotate: [-10, 10], p: 0.7}}]"]
+                                             "train.warmup_epochs=1",
+                                             "train.augment=[{Affine: {translate_percent: [-0.08, 0.08], rotate: [-10, 10], "
+                                             "p: 0.7}}]"]
     res = {}
     for tag, extra in (("scratch", []), ("jigsaw", [f"model.init={weights}"])):
         cfg = load_config(CONFIG, common + extra + [f"name=fewlabels-{args.labelled}-{tag}-{args.backbone}"])

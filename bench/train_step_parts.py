@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench._common import OUT, bench_trainer, synthetic_competition  # noqa: E402
-from pipeline.models import build_model  # noqa: E402
+from pipeline.training.build import build_model  # noqa: E402
 
 ITERS = [0]
 _real_iter = DataLoader.__iter__

@@ -19,7 +19,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench._common import OUT, bench_trainer, synthetic_competition  # noqa: E402
-from pipeline.models import build_model  # noqa: E402
+from pipeline.training.build import build_model  # noqa: E402
 
 
 def hand_loop(model, loader, device, amp_dtype=None, channels_last=False) -> float:
@@ -55,7 +55,7 @@ def measure(args, extra: list[str]):
     disk_ips = n / (time.perf_counter() - t0)
     trainer.train_ds._cache = cache
     loader = trainer.loader(trainer.train_ds, shuffle=True, epoch=0)
-    for x, _, _ in loader:  # fill the image cache so both sides read from memory
+    for _ in loader:  # fill the image cache so both sides read from memory
         pass
     t0 = time.perf_counter()
     n = sum(len(x) for x, _, _ in loader)

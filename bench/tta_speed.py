@@ -17,8 +17,8 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from pipeline.tta import predict_views, tta_views  # noqa: E402
-from pipeline.models import Head, Net, create_backbone, pick_device  # noqa: E402
+from pipeline.predict.tta import predict_views, tta_views  # noqa: E402
+from pipeline.training.models import Head, Net, create_backbone, pick_device  # noqa: E402
 
 
 @torch.no_grad()
@@ -65,12 +65,12 @@ def main():
     ap.add_argument("--repeats", type=int, default=3)
     args = ap.parse_args()
     device = pick_device()
-    b, l = run(args.backbone, args.batch, args.images, args.size, args.repeats, device)
+    b, lat = run(args.backbone, args.batch, args.images, args.size, args.repeats, device)
     print(f"device {device}, {args.backbone}, d4 (8 views), batch {args.batch}, {args.size}x{args.size}, "
           f"{args.images} images, median of {args.repeats}")
     print(f"batched views   : {b:9.1f} views/s")
-    print(f"loop over views : {l:9.1f} views/s")
-    print(f"ratio batched/loop: {b / l:.3f}  (must be >= 1 on CPU)")
+    print(f"loop over views : {lat:9.1f} views/s")
+    print(f"ratio batched/loop: {b / lat:.3f}  (must be >= 1 on CPU)")
 
 
 if __name__ == "__main__":

@@ -13,21 +13,21 @@ __version__ = "0.1.0"
 
 def load_config(path=None, overrides=()):
     """Defaults <- YAML file (with its ``base`` chain) <- ``key=value`` overrides, validated."""
-    from .config import load_config as _load
+    from pipeline.config.loading import load_config as _load
 
     return _load(path, overrides)
 
 
 def run_stage(stage: str, cfg: dict, force: bool = False):
     """Run one stage in-process (see ``pipeline.stages``)."""
-    from .stages import run_stage as _run
+    from pipeline.stages import run_stage as _run
 
     return _run(stage, cfg, force=force)
 
 
 def predict_bundle(bundle, competition, output="/kaggle/working/submission.csv", device="auto"):
     """Predict a competition's test set from a ``make kaggle`` bundle and write the validated submission
-    (see ``pipeline.inference``): ``predict_bundle("/kaggle/input/<bundle>", "/kaggle/input/<competition>")``."""
-    from .inference import predict_bundle as _predict
+    (see ``pipeline.kaggle.inference``): ``predict_bundle("/kaggle/input/<bundle>", "/kaggle/input/<competition>")``."""
+    from pipeline.kaggle.inference import predict_bundle as _predict
 
     return _predict(bundle, competition, output, device)

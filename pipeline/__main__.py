@@ -11,8 +11,8 @@ import os
 import sys
 from pathlib import Path
 
-from .errors import PipelineError
-from .stages import STAGES, run_stage, stage_up_to_date
+from pipeline.errors import PipelineError
+from pipeline.stages import STAGES, run_stage, stage_up_to_date
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -66,7 +66,7 @@ def _enter_project(config: str | None) -> str | None:
 
 
 def _stage(argv: list[str]) -> int:
-    from .config import load_config
+    from pipeline.config.loading import load_config
 
     parser = argparse.ArgumentParser(prog="python -m pipeline", description=__doc__,
                                      epilog="other commands: config, inputs, lb; --debug shows tracebacks")
@@ -80,7 +80,7 @@ def _stage(argv: list[str]) -> int:
     parser.add_argument("overrides", nargs="*", help="config overrides, e.g. train.epochs=3 folds.n_splits=4")
     args = parser.parse_intermixed_args(argv)
     if not args.config and not args.defaults:
-        from .errors import ConfigError
+        from pipeline.errors import ConfigError
 
         raise ConfigError(f"{args.stage}: no config file; pass -c configs/<experiment>.yaml (the built-in defaults "
                           "alone describe no competition of yours and would overwrite the shared folds file; "
@@ -97,8 +97,8 @@ def _stage(argv: list[str]) -> int:
 
 def _show_config(argv: list[str]) -> int:
     """``config -c x.yaml [key=value ...] [--get dotted.key]``: print the resolved config (or one value)."""
-    from .config import config_hash, dump_yaml, load_config
-    from .io import redact
+    from pipeline.config.loading import config_hash, dump_yaml, load_config
+    from pipeline.store.io import redact
 
     parser = argparse.ArgumentParser(prog="python -m pipeline config")
     parser.add_argument("-c", "--config")
@@ -123,9 +123,9 @@ def _inputs(argv: list[str]) -> int:
     """``inputs [--for stack|train] -c x.yaml [key=value ...]``: one config file per experiment whose
     features x.yaml reads: the level-1 experiments of its stack, or the teachers of its training
     (pseudo-labels, distillation). Make brings their features up to date first."""
-    from .config import config_for_experiment, load_config
-    from .errors import ConfigError
-    from .paths import stack_inputs
+    from pipeline.config.loading import config_for_experiment, load_config
+    from pipeline.errors import ConfigError
+    from pipeline.store.paths import stack_inputs
 
     parser = argparse.ArgumentParser(prog="python -m pipeline inputs")
     parser.add_argument("--for", dest="stage", choices=["stack", "train"], default="stack")
@@ -148,8 +148,8 @@ def _inputs(argv: list[str]) -> int:
 
 def _leaderboard(argv: list[str]) -> int:
     """``lb`` has its own sub-commands; ``-c`` and key=value overrides still choose the database."""
-    from . import leaderboard
-    from .config import is_override, load_config
+    from pipeline.config.loading import is_override, load_config
+    from pipeline.store import leaderboard
 
     cfg_path, overrides, rest = None, [], []
     it = iter(argv)

@@ -9,8 +9,8 @@ and round regression values; ``higher_is_better`` tells the direction for sortin
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
 

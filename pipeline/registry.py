@@ -6,7 +6,7 @@ against them, so adding an option is one function plus one ``@TABLE.register("na
 """
 from __future__ import annotations
 
-from typing import Callable, Iterator
+from collections.abc import Callable, Iterator
 
 
 class Registry:
@@ -30,7 +30,7 @@ class Registry:
         return name
 
     def __getitem__(self, name: str) -> Callable:
-        from .errors import ConfigError
+        from pipeline.errors import ConfigError
 
         try:
             return self._items[name]

@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from pipeline.config import load_config
+from pipeline.config.loading import load_config
 
 
 def make_competition(root: Path, n: int = 200, n_groups: int = 20, n_classes: int = 4, task: str = "multiclass",
@@ -95,7 +95,7 @@ def workdir(tmp_path, monkeypatch):
 
 
 def tiny_cfg(root: Path, *overrides: str, name: str = "tiny"):
-    from pipeline import folds
+    from pipeline.stages import folds
 
     cfg = load_config(None, [f"competition.root={root}", "competition.group=grp", "competition.tabular=[tab]",
                              "folds.file=folds/{competition}.csv", "data.in_chans=1", "data.image_size=16",
@@ -110,7 +110,7 @@ def record_in_two_processes(setting: str, n: int = 200) -> None:
     import subprocess
     import sys
 
-    code = ("import sys, time; from pipeline import leaderboard as LB; from pipeline.config import load_config\n"
+    code = ("import sys, time; from pipeline import leaderboard as LB; from pipeline.config.loading import load_config\n"
             f"cfg = load_config(None, ['{setting}', 'name=' + sys.argv[1]])\n"
             f"for i in range({n}): LB.record(cfg, 'train', time.time(), cv=i / {n}, folds={{'fold0': i / {n}}},"
             " epochs=[{'fold': 0, 'epoch': 1, 'score': 0.5}])\n")

@@ -65,7 +65,7 @@ class Server:
         if out.returncode != 0:
             raise RuntimeError(f"{' '.join(cmd)} failed:\n{out.stdout}\n{out.stderr}")
 
-    def __enter__(self) -> "Server":
+    def __enter__(self) -> Server:
         if self.user:
             shutil.chown(self.dir, self.user)
         data = self.dir / "data"

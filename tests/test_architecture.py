@@ -1,5 +1,6 @@
-"""The package's shape: no import cycle (counting imports inside functions too), no stage importing
-another stage, no module over 400 lines, one call to matplotlib.use, one home for the column scheme."""
+"""The package's shape: sub-packages that say where things go, imports that only run downhill (counting
+imports inside functions and absolute ones), no stage importing another stage, no module over 400 lines,
+one call to matplotlib.use, one home for the column scheme."""
 import ast
 from pathlib import Path
 
@@ -8,11 +9,35 @@ import pytest
 from pipeline.stages import STAGES
 
 PKG = Path(__file__).resolve().parents[1] / "pipeline"
-STAGE_MODULES = set(STAGES.values())
+MODULES = {".".join(p.relative_to(PKG).with_suffix("").parts).removesuffix(".__init__"): p
+           for p in PKG.rglob("*.py")}
+STAGE_MODULES = {f"stages.{m}" for m in STAGES.values()}
+# floors, lowest first: a module imports only from its own floor's packages or lower ones
+FLOORS = [
+    {"errors", "registry", "metrics", "tasks"},  # the ground: imports only the ground
+    {"store"},  # paths, atomic io, artifact groups, plots, the leaderboard
+    {"competition"},  # the competition's tables, images, submission format
+    {"training", "predict", "level2"},  # fold models, prediction, level 2 (training and predict see each other's floor)
+    {"config"},  # the schema validates names against the registries of the floors below
+    {"kaggle"},  # the bundle's runtime: reads fold models, level 2, rules, the config section
+    {"stages"},  # one module per stage (+ the stage table)
+    {"__init__", "__main__", ""},  # the public API and the CLI
+]
+FLOOR = {pkg: i for i, pkgs in enumerate(FLOORS) for pkg in pkgs}
 
 
-def _imports(path: Path) -> set[str]:
-    """Package modules imported by a file, anywhere in it (module level or inside functions)."""
+def _resolve(module: str, names) -> set[str]:
+    """`from pipeline.<module> import <names>`: the package modules this means (a name may be a sub-module)."""
+    found = set()
+    for name in names:
+        sub = f"{module}.{name}" if module else name
+        found.add(sub if sub in MODULES else module)
+    return found
+
+
+def _imports(path: Path, package: str = "") -> set[str]:
+    """Package modules imported by a file, anywhere in it (module level or inside functions), as dotted
+    names under ``pipeline`` ("store.io"); relative imports resolve against ``package``."""
     tree = ast.parse(path.read_text())
     skip = set()
     for node in ast.walk(tree):  # `if TYPE_CHECKING:` imports never run
@@ -22,23 +47,23 @@ def _imports(path: Path) -> set[str]:
     for node in ast.walk(tree):
         if id(node) in skip:
             continue
-        if isinstance(node, ast.ImportFrom):
-            if node.level == 1 and node.module:
-                found.add(node.module.split(".")[0])
-            elif node.level == 1:
-                found |= {a.name for a in node.names}
-            elif node.module and node.module.startswith("pipeline."):
-                found.add(node.module.split(".")[1])
-            elif node.module == "pipeline":  # from pipeline import features
-                found |= {a.name for a in node.names}
+        names = [a.name for a in getattr(node, "names", ())]
+        if isinstance(node, ast.ImportFrom) and node.level:
+            base = package.split(".")[: len(package.split(".")) - node.level + 1] if package else []
+            module = ".".join([*base, *([node.module] if node.module else [])]).strip(".")
+            found |= _resolve(module, names)
+        elif isinstance(node, ast.ImportFrom) and node.module and (node.module + ".").startswith("pipeline."):
+            found |= _resolve(node.module.removeprefix("pipeline").strip("."), names)
         elif isinstance(node, ast.Import):
-            found |= {a.name.split(".")[1] for a in node.names if a.name.startswith("pipeline.")}
-        elif isinstance(node, ast.Call) and getattr(node.func, "attr", "") == "import_module":
-            pass  # the stage table (pipeline.stages) imports stages by name; it is not a stage
-    return found
+            found |= {n.removeprefix("pipeline.") for n in names if n.startswith("pipeline.")}
+    return {m for m in found if m}
 
 
-GRAPH = {p.stem: _imports(p) for p in PKG.glob("*.py")}
+def _package(module: str) -> str:
+    return module.split(".")[0] if "." in module or module not in ("__init__", "__main__") else module
+
+
+GRAPH = {m: _imports(p, m.rpartition(".")[0] if p.name != "__init__.py" else m) for m, p in MODULES.items()}
 
 
 def _cycle(graph):
@@ -63,19 +88,21 @@ def _cycle(graph):
 
 
 def test_the_graph_is_read_from_the_code():
-    # the walker sees module-level, relative and function-level imports (guards against a vacuous pass)
-    assert "trainer" in GRAPH["train"] and "errors" in GRAPH["config"]
-    assert "losses" in GRAPH["schema"]  # imported inside a validator
+    # the walker sees module-level, absolute and function-level imports (guards against a vacuous pass)
+    assert "training.trainer" in GRAPH["stages.train"] and "errors" in GRAPH["config.loading"]
+    assert "training.losses" in GRAPH["config.schema"]  # imported inside a validator
+    assert "store.leaderboard" in GRAPH["stages"]  # `from pipeline.store import leaderboard`, in a function
     assert _cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
 
 
-def test_absolute_imports_count_too(tmp_path):
-    forms = {"from pipeline import features": "features", "from pipeline.features import run": "features",
-             "import pipeline.features": "features", "from . import features": "features",
-             "from .features import run": "features", "def f():\n    from pipeline import stack\n": "stack"}
+def test_absolute_and_relative_imports_count_too(tmp_path):
+    forms = {"from pipeline.stages import features": "stages.features", "from pipeline.stages.features import run":
+             "stages.features", "import pipeline.stages.features": "stages.features",
+             "from . import features": "stages.features", "from .features import run": "stages.features",
+             "from ..store import io": "store.io", "def f():\n    from pipeline.stages import stack\n": "stages.stack"}
     for code, module in forms.items():
         (tmp_path / "m.py").write_text(code + "\n")
-        assert module in _imports(tmp_path / "m.py"), code
+        assert module in _imports(tmp_path / "m.py", "stages"), code
 
 
 def test_no_import_cycle():
@@ -87,15 +114,38 @@ def test_no_stage_imports_another_stage(stage):
     assert not (GRAPH[stage] & (STAGE_MODULES - {stage})), f"{stage} imports {GRAPH[stage] & STAGE_MODULES}"
 
 
+def test_every_module_lives_on_a_floor():
+    assert {_package(m) for m in MODULES} <= set(FLOOR), {_package(m) for m in MODULES} - set(FLOOR)
+
+
+@pytest.mark.parametrize("package", sorted({_package(m) for m in MODULES} - {"__init__", "__main__"}))
+def test_imports_run_downhill(package):
+    """A package imports only from its own floor or below (no cycle is tested apart)."""
+    up = {f"{m} -> {t}" for m, deps in GRAPH.items() if _package(m) == package
+          for t in deps if FLOOR[_package(t)] > FLOOR[package]}
+    assert not up, f"{package} imports upward: {sorted(up)}"
+
+
+def test_store_imports_nothing_above_it():
+    above = {f"{m} -> {t}" for m, deps in GRAPH.items() if _package(m) == "store"
+             for t in deps if _package(t) not in FLOORS[0] | {"store"}}
+    assert not above
+
+
+def test_stages_hold_only_stages():
+    # stages/ is one module per stage and the stage table; nothing else lives there
+    assert {m for m in MODULES if _package(m) == "stages"} == STAGE_MODULES | {"stages"}
+
+
 def test_modules_are_short_and_matplotlib_backend_is_set_once():
-    long = {p.name: n for p in PKG.glob("*.py") if (n := len(p.read_text().splitlines())) > 400}
+    long = {m: n for m, p in MODULES.items() if (n := len(p.read_text().splitlines())) > 400}
     assert not long
-    uses = [p.name for p in PKG.glob("*.py") if "matplotlib.use(" in p.read_text()]
-    assert uses == ["plots.py"]
+    uses = [m for m, p in MODULES.items() if "matplotlib.use(" in p.read_text()]
+    assert uses == ["store.plots"]
 
 
 def test_feature_column_scheme_has_one_home():
-    # only paths.py joins or splits the `<set>__<head>__<output>__<stat>` scheme
-    offenders = [p.name for p in PKG.glob("*.py") if p.name != "paths.py"
+    # only store/paths.py joins or splits the `<set>__<head>__<output>__<stat>` scheme
+    offenders = [m for m, p in MODULES.items() if m != "store.paths"
                  and any(s in p.read_text() for s in ('}__{', '.split("__")', "'__'", '"__"'))]
     assert not offenders

@@ -105,7 +105,7 @@ def test_user_error_is_one_line_naming_the_culprit(tmp_path, capsys, case, damag
 
 def _fake_feature_set(name, ids, pred):
     """A complete feature set (meta.json + matching parquet key) with the given test predictions."""
-    from pipeline.io import parquet_to
+    from pipeline.store.io import parquet_to
 
     d = __import__("pathlib").Path("features") / name
     d.mkdir(parents=True)
@@ -146,7 +146,7 @@ def test_half_written_features_are_refused_by_submit(tmp_path, capsys):
 def test_string_class_labels_are_supported_end_to_end(tmp_path):
     """Kaggle competitions often label classes 'cat', 'dog': the stages train on their index and the
     submission carries the labels again (scored locally against a string solution)."""
-    from pipeline.io import read_json
+    from pipeline.store.io import read_json
 
     root = _comp(tmp_path)
     names = np.array(["cat", "dog", "eel"])

@@ -1,6 +1,6 @@
 import pytest
 
-from pipeline.config import ConfigError, config_hash, load_config
+from pipeline.config.loading import ConfigError, config_hash, load_config
 
 
 def test_override_sets_dotted_key_with_yaml_types(tmp_path):

@@ -1,8 +1,8 @@
 import pandas as pd
 
 from pipeline.__main__ import main
-from pipeline.demo import build
-from pipeline.io import file_hash
+from pipeline.stages.data import build
+from pipeline.store.io import file_hash
 from tests.conftest import CFG
 
 

@@ -82,7 +82,7 @@ def test_make_j2_trains_folds_in_parallel_then_summarises(tmp_path):
                          capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     for k in range(3):
-        assert "train.folds=[%d]" % k in run.stdout
+        assert f"train.folds=[{k}]" in run.stdout
         assert (tmp_path / f"models/tiny/fold{k}/best.pt").exists()
     summary = json.loads((tmp_path / "models/tiny/summary.json").read_text())["summary"]
     assert sorted(summary["folds"]) == ["fold0", "fold1", "fold2"] and summary["oof_rows"] == 90

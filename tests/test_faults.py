@@ -14,15 +14,15 @@ import pandas as pd
 import pytest
 import torch
 
-from pipeline import features as FE
-from pipeline import folds as FO
-from pipeline import postprocess as PP
-from pipeline import stack as S
-from pipeline import submit as SU
-from pipeline import train as T
-from pipeline.config import load_config
+from pipeline.config.loading import load_config
 from pipeline.errors import InputError
-from pipeline.io import read_json
+from pipeline.stages import features as FE
+from pipeline.stages import folds as FO
+from pipeline.stages import postprocess as PP
+from pipeline.stages import stack as S
+from pipeline.stages import submit as SU
+from pipeline.stages import train as T
+from pipeline.store.io import read_json
 from tests.conftest import TINY
 
 CONFIG = "\n".join([
@@ -132,7 +132,7 @@ def test_a_failed_run_keeps_the_experiment_config(project, monkeypatch):
     FO.run(cfg())
     T.run(cfg("train.folds=[0]", "train.epochs=1"))
     before = open("models/tiny/config.yaml").read()
-    from pipeline import trainer
+    from pipeline.training import trainer
 
     def boom(self):
         raise RuntimeError("out of memory")
@@ -146,7 +146,7 @@ def test_a_failed_run_keeps_the_experiment_config(project, monkeypatch):
 def test_a_failing_writer_leaves_the_previous_artifact_intact_and_the_stage_not_up_to_date(project, monkeypatch):
     from pathlib import Path
 
-    from pipeline import artifacts, io
+    from pipeline.store import artifacts, io
 
     FO.run(cfg())
     T.run(cfg())
@@ -177,7 +177,7 @@ def test_concurrent_folds_runs_never_mix_their_files(project):
     config and meta written beside it (the group is written under a lock)."""
     from pathlib import Path
 
-    from pipeline.competition import load_train
+    from pipeline.competition.tables import load_train
 
     for _ in range(3):
         env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -190,7 +190,7 @@ def test_concurrent_folds_runs_never_mix_their_files(project):
         got = pd.read_csv("folds/demo.csv", dtype={"id": str})["fold"].to_numpy()
         assert np.array_equal(got, expected)
         meta = read_json("folds/demo.meta.json")
-        assert meta["config_hash"] == __import__("pipeline.io", fromlist=["config_hash"]).config_hash(c)
+        assert meta["config_hash"] == __import__("pipeline.store.io", fromlist=["config_hash"]).config_hash(c)
         assert not list(Path("folds").glob(".*.tmp"))
 
 

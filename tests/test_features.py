@@ -7,13 +7,13 @@ import torch
 import torch.nn as nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from pipeline import features as FE
-from pipeline import folds as FO
-from pipeline import train as T
-from pipeline import tta as TTA
 from pipeline.errors import InputError
-from pipeline.io import read_parquet_meta
-from pipeline.models import Head, Net
+from pipeline.predict import tta as TTA
+from pipeline.stages import features as FE
+from pipeline.stages import folds as FO
+from pipeline.stages import train as T
+from pipeline.store.io import read_parquet_meta
+from pipeline.training.models import Head, Net
 from tests.conftest import tiny_cfg
 
 
@@ -62,7 +62,7 @@ def test_mean_over_views_equals_ttach_merged_mean_and_batched_equals_loop():
     import ttach as tta
 
     torch.manual_seed(0)
-    from pipeline.models import create_backbone
+    from pipeline.training.models import create_backbone
 
     net = Net(create_backbone("test_resnet", 1), [Head("t", ["t"], "multiclass", 3)]).eval()
     out = TTA.predict_views(net, net.head_specs, loader(size=16), TTA.tta_views("d4"), "cpu")
@@ -97,8 +97,8 @@ def test_identity_tta_equals_plain_inference_and_oof_is_out_of_fold(trained):
 
 @pytest.mark.parametrize("cache", ["auto", "false"])
 def test_test_images_are_decoded_once_for_all_fold_models_when_cached(trained, monkeypatch, cache):
-    from pipeline import images
-    from pipeline.competition import image_paths, load_test
+    from pipeline.competition import images
+    from pipeline.competition.tables import image_paths, load_test
 
     reads = []
     real = images.read_image
@@ -160,9 +160,9 @@ def test_embedding_with_pca_fitted_on_fold_train_rows(trained):
     assert set(emb) <= set(test.columns) and oof[emb].notna().all().all()
     # fitted on the fold's training rows: refitting on them reproduces fold 0's OOF coordinates
 
-    from pipeline.competition import image_paths
-    from pipeline.images import build_transform
-    from pipeline.models import load_model
+    from pipeline.competition.images import build_transform
+    from pipeline.competition.tables import image_paths
+    from pipeline.training.checkpoint import load_model
 
     folds = pd.read_csv("folds/demo.csv", dtype={"id": str})
     model, _ = load_model("models/tiny/fold0/best.pt")
@@ -171,7 +171,7 @@ def test_embedding_with_pca_fitted_on_fold_train_rows(trained):
     pca = FE.fit_fold_pca(model, model.head_specs, loader, image_paths(cfg, ids_train), cfg["data"],
                           build_transform(cfg["data"]), "cpu", 3, cfg["seed"])
     ids_valid = folds["id"][folds["fold"] == 0]
-    from pipeline.images import ImageDataset
+    from pipeline.competition.images import ImageDataset
 
     e = TTA.predict_views(model, model.head_specs, loader(ImageDataset(image_paths(cfg, ids_valid), 1,
                          build_transform(cfg["data"]))), [lambda x: x], "cpu", embed=True)["embedding"]
@@ -180,7 +180,7 @@ def test_embedding_with_pca_fitted_on_fold_train_rows(trained):
 
 
 def test_predictor_matches_the_features_stage_on_test(trained):
-    from pipeline.predict import Predictor
+    from pipeline.predict.predictor import Predictor
 
     out = FE.run(trained)
     test = pd.read_parquet(out / "test.parquet")
@@ -192,10 +192,10 @@ def test_predictor_matches_the_features_stage_on_test(trained):
 
 def test_notebook_inference_and_predictor_decode_each_test_image_once_and_match_features(trained, monkeypatch):
     """The Kaggle notebook's level-1 frame and the Predictor run 3 fold models over one decoding of the images."""
-    import pipeline.predict as PR
-    from pipeline import images
-    from pipeline.competition import load_test
-    from pipeline.inference import level1_frame
+    import pipeline.predict.predictor as PR
+    from pipeline.competition import images
+    from pipeline.competition.tables import load_test
+    from pipeline.kaggle.inference import level1_frame
 
     ref = pd.read_parquet(FE.run(trained) / "test.parquet")
     reads = []
@@ -235,7 +235,7 @@ def test_all_data_model_joins_the_test_mean_when_asked(workdir):
     T.run(tiny_cfg(workdir / "comp", "train.epochs=2"))  # the folds retrained with another config; full stays
     with pytest.raises(InputError, match="foldfull was trained with another config"):
         FE.run(tiny_cfg(workdir / "comp", "train.epochs=2", "features.use_full=true"))
-    from pipeline.predict import Predictor
+    from pipeline.predict.predictor import Predictor
 
     with pytest.raises(InputError, match="foldfull was trained with another config"):
         Predictor.from_experiment(workdir / "models/tiny", use_full=True)
@@ -246,10 +246,10 @@ def test_all_data_model_joins_the_test_mean_when_asked(workdir):
 def test_all_data_model_alone_predicts_test_while_fold_models_make_the_oof(workdir):
     """features.use_full=only: test.parquet is the all-data model's output alone (one model to ship), the
     OOF rows and the CV are the fold models' as without it, and the bundle and the Predictor carry that model only."""
-    from pipeline.bundle import collect
-    from pipeline.competition import load_test
-    from pipeline.inference import level1_frame
-    from pipeline.predict import Predictor
+    from pipeline.competition.tables import load_test
+    from pipeline.kaggle.inference import level1_frame
+    from pipeline.predict.predictor import Predictor
+    from pipeline.stages.kaggle import collect
 
     T.run(tiny_cfg(workdir / "comp", "train.epochs=1"))
     with pytest.raises(InputError, match="no all-data model"):  # asked for, not trained: refused, not ignored

@@ -4,10 +4,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pipeline import folds as F
-from pipeline.config import load_config
+from pipeline.config.loading import load_config
 from pipeline.errors import InputError
-from pipeline.io import read_json
+from pipeline.stages import folds as F
+from pipeline.store.io import read_json
 from tests.conftest import config_for, make_competition
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist-writers"
@@ -156,7 +156,8 @@ def test_missing_image_is_named(competition, tmp_path):
 
 @pytest.mark.skipif(not SHARED.exists(), reason="mnist-writers data not beside this checkout")
 def test_mnist_writers_five_grouped_folds_within_one_point(tmp_path):
-    cfg = load_config(str(Path(__file__).resolve().parents[1] / "configs/mnist-writers.yaml"), [f"competition.root={SHARED}", f"folds.file={tmp_path}/f.csv",
+    cfg = load_config(str(Path(__file__).resolve().parents[1] / "configs/mnist-writers.yaml"),
+                      [f"competition.root={SHARED}", f"folds.file={tmp_path}/f.csv",
                                                        "competition.check_images=false"])
     out = F.run(cfg)
     fold = pd.read_csv(out, dtype={"id": str}).set_index("id")["fold"]

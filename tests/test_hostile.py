@@ -16,7 +16,6 @@ from pipeline.__main__ import main
 from tests.conftest import CFG, ROOT, make_competition
 
 
-
 @pytest.fixture
 def DEMO(tmp_path) -> str:
     """configs/demo.yaml copied into the test's folder: the stages work in the config's project."""
@@ -102,7 +101,9 @@ def _plant(path: Path, witness: Path, layout: str = "state") -> Path:
 
 def test_a_crafted_checkpoint_runs_nothing_and_the_error_names_it(tmp_path, capsys):
     from pipeline.errors import InputError
-    from pipeline.models import create_backbone, load_backbone_weights, load_model
+    from pipeline.training.build import load_backbone_weights
+    from pipeline.training.checkpoint import load_model
+    from pipeline.training.models import create_backbone
 
     witness = tmp_path / "pwned.txt"
     evil = _plant(tmp_path / "evil.pt", witness)
@@ -123,7 +124,7 @@ def test_a_crafted_fold_checkpoint_is_refused_by_every_reader(tmp_path, capsys):
     """A fold's best.pt/last.pt replaced by a planted file (a teammate's models folder): resume, features
     and the Predictor refuse it; nothing runs."""
     from pipeline.errors import InputError
-    from pipeline.predict import Predictor
+    from pipeline.predict.predictor import Predictor
 
     witness = tmp_path / "pwned.txt"
     make_competition(tmp_path / "comp", n=60, n_groups=9, n_classes=3, size=16)
@@ -143,7 +144,7 @@ def test_a_crafted_fold_checkpoint_is_refused_by_every_reader(tmp_path, capsys):
 
 def test_resume_from_last_pt_restores_numpy_rng(tmp_path):
     """last.pt keeps numpy's RNG as a tensor (weights_only-loadable) and restores it exactly."""
-    from pipeline.resume import _numpy_rng_from, _numpy_rng_state
+    from pipeline.training.resume import _numpy_rng_from, _numpy_rng_state
 
     np.random.seed(123)
     state = _numpy_rng_state()
@@ -194,9 +195,9 @@ def test_a_nan_loss_stops_the_fold_and_saves_nothing(tmp_path, capsys):
 
 # -- 4. per-class probability columns are matched by label --------------------------------------------------
 def test_probability_columns_are_filled_and_scored_by_label_not_position():
-    from pipeline.config import load_config
+    from pipeline.competition.submission import class_columns, to_submission
+    from pipeline.config.loading import load_config
     from pipeline.errors import SubmissionError
-    from pipeline.submission import class_columns, to_submission
 
     cfg = load_config(None, ["competition.metric=logloss"])
     ids = ["a", "b"]
@@ -212,8 +213,8 @@ def test_probability_columns_are_filled_and_scored_by_label_not_position():
 
 
 def test_local_score_of_probability_columns_follows_the_labels(tmp_path):
-    from pipeline.config import load_config
-    from pipeline.submit import score_local
+    from pipeline.config.loading import load_config
+    from pipeline.stages.submit import score_local
 
     root = tmp_path / "c"
     root.mkdir()
@@ -232,7 +233,7 @@ def test_local_score_of_probability_columns_follows_the_labels(tmp_path):
 def test_every_pil_mode_reads_on_its_own_scale(tmp_path, mode):
     from PIL import Image
 
-    from pipeline.images import read_image
+    from pipeline.competition.images import read_image
 
     ramp = np.tile(np.linspace(0, 1, 16), (16, 1))  # 0 .. 1 left to right
     if mode == "I;16":
@@ -260,8 +261,8 @@ def test_every_pil_mode_reads_on_its_own_scale(tmp_path, mode):
 def test_alpha_is_composited_and_an_unscalable_mode_is_refused(tmp_path):
     from PIL import Image
 
+    from pipeline.competition.images import read_image
     from pipeline.errors import InputError
-    from pipeline.images import read_image
 
     rgba = np.zeros((4, 4, 4), np.uint8)
     rgba[..., :3] = 200
@@ -279,9 +280,9 @@ def test_alpha_is_composited_and_an_unscalable_mode_is_refused(tmp_path):
 def test_a_password_in_a_url_is_never_written(tmp_path, capsys):
     import sqlite3
 
-    from pipeline.config import load_config
-    from pipeline.io import dump_yaml, write_resolved_config
-    from pipeline import leaderboard
+    from pipeline.config.loading import load_config
+    from pipeline.store import leaderboard
+    from pipeline.store.io import dump_yaml, write_resolved_config
 
     cfg = load_config(None, ["tune.storage=postgresql://me:s3cret@db.example/optuna", "name=sec"])
     assert "s3cret" not in dump_yaml(cfg) and "me:***@db.example" in dump_yaml(cfg)
@@ -297,7 +298,7 @@ def test_a_password_in_a_url_is_never_written(tmp_path, capsys):
 
 # -- 9. config values that would mean something else --------------------------------------------------------
 def test_yaml_octal_and_duplicate_keys(tmp_path):
-    from pipeline.config import load_config
+    from pipeline.config.loading import load_config
     from pipeline.errors import ConfigError
 
     (tmp_path / "a.yaml").write_text("train:\n  epochs: 010\n")
@@ -315,7 +316,7 @@ def test_yaml_octal_and_duplicate_keys(tmp_path):
     ("competition.image=train/{target}/{id}.png", "not {target}"), ("competition.image=img/{ID}.png", "not {ID}"),
 ])
 def test_names_and_patterns_that_would_write_or_read_elsewhere_are_refused(override, says):
-    from pipeline.config import load_config
+    from pipeline.config.loading import load_config
     from pipeline.errors import ConfigError
 
     with pytest.raises(ConfigError, match=re.escape(says)):
@@ -323,7 +324,7 @@ def test_names_and_patterns_that_would_write_or_read_elsewhere_are_refused(overr
 
 
 def test_a_tilde_means_the_home_folder(monkeypatch, tmp_path):
-    from pipeline.config import load_config
+    from pipeline.config.loading import load_config
 
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     cfg = load_config(None, ["workdir=~/x", "competition.root=~/data"])
@@ -355,7 +356,7 @@ def test_command_line_quoting_mistakes(tmp_path, capsys, argv, says):
 
 
 def test_leaderboard_text_with_equals_is_not_a_config_override(tmp_path, capsys):
-    from pipeline.config import is_override
+    from pipeline.config.loading import is_override
 
     assert is_override("train.lr=0.1") and is_override("stack.lgbm.num_leaves=7")
     assert not is_override("lr=0.1") and not is_override("a=b") and not is_override("--pattern=x")
@@ -378,7 +379,7 @@ def test_the_lock_folder_is_per_user(tmp_path, monkeypatch):
     """Another user's /tmp/pipeline-locks (not writable for us) does not stop our stages."""
     import tempfile
 
-    from pipeline.artifacts import stage_lock
+    from pipeline.store.artifacts import stage_lock
 
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     theirs = tmp_path / "pipeline-locks"
@@ -399,7 +400,7 @@ def test_the_lock_folder_is_per_user(tmp_path, monkeypatch):
     (["competition.task=regression", "competition.metric=rmse", "train.class_weights=[1, 2]"], "no classes to weight"),
 ])
 def test_options_a_schedule_or_head_cannot_use_are_refused(overrides, says):
-    from pipeline.config import load_config
+    from pipeline.config.loading import load_config
     from pipeline.errors import ConfigError
 
     with pytest.raises(ConfigError, match=re.escape(says)):
@@ -407,8 +408,8 @@ def test_options_a_schedule_or_head_cannot_use_are_refused(overrides, says):
 
 
 def test_min_lr_ratio_floors_plateau_and_step_and_warmup_ramps_step_and_none():
-    from pipeline.config import load_config
-    from pipeline.optim import SCHEDULERS, lr_lambda
+    from pipeline.config.loading import load_config
+    from pipeline.training.optim import SCHEDULERS, lr_lambda
 
     def tcfg(*o):
         return load_config(None, ["train.lr=0.1", "train.epochs=6", *o])["train"]
@@ -428,8 +429,8 @@ def test_min_lr_ratio_floors_plateau_and_step_and_warmup_ramps_step_and_none():
 
 
 def test_binary_class_weights_weigh_each_row_by_its_class():
-    from pipeline.losses import bce, binary_focal
-    from pipeline.models import Head
+    from pipeline.training.losses import bce, binary_focal
+    from pipeline.training.models import Head
 
     head = Head("t", ["t"], "binary", 1)
     logits, y = torch.tensor([[0.3], [-0.2]]), torch.tensor([1.0, 0.0])
@@ -460,7 +461,7 @@ def test_the_logged_validation_loss_is_plain_cross_entropy(tmp_path):
 
 # -- 18. a GPU this torch cannot drive falls back to the CPU -------------------------------------------------
 def test_a_gpu_the_installed_torch_cannot_drive_falls_back_to_cpu(monkeypatch, capsys):
-    from pipeline import models
+    from pipeline.training import models
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(models, "_CUDA_OK", {})
@@ -479,8 +480,8 @@ def test_a_gpu_the_installed_torch_cannot_drive_falls_back_to_cpu(monkeypatch, c
 
 # -- 15. model.init per fold; a cross-fold init is marked LEAKY ------------------------------------------------
 def test_init_per_fold_is_clean_and_a_cross_fold_init_is_leaky(tmp_path):
-    from pipeline.io import read_json
     from pipeline.stages import run_stage
+    from pipeline.store.io import read_json
     from tests.conftest import tiny_cfg
 
     make_competition(tmp_path / "comp", n=60, n_groups=9, n_classes=3, size=16)
@@ -498,7 +499,7 @@ def test_init_per_fold_is_clean_and_a_cross_fold_init_is_leaky(tmp_path):
     run_stage("train", cross)
     leak = read_json(tmp_path / "models/cross/fold1/meta.json").get("leak") or ""
     assert leak.startswith("LEAKY") and "fold 1 <- models/first/fold0/best.pt" in leak
-    from pipeline.config import load_config
+    from pipeline.config.loading import load_config
     from pipeline.errors import ConfigError
 
     with pytest.raises(ConfigError, match=r"only the placeholder \{fold\}"):
@@ -511,9 +512,9 @@ def test_integer_codes_read_as_float_keep_their_trained_category(tmp_path, capsy
 
     import lightgbm as lgb
 
-    from pipeline.config import load_config
-    from pipeline.level2 import SAVED, category_text, predict_saved
-    from pipeline.stack import tabular
+    from pipeline.config.loading import load_config
+    from pipeline.level2.models import SAVED, category_text, predict_saved
+    from pipeline.stages.stack import tabular
 
     assert category_text(pd.Series([1.0, np.nan, 2.0])).tolist()[::2] == ["1", "2"]
     assert category_text(pd.Series(["1.0", "a", " 3 ", "1.5"])).tolist() == ["1", "a", "3", "1.5"]
@@ -545,7 +546,7 @@ def test_readers_refuse_fold_models_of_another_config_or_data(tmp_path, capsys):
     from PIL import Image
 
     from pipeline.errors import InputError
-    from pipeline.predict import Predictor
+    from pipeline.predict.predictor import Predictor
 
     root = make_competition(tmp_path / "comp", n=60, n_groups=9, n_classes=3, size=16)
     for stage in ("folds", "train"):

@@ -20,10 +20,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pipeline import level2 as L2
-from pipeline import wheels as W
 from pipeline.errors import InputError
-from pipeline.inference import predict, predict_bundle
+from pipeline.kaggle import wheels as W
+from pipeline.kaggle.inference import predict, predict_bundle
+from pipeline.level2 import models as L2
 
 ROOT = Path(__file__).resolve().parents[1]
 VENV = Path(sys.executable).parent.parent
@@ -360,7 +360,7 @@ def test_a_time_budget_uses_fewer_models_then_views_and_says_so(demo, monkeypatc
 
 
 def test_known_bad_versions_stop_with_one_readable_line():
-    from pipeline import versions
+    from pipeline.kaggle import versions
 
     versions.check(installed={"albumentations": "2.0.8", "lightgbm": "4.7.0"})
     versions.check(installed={"albumentations": "1.4.21", "lightgbm": "3.3.5"})
@@ -373,8 +373,8 @@ def test_known_bad_versions_stop_with_one_readable_line():
 
 
 def test_verify_refuses_a_bundle_that_does_not_reproduce_the_features_and_keeps_the_old_one(demo, monkeypatch):
-    from pipeline import inference as INF
-    from pipeline.config import load_config
+    from pipeline.config.loading import load_config
+    from pipeline.kaggle import inference as INF
     from pipeline.stages import run_stage
 
     project, _ = demo

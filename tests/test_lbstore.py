@@ -5,11 +5,11 @@ import time
 
 import pytest
 
-from pipeline import lbstore
-from pipeline import leaderboard as LB
 from pipeline.__main__ import main
-from pipeline.config import load_config
+from pipeline.config.loading import load_config
 from pipeline.errors import ConfigError
+from pipeline.store import leaderboard as LB
+from pipeline.store import leaderboard_db as lbstore
 
 
 def test_a_version_1_database_is_migrated_and_keeps_its_rows(tmp_path):

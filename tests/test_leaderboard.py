@@ -4,9 +4,9 @@ import time
 import pandas as pd
 import pytest
 
-from pipeline import leaderboard as LB
 from pipeline.__main__ import main
-from pipeline.config import load_config
+from pipeline.config.loading import load_config
+from pipeline.store import leaderboard as LB
 from tests.conftest import record_in_two_processes
 
 

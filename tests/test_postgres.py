@@ -6,8 +6,8 @@ import time
 import pytest
 from pgserver import Server, unavailable
 
-from pipeline import leaderboard as LB
 from pipeline.__main__ import main
+from pipeline.store import leaderboard as LB
 from tests.conftest import record_in_two_processes
 
 pytestmark = pytest.mark.skipif(unavailable() is not None, reason=str(unavailable()))
@@ -41,7 +41,7 @@ def test_two_processes_recording_200_runs_each_lose_nothing(pg, tmp_path, capsys
 
 
 def LB_cfg(url, name):
-    from pipeline.config import load_config
+    from pipeline.config.loading import load_config
 
     return load_config(None, [f"leaderboard.url={url}", f"name={name}"])
 

@@ -2,13 +2,13 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pipeline import features as FE
-from pipeline import postprocess as PP
-from pipeline import submit as SU
-from pipeline import train as T
-from pipeline.config import DEFAULTS
-from pipeline.io import read_json
+from pipeline.config.loading import DEFAULTS
 from pipeline.metrics import get_metric
+from pipeline.stages import features as FE
+from pipeline.stages import postprocess as PP
+from pipeline.stages import submit as SU
+from pipeline.stages import train as T
+from pipeline.store.io import read_json
 from tests.conftest import tiny_cfg
 
 BASE = DEFAULTS["postprocess"]

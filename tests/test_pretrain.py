@@ -2,9 +2,9 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline import pretrain as P
-from pipeline import train as T
 from pipeline.errors import InputError
+from pipeline.stages import pretrain as P
+from pipeline.stages import train as T
 from tests.conftest import tiny_cfg
 
 
@@ -72,7 +72,8 @@ def test_pretrain_resumes_after_kill_9(workdir):
     import sys
 
     tiny_cfg(workdir / "comp")
-    args = [sys.executable, "-m", "pipeline", "pretrain", "--defaults", f"competition.root={workdir / 'comp'}", "competition.group=grp",
+    args = [sys.executable, "-m", "pipeline", "pretrain", "--defaults", f"competition.root={workdir / 'comp'}",
+            "competition.group=grp",
             "folds.file=folds/{competition}.csv", "data.in_chans=1", "data.image_size=24", "name=pz",
             "model.backbone=test_resnet", "pretrain.epochs=3", "pretrain.batch_size=16", "pretrain.valid_fraction=0.2"]
     killed = subprocess.run(args, cwd=workdir, capture_output=True, text=True,

@@ -5,11 +5,13 @@ from pathlib import Path
 import pytest
 from pydantic import BaseModel
 
-from pipeline import level2, losses, optim, tta
 from pipeline.__main__ import main
-from pipeline.config import load_config
+from pipeline.config.loading import load_config
+from pipeline.config.schema import DEFAULTS, METRIC_TASKS, Config
 from pipeline.errors import ConfigError
-from pipeline.schema import DEFAULTS, METRIC_TASKS, Config
+from pipeline.level2 import models as level2
+from pipeline.predict import tta
+from pipeline.training import losses, optim
 from tests.conftest import CFG
 
 
@@ -129,7 +131,7 @@ def test_a_registered_loss_is_accepted_and_used():
     """README 'Extending the pipeline': one function + one register line makes a new train.loss work."""
     import torch
 
-    from pipeline.models import Head
+    from pipeline.training.models import Head
 
     @losses.LOSSES["multiclass"].register("poly1")
     def poly1(logits, y, head, opts, cw=None):

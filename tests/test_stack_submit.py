@@ -2,13 +2,13 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pipeline import features as FE
-from pipeline import level2 as L2
-from pipeline import stack as S
-from pipeline import submit as SU
-from pipeline import train as T
 from pipeline.errors import InputError
-from pipeline.io import read_json, read_parquet_meta, write_parquet
+from pipeline.level2 import models as L2
+from pipeline.stages import features as FE
+from pipeline.stages import stack as S
+from pipeline.stages import submit as SU
+from pipeline.stages import train as T
+from pipeline.store.io import read_json, read_parquet_meta, write_parquet
 from tests.conftest import tiny_cfg
 
 
@@ -276,7 +276,7 @@ def test_lgbm_early_stopping_never_looks_at_the_scored_fold():
 def test_rows_are_matched_by_id_not_by_position_through_the_chain(workdir):
     """A folds file in another row order than train.csv: every stage's OOF rows keep the fold their id
     has in the folds file (a stage that matched rows by position would move them to other folds)."""
-    from pipeline import postprocess as PP
+    from pipeline.stages import postprocess as PP
 
     cfg = tiny_cfg(workdir / "comp", "train.epochs=1")
     folds_path = workdir / "folds" / "demo.csv"

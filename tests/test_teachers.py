@@ -7,13 +7,13 @@ import pandas as pd
 import pytest
 import torch
 
-from pipeline import features as FE
-from pipeline import losses as L
-from pipeline import teachers
-from pipeline import train as T
 from pipeline.errors import ConfigError, InputError
-from pipeline.io import parquet_to, read_json
-from pipeline.models import Head
+from pipeline.stages import features as FE
+from pipeline.stages import train as T
+from pipeline.store.io import parquet_to, read_json
+from pipeline.training import losses as L
+from pipeline.training import teachers
+from pipeline.training.models import Head
 from tests.conftest import tiny_cfg
 
 
@@ -93,7 +93,7 @@ def test_pseudo_labels_of_fold_k_come_only_from_the_teachers_fold_k_model(teache
 def test_distillation_targets_of_fold_k_come_from_the_teachers_fold_k_model(teacher, monkeypatch):
     root = teacher["competition"]["root"]
     cfg = _student(root, "train.distill.teacher=teach")
-    from pipeline.competition import fold_of, load_folds, load_train
+    from pipeline.competition.tables import fold_of, load_folds, load_train
 
     train_df = load_train(cfg)
     folds_df, folds_hash = load_folds(cfg)
@@ -144,7 +144,7 @@ def test_the_leaky_oof_variant_needs_allow_leak_and_is_marked(teacher, monkeypat
     for m in Path("models/student").glob("fold*/meta.json"):  # models trained before the mark was recorded
         m.write_text(json.dumps({k: v for k, v in read_json(m).items() if k != "leak"}))
     FE.run(cfg)  # its config still says allow_leak: marked
-    from pipeline import leaderboard as LB
+    from pipeline.store import leaderboard as LB
 
     table = LB.table("submissions/leaderboard.db")
     assert "student (LEAKY)" in set(table["experiment"]) and "teach" in set(table["experiment"])
@@ -155,9 +155,9 @@ def test_the_leak_mark_follows_the_artifacts_into_everything_built_on_them(teach
     without the overrides, level 2, post-processing and a student of the leaky student are all marked."""
     import sqlite3
 
-    from pipeline import leaderboard as LB
-    from pipeline import postprocess as PP
-    from pipeline import stack as S
+    from pipeline.stages import postprocess as PP
+    from pipeline.stages import stack as S
+    from pipeline.store import leaderboard as LB
 
     root = teacher["competition"]["root"]
     leaky = _student(root, "train.distill.teacher=teach", "train.distill.allow_leak=true")
@@ -186,7 +186,6 @@ def test_a_teacher_from_another_folds_file_is_refused(teacher):
     root = teacher["competition"]["root"]
     meta = read_json("features/teach/meta.json")
     import json
-
     from pathlib import Path
 
     Path("features/teach/meta.json").write_text(json.dumps({**meta, "folds_hash": "0123456789ab"}))

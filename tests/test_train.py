@@ -7,14 +7,16 @@ import pandas as pd
 import pytest
 import torch
 
-from pipeline import fold_models as FM
-from pipeline import losses as L
-from pipeline import lr_find as LF
-from pipeline import optim as O
-from pipeline import train as T
-from pipeline import trainer as TR
 from pipeline.errors import InputError
-from pipeline.models import Head, build_model, load_backbone_weights, load_model
+from pipeline.stages import lr_find as LF
+from pipeline.stages import train as T
+from pipeline.training import fold_models as FM
+from pipeline.training import losses as L
+from pipeline.training import optim as O
+from pipeline.training import trainer as TR
+from pipeline.training.build import build_model, load_backbone_weights
+from pipeline.training.checkpoint import load_model
+from pipeline.training.models import Head
 from tests.conftest import CFG, TINY, tiny_cfg
 
 
@@ -47,7 +49,8 @@ def test_training_learns_and_writes_fold_artifacts(workdir):
 
 
 def _run_cli(workdir, name, *extra, env=None):
-    args = [sys.executable, "-m", "pipeline", "train", "--defaults", f"competition.root={workdir / 'comp'}", "competition.group=grp",
+    args = [sys.executable, "-m", "pipeline", "train", "--defaults", f"competition.root={workdir / 'comp'}",
+            "competition.group=grp",
             "folds.file=folds/{competition}.csv", "data.in_chans=1", "data.image_size=16", f"name={name}",
             "model.backbone=test_resnet", "train.epochs=3", "train.batch_size=16", "folds.n_splits=3",
             "train.folds=[0]", "train.ema=true", "train.mixup=0.4", *extra]
@@ -78,8 +81,8 @@ def test_ema_weights_differ_from_raw_and_are_the_ones_evaluated_and_saved(workdi
     assert not same_state(raw, ema)
     assert same_state(best, ema)  # the single epoch is the best one: its saved weights are the EMA weights
     # the logged validation predictions are those of the EMA weights, not the raw ones
-    from pipeline.competition import image_paths
-    from pipeline.images import ImageDataset, build_transform
+    from pipeline.competition.images import ImageDataset, build_transform
+    from pipeline.competition.tables import image_paths
 
     valid = pd.read_parquet("models/tiny/fold0/best_valid.parquet")
     cfg = tiny_cfg(workdir / "comp")
@@ -203,8 +206,8 @@ def test_restarts_save_a_snapshot_per_cycle(workdir):
 
 def test_discriminative_lr_groups(workdir):
     cfg = tiny_cfg(workdir / "comp", "train.backbone_lr_mult=0.1", "train.lr=0.01", "train.scheduler=none")
-    from pipeline.competition import load_train
-    from pipeline.models import heads_for
+    from pipeline.competition.tables import load_train
+    from pipeline.training.models import heads_for
 
     df = load_train(cfg)
     tr = TR.FoldTrainer(cfg, heads_for(cfg, df), df, np.arange(60), np.arange(60, 90), 0, workdir / "x", "k", "h")
@@ -330,14 +333,14 @@ def test_auxiliary_and_vector_heads_train_with_their_own_outputs(workdir):
 @pytest.mark.parametrize("opt,cls", [("adamw", torch.optim.AdamW), ("sgd", torch.optim.SGD), ("adam", torch.optim.Adam)])
 def test_optimizers(workdir, opt, cls):
     cfg = tiny_cfg(workdir / "comp", f"train.optimizer={opt}")
-    from pipeline.competition import load_train
-    from pipeline.models import heads_for
+    from pipeline.competition.tables import load_train
+    from pipeline.training.models import heads_for
 
     df = load_train(cfg)
     tr = TR.FoldTrainer(cfg, heads_for(cfg, df), df, np.arange(60), np.arange(60, 90), 0, workdir / "x", "k", "h")
     assert type(tr.opt) is cls
     assert tr.opt.param_groups[0]["lr"] == pytest.approx(cfg["train"]["lr"])
-    from pipeline.config import DEFAULTS
+    from pipeline.config.loading import DEFAULTS
 
     assert (DEFAULTS["train"]["optimizer"], DEFAULTS["train"]["lr"]) == ("adam", 3e-4)
 
@@ -372,8 +375,8 @@ def test_plateau_cuts_lr_and_accumulation_halves_steps(workdir):
 
 def test_channels_last_and_image_cache(workdir):
     cfg = tiny_cfg(workdir / "comp", "train.channels_last=true", "data.cache=true")
-    from pipeline.competition import load_train
-    from pipeline.models import heads_for
+    from pipeline.competition.tables import load_train
+    from pipeline.training.models import heads_for
 
     df = load_train(cfg)
     tr = TR.FoldTrainer(cfg, heads_for(cfg, df), df, np.arange(60), np.arange(60, 90), 0, workdir / "x", "k", "h")
@@ -395,9 +398,9 @@ def test_channels_last_and_image_cache(workdir):
 
 
 def test_cache_auto_keeps_images_that_fit_in_a_quarter_of_free_memory(workdir, monkeypatch):
-    from pipeline import images
-    from pipeline.competition import load_train
-    from pipeline.models import heads_for
+    from pipeline.competition import images
+    from pipeline.competition.tables import load_train
+    from pipeline.training.models import heads_for
 
     cfg = tiny_cfg(workdir / "comp")
     assert cfg["data"]["cache"] == "auto"  # the default
@@ -428,7 +431,7 @@ def test_cache_auto_keeps_images_that_fit_in_a_quarter_of_free_memory(workdir, m
 
 def test_cache_auto_counts_the_folds_that_make_trains_in_parallel(workdir, monkeypatch):
     """`make -j4 train` runs four fold processes at once, each with its own cache: auto must leave room for all."""
-    from pipeline import images
+    from pipeline.competition import images
 
     paths = sorted((workdir / "comp" / "images").glob("*.png"))[:40]
     need = images.decoded_bytes(paths, 1)
@@ -445,7 +448,7 @@ def test_cache_auto_counts_the_folds_that_make_trains_in_parallel(workdir, monke
 
 
 def test_stage_keys_ignore_how_images_are_read_and_match_keys_from_before_cache_auto(workdir):
-    from pipeline.io import config_hash
+    from pipeline.store.io import config_hash
 
     cfg = tiny_cfg(workdir / "comp")
     keys = {FM.stage_key(tiny_cfg(workdir / "comp", *o), "f", "t") for o in
@@ -460,7 +463,7 @@ def test_stage_keys_ignore_how_images_are_read_and_match_keys_from_before_cache_
 
 def test_ema_update_is_the_decayed_average_of_float_weights_and_copies_integer_buffers():
 
-    from pipeline.averaging import ModelEma
+    from pipeline.training.averaging import ModelEma
 
     net = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.BatchNorm1d(2))
     ema = ModelEma(net, decay=0.5)
@@ -477,7 +480,7 @@ def test_ema_update_is_the_decayed_average_of_float_weights_and_copies_integer_b
 
 
 def test_ema_warmup_reaches_the_target_decay_at_its_step_and_the_run_says_so(workdir, capsys):
-    from pipeline.averaging import ModelEma, warmup_steps
+    from pipeline.training.averaging import ModelEma, warmup_steps
 
     ema = ModelEma(torch.nn.Linear(2, 2), decay=0.99, warmup=20)
     ramp = [ema.decay_at(u) for u in range(1, 30)]
@@ -495,7 +498,7 @@ def test_ema_warmup_reaches_the_target_decay_at_its_step_and_the_run_says_so(wor
 def test_preloaded_cache_is_shared_with_loader_workers(tmp_path):
     from PIL import Image
 
-    from pipeline.images import ImageDataset, build_transform
+    from pipeline.competition.images import ImageDataset, build_transform
 
     paths = []
     for i in range(6):
@@ -514,8 +517,7 @@ def test_preloaded_cache_is_shared_with_loader_workers(tmp_path):
 def test_loader_workers_draw_different_augmentations_reproducibly(tmp_path):
     from PIL import Image
 
-    from pipeline.images import ImageDataset, build_transform
-    from pipeline.images import seed_worker
+    from pipeline.competition.images import ImageDataset, build_transform, seed_worker
 
     Image.fromarray(np.arange(256, dtype=np.uint8).reshape(16, 16)).save(tmp_path / "a.png")
     transform = build_transform({"image_size": 16, "in_chans": 1, "mean": None, "std": None},
@@ -541,7 +543,7 @@ def test_valid_from_scores_only_the_later_epochs_and_the_best_comes_from_them(wo
 
 
 def test_training_curves_leave_out_epochs_that_were_not_scored():
-    from pipeline.plots import curves
+    from pipeline.store.plots import curves
 
     logs = pd.DataFrame({"fold": [0, 0, 0, 1, 1, 1], "epoch": [1, 2, 3] * 2, "train_loss": [3.0, 2.0, 1.0] * 2,
                          "valid_loss": [np.nan, np.nan, 0.5] * 2, "score": [np.nan, np.nan, 0.9] * 2})

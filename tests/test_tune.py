@@ -6,7 +6,7 @@ import pytest
 from tune_workers import logs, trials, tune_config, tune_rows, worker
 
 from pipeline.__main__ import main
-from pipeline.config import load_config
+from pipeline.config.loading import load_config
 from pipeline.stages import run_stage
 from tests.conftest import CFG
 

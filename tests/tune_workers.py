@@ -8,7 +8,7 @@ from pathlib import Path
 
 from conftest import make_competition, tiny_cfg
 
-from pipeline.io import dump_yaml
+from pipeline.store.io import dump_yaml
 
 # logloss (continuous, no ties): lr 1e-7 barely moves from the initial loss, the enqueued good rates do;
 # the baseline (train.lr 0.003) and 0.005 run first, so a later 1e-7 trial meets a completed one and is pruned
@@ -46,7 +46,7 @@ def trials(storage: str, study: str = "tiny"):
 
 def tune_rows(lb) -> list[tuple]:
     """(trial, experiment) of every `tune` row of a leaderboard (path or URL)."""
-    from pipeline import leaderboard as LB
+    from pipeline.store import leaderboard as LB
 
     with LB.connect(lb) as con:
         return sorted(tuple(r) for r in con.execute("SELECT trial, experiment FROM runs WHERE stage='tune'").fetchall())

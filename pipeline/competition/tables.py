@@ -1,0 +1,226 @@
+"""The competition as files: train/test/sample submission tables, the images they name, and the
+folds file every stage after ``folds`` reads (``load_folds``, ``fold_of``).
+
+Every loader validates what it reads and raises ``InputError`` naming the file, the column or the
+rows at fault, and what to do about it.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from pipeline.errors import InputError
+from pipeline.store.io import file_hash
+from pipeline.store.paths import folds_file, targets
+
+
+def root(cfg: dict) -> Path:
+    return Path(cfg["competition"]["root"])
+
+
+def table_path(cfg: dict, which: str) -> Path:
+    return root(cfg) / cfg["competition"][which]
+
+
+def image_path(cfg: dict, row_id) -> Path:
+    return root(cfg) / cfg["competition"]["image"].format(id=row_id)
+
+
+def image_paths(cfg: dict, ids) -> list[Path]:
+    return [image_path(cfg, i) for i in ids]
+
+
+def _rows(index, limit: int = 5) -> str:
+    """Spreadsheet-style row numbers (header = line 1) of the first few offending rows."""
+    idx = list(index)
+    shown = ", ".join(str(i + 2) for i in idx[:limit])
+    more = f" and {len(idx) - limit} more" if len(idx) > limit else ""
+    return f"line(s) {shown}{more}"
+
+
+def read_table(path: Path, what: str, id_col: str) -> pd.DataFrame:
+    if not path.exists():
+        raise InputError(f"{path}: {what} file not found; check competition.root and competition.{what} in the config"
+                         " (run `make data` for the demo competition).")
+    try:
+        df = pd.read_csv(path, dtype={id_col: str})
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
+        raise InputError(f"{path}: cannot be read as CSV ({exc}); fix the file.") from exc
+    if id_col not in df.columns:
+        raise InputError(f"{path}: id column '{id_col}' is missing (columns: {', '.join(df.columns)}); "
+                         "set competition.id to the right column.")
+    dup = df[id_col].duplicated(keep=False)
+    if dup.any():
+        first = df.loc[dup, id_col].iloc[0]
+        raise InputError(f"{path}: id column '{id_col}' has duplicate ids (e.g. '{first}' at "
+                         f"{_rows(np.flatnonzero(df[id_col].to_numpy() == first))}); ids must be unique.")
+    if df[id_col].isna().any():
+        raise InputError(f"{path}: id column '{id_col}' is empty at {_rows(np.flatnonzero(df[id_col].isna()))}.")
+    if df.empty:
+        raise InputError(f"{path}: the {what} table has a header but no rows; a competition needs rows to "
+                         f"{'train on' if what == 'train' else 'predict'}.")
+    return df
+
+
+def require_columns(df: pd.DataFrame, path: Path, columns: list[str], key: str) -> None:
+    missing = [c for c in columns if c not in df.columns]
+    if missing:
+        raise InputError(f"{path}: column(s) {', '.join(repr(c) for c in missing)} named by {key} are missing "
+                         f"(columns: {', '.join(df.columns)}); fix {key} in the config or the file.")
+
+
+def load_train(cfg: dict, check_images: bool | None = None) -> pd.DataFrame:
+    comp = cfg["competition"]
+    path = table_path(cfg, "train")
+    df = read_table(path, "train", comp["id"])
+    tgt = targets(cfg)
+    require_columns(df, path, tgt, "competition.target")
+    require_columns(df, path, aux_columns(cfg), "competition.aux_targets")
+    require_columns(df, path, list(comp["tabular"]), "competition.tabular")
+    labels = class_labels(cfg)
+    if labels is not None:  # string class labels: train on their index; submit maps them back
+        df = encode_labels(df, tgt[0], labels, path)
+    for col in tgt:
+        bad = df[col].isna()
+        if bad.any():
+            raise InputError(f"{path}: target column '{col}' is empty (NaN) at {_rows(np.flatnonzero(bad))}; "
+                             "drop or fill those rows before training.")
+    if comp["task"] in ("binary", "multiclass", "ordinal"):
+        for col in tgt:
+            vals = df[col]
+            nonint = ~np.isclose(vals.astype(float), np.round(vals.astype(float)))
+            if nonint.any():
+                raise InputError(f"{path}: target column '{col}' must hold integer class labels for task "
+                                 f"'{comp['task']}', but has {vals[nonint].iloc[0]!r} at {_rows(np.flatnonzero(nonint))}.")
+            if vals.nunique() < 2:
+                raise InputError(f"{path}: target column '{col}' holds one class only ({vals.iloc[0]!r} in all "
+                                 f"{len(vals)} rows); there is nothing to learn and every score would be perfect: "
+                                 "check competition.target and the file.")
+            n_classes = comp["num_classes"]
+            if n_classes is not None:
+                out = (vals < 0) | (vals >= n_classes)
+                if out.any():
+                    raise InputError(f"{path}: target column '{col}' has {vals[out].iloc[0]!r} at "
+                                     f"{_rows(np.flatnonzero(out))}, outside the declared classes 0..{n_classes - 1} "
+                                     "(competition.num_classes).")
+    group = comp["group"]
+    if group:
+        require_columns(df, path, [group], "competition.group")
+        bad = df[group].isna()
+        if bad.any():
+            raise InputError(f"{path}: group column '{group}' is empty (NaN) at {_rows(np.flatnonzero(bad))}; "
+                             "give every row a group (e.g. its own id) so folds can keep groups together.")
+    if comp["check_images"] if check_images is None else check_images:
+        check_image_files(cfg, df[comp["id"]], path, "exists")
+    return df
+
+
+def aux_columns(cfg: dict) -> list[str]:
+    """Columns named by competition.aux_targets (a column name, or a mapping with name/columns)."""
+    cols = []
+    for aux in cfg["competition"]["aux_targets"]:
+        if isinstance(aux, str):
+            cols.append(aux)
+        elif isinstance(aux, dict) and (aux.get("columns") or aux.get("name")):
+            cols += list(aux.get("columns") or [aux["name"]])
+        else:
+            raise InputError(f"competition.aux_targets: {aux!r} must be a column name or a mapping with 'name' "
+                             "and optionally 'columns', 'task' (regression, multiclass, binary, vector), 'weight'.")
+    return cols
+
+
+def load_test(cfg: dict, check_images: bool | None = None) -> pd.DataFrame:
+    comp = cfg["competition"]
+    path = table_path(cfg, "test")
+    df = read_table(path, "test", comp["id"])
+    require_columns(df, path, list(comp["tabular"]), "competition.tabular")
+    if comp["check_images"] if check_images is None else check_images:
+        check_image_files(cfg, df[comp["id"]], path, "exists")
+    return df
+
+
+def check_image_files(cfg: dict, ids, table: Path, mode="exists") -> None:
+    """Every id's image: ``exists`` (the file is there), ``header`` (PIL reads its header: a fast check
+    that it is an image), or ``decode`` (every pixel is decoded). The first failures are named."""
+    mode = "header" if mode is True else mode
+    missing = [i for i in ids if not image_path(cfg, i).exists()]
+    if missing:
+        example = image_path(cfg, missing[0])
+        raise InputError(f"{table}: {len(missing)} id(s) have no image file, e.g. id '{missing[0]}' -> {example} "
+                         f"(first: {', '.join(map(str, missing[:5]))}); check competition.image "
+                         f"('{cfg['competition']['image']}') or add the images.")
+    if mode not in ("header", "decode"):
+        return
+    from PIL import Image
+    from tqdm.auto import tqdm
+
+    broken = []
+    for i in tqdm(list(ids), desc=f"images ({mode} check)", leave=False, mininterval=1):
+        path = image_path(cfg, i)
+        try:
+            with Image.open(path) as img:
+                img.load() if mode == "decode" else img.size
+        except Exception as exc:  # PIL raises many types for a bad file
+            broken.append((i, path, exc))
+            if len(broken) >= 5:
+                break
+    if broken:
+        i, path, exc = broken[0]
+        raise InputError(f"{table}: image of id '{i}' ({path}) cannot be read ({type(exc).__name__}: {exc}); "
+                         f"{len(broken)}{'+' if len(broken) >= 5 else ''} broken, first ids: "
+                         f"{', '.join(str(b[0]) for b in broken)}. Replace those files or drop their rows.")
+
+
+def class_labels(cfg: dict) -> list | None:
+    """The original class labels when a classification target is not numeric ('cat', 'dog'): the
+    stages train on their index in this sorted list, and submit writes the labels back."""
+    comp = cfg["competition"]
+    if comp["task"] not in ("binary", "multiclass", "ordinal"):
+        return None
+    path = table_path(cfg, "train")
+    col = targets(cfg)[0]
+    values = pd.read_csv(path, usecols=[col], dtype={col: str})[col] if path.exists() else None
+    if values is None or pd.to_numeric(values.dropna(), errors="coerce").notna().all():
+        return None
+    return sorted(values.dropna().unique().tolist())
+
+
+def encode_labels(df: pd.DataFrame, column: str, labels: list, path: Path) -> pd.DataFrame:
+    """String class labels -> 0..K-1 (their index in ``labels``)."""
+    index = {v: k for k, v in enumerate(labels)}
+    codes = df[column].astype(str).map(index)
+    unknown = codes.isna() & df[column].notna()
+    if unknown.any():
+        raise InputError(f"{path}: column '{column}' has label {df[column][unknown].iloc[0]!r} at "
+                         f"{_rows(np.flatnonzero(unknown))}, not among the train labels {labels}.")
+    return df.assign(**{column: codes.where(df[column].notna())})
+
+
+def num_classes(cfg: dict, train: pd.DataFrame, column: str | None = None) -> int:
+    comp = cfg["competition"]
+    if comp["num_classes"] is not None:
+        return int(comp["num_classes"])
+    column = column or targets(cfg)[0]
+    return int(train[column].max()) + 1
+
+
+def load_folds(cfg: dict) -> tuple[pd.DataFrame, str]:
+    """The folds table of this competition and its content hash (later stages record it)."""
+    path = folds_file(cfg)
+    if not path.exists():
+        raise InputError(f"{path}: folds file not found; run `make folds` (python -m pipeline folds -c <config>) first.")
+    id_col = cfg["competition"]["id"]
+    return pd.read_csv(path, dtype={id_col: str}), file_hash(path)
+
+
+def fold_of(cfg: dict, train_df: pd.DataFrame, folds_df: pd.DataFrame) -> np.ndarray:
+    """The fold of every train row, in train.csv order; refuses a folds file that does not cover it."""
+    id_col = cfg["competition"]["id"]
+    merged = train_df[[id_col]].merge(folds_df, on=id_col, how="left")
+    if merged["fold"].isna().any() or len(folds_df) != len(train_df):
+        missing = merged.loc[merged["fold"].isna(), id_col].head(3).tolist()
+        raise InputError(f"{folds_file(cfg)} does not cover {table_path(cfg, 'train')} (e.g. ids {missing} have no "
+                         f"fold, or it has {len(folds_df)} rows for {len(train_df)}); rerun `make folds`.")
+    return merged["fold"].astype(int).to_numpy()

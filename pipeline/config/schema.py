@@ -1,0 +1,378 @@
+"""The typed config: every key, its type, allowed values, range and default, checked before any work.
+
+``Config`` (pydantic) is the one home of the defaults; ``DEFAULTS`` is its dump. Enumerated values
+that name a builder (optimizer, scheduler, loss, level-2 model, TTA set) are checked against the
+registry that holds the builders, so adding one means one function and one table entry there.
+"""
+from __future__ import annotations
+
+import re
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from pipeline.config.kaggle import Kaggle  # make kaggle (pipeline/bundle.py)
+from pipeline.config.tune import Tune
+from pipeline.config.types import HomePath, ImagePattern, InitPath, Level2Model, Optimizer, SafeName, Scheduler, TtaSet
+from pipeline.errors import ConfigError
+
+TASKS = ("binary", "multiclass", "regression", "ordinal")
+# which competition metrics make sense for which task (a metric on the wrong task is refused)
+METRIC_TASKS = {
+    "accuracy": ("binary", "multiclass", "ordinal"),
+    "macro_f1": ("binary", "multiclass", "ordinal"),
+    "logloss": ("binary", "multiclass"),
+    "auc": ("binary",),
+    "rmse": ("regression", "ordinal"),
+    "mae": ("regression", "ordinal"),
+    "qwk": ("ordinal", "multiclass", "regression"),
+}
+# the kind of the main target's head for each task (losses are registered per head kind)
+HEAD_KIND = {"multiclass": "multiclass", "binary": "binary", "regression": "regression", "ordinal": "regression"}
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class Competition(_Section):
+    name: SafeName = "demo"
+    root: HomePath = "data/demo"
+    train: str = "train.csv"
+    test: str = "test.csv"
+    sample_submission: str = "sample_submission.csv"
+    solution: str = "solution.csv"
+    image: ImagePattern = "images/{id}.png"
+    id: str = "id"
+    target: str | list[str] = "target"
+    task: Literal["binary", "multiclass", "regression", "ordinal"] = "multiclass"
+    num_classes: int | None = Field(None, ge=2)  # inferred from train.csv when None (classification)
+    metric: Literal["accuracy", "logloss", "auc", "rmse", "mae", "qwk", "macro_f1"] = "accuracy"
+    group: str | None = None
+    tabular: list[str] = []
+    categorical: list[str] = []
+    aux_targets: list[str | dict[str, Any]] = []
+    # folds checks every train and test image before any training: header (fast) | decode (full) |
+    # exists | false; later stages only check that the files exist
+    check_images: Literal["header", "decode", "exists"] | bool = "header"
+
+    @model_validator(mode="after")
+    def _metric_fits_task(self):
+        if self.task not in METRIC_TASKS[self.metric]:
+            raise ValueError(f"competition.metric '{self.metric}' does not apply to task '{self.task}'; for "
+                             f"'{self.task}' use one of {', '.join(m for m, t in METRIC_TASKS.items() if self.task in t)}")
+        return self
+
+
+class Folds(_Section):
+    file: str = "folds/{competition}.csv"  # relative to workdir
+    method: Literal["auto", "stratified_group", "stratified", "group", "kfold"] = "auto"
+    n_splits: int = Field(5, ge=2)
+    seed: int = 42
+    bins: int = Field(10, ge=2)  # quantile bins used to stratify a continuous target
+    balance: bool = False  # move whole groups (or rows) so fold sizes match
+    search: int = Field(1, ge=1)  # try this many seeds and keep the best-stratified split
+
+
+class Data(_Section):
+    in_chans: int = Field(3, ge=1)
+    image_size: int = Field(32, ge=1)
+    mean: list[float] | None = None  # per-channel; None = (0.5,)*in_chans
+    std: list[float] | None = None
+    # keep decoded images in memory (preloaded before the loader workers start); auto = when they take at
+    # most a quarter of the free memory (pipeline.competition.images.resolve_cache)
+    cache: bool | Literal["auto"] = "auto"
+    # data-loader processes; auto = min(cores - 1, 8) when training on a GPU (the loader must keep up with
+    # it), 0 on the CPU (the model already uses every core)
+    num_workers: Literal["auto"] | Annotated[int, Field(ge=0)] = "auto"
+
+
+class Model(_Section):
+    backbone: str = "resnet18"
+    # local weights file (our jigsaw pretraining or a user's), never a download; {fold} = each fold's own file
+    init: InitPath | None = None
+    pool: Literal["avg", "gem", "avgmax"] = "avg"
+    bnneck: bool = False
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    freeze_stages: int = Field(0, ge=0)  # freeze the stem and the first N stages for the whole run
+
+
+class Pseudo(_Section):
+    """Pseudo-labels: confidently predicted test rows join each fold's training rows. Fold k takes them
+    from the teacher's own fold-k model (which never saw fold k's validation rows)."""
+    source: str | None = None  # feature set (level-1 experiment) whose per-fold test predictions label rows
+    threshold: float = Field(0.9, ge=0, le=1)  # keep a test row when its top class probability >= this
+    weight: float = Field(1.0, gt=0)  # loss weight of a pseudo-labelled row (a labelled row weighs 1)
+    soft: bool = False  # train on the teacher's probabilities instead of its arg-max class
+
+
+class Distill(_Section):
+    """Knowledge distillation: loss = (1 - alpha) * hard-label loss + alpha * T^2 * KL(teacher_T || student_T).
+    Fold k's soft targets come from the teacher's fold-k model (in-sample on fold k's training rows,
+    but it never saw fold k's validation rows); ``allow_leak`` uses the teacher's OOF predictions
+    instead, which carry fold k's validation labels into fold k's model (the leaderboard marks it)."""
+    teacher: str | None = None  # a level-1 experiment with models/<teacher>/fold<k>/best.pt
+    alpha: float = Field(0.5, ge=0, le=1)
+    temperature: float = Field(2.0, gt=0)
+    allow_leak: bool = False
+
+
+class Train(_Section):
+    epochs: int = Field(5, ge=1)
+    batch_size: int = Field(64, ge=1)
+    optimizer: Optimizer = "adam"  # registry: pipeline.training.optim.OPTIMIZERS
+    lr: float = Field(3e-4, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    momentum: float = Field(0.9, ge=0, lt=1)
+    optimizer_args: dict[str, Any] = {}
+    backbone_lr_mult: float = Field(1.0, ge=0)  # discriminative lr: backbone lr = lr * this
+    freeze_backbone_epochs: int = Field(0, ge=0)  # train the heads only for this many epochs, then unfreeze
+    scheduler: Scheduler = "cosine"  # registry: pipeline.training.optim.SCHEDULERS
+    warmup_epochs: int = Field(0, ge=0)
+    min_lr_ratio: float = Field(0.0, ge=0, le=1)
+    cycle_epochs: int = Field(0, ge=0)  # restarts: epochs per cosine cycle; a snapshot is saved at each cycle end
+    milestones: list[int] = []
+    gamma: float = Field(0.1, gt=0)
+    patience: int = Field(2, ge=0)  # plateau: scored epochs without improvement before the lr is cut by gamma
+    loss: str = "auto"  # registry: pipeline.training.losses.LOSSES[head kind]
+    label_smoothing: float = Field(0.0, ge=0, lt=1)
+    class_weights: None | Literal["balanced"] | list[float] = None  # per-class weights for ce/focal
+    focal_gamma: float = Field(2.0, ge=0)
+    ohem: float = Field(1.0, gt=0, le=1)  # top-k loss: keep this fraction of the hardest samples of each batch
+    loss_weights: dict[str, float] = {}
+    grad_clip: float = Field(0.0, ge=0)
+    accumulate: int = Field(1, ge=1)
+    amp: bool = True  # only on CUDA: bf16 where supported, else fp16 with a grad scaler
+    channels_last: bool = False
+    ema: bool = False
+    ema_decay: float = Field(0.999, gt=0, lt=1)
+    # optimizer steps until ema_decay is reached: auto = a tenth of the run, an integer, or 0 (none)
+    ema_warmup: Literal["auto"] | Annotated[int, Field(ge=0)] = "auto"
+    swa: bool = False
+    swa_start: float = Field(0.75, gt=0)  # < 1: fraction of the epochs after which weights are averaged
+    multiscale: list[int] = []  # e.g. [24, 32, 40]: a random input size per batch
+    sync_bn: bool = False  # under torchrun: SyncBatchNorm across processes
+    mixup: float = Field(0.0, ge=0)  # alpha; 0 = off
+    cutmix: float = Field(0.0, ge=0)
+    mix_prob: float = Field(0.5, ge=0, le=1)
+    mix_off_epoch: int | None = Field(None, ge=0)
+    early_stopping: int = Field(0, ge=0)  # patience in validated epochs; 0 = off
+    valid_from: int = Field(1, ge=1)  # first epoch (1-based) scored on the fold's validation rows; the last always is
+    folds: None | int | list[int] = None  # subset of folds to train, e.g. [0, 2]
+    full: bool = False  # also train one model on all rows
+    device: str = "auto"
+    augment: list[str | dict[str, Any]] = []  # albumentations transforms: [{HorizontalFlip: {p: 0.5}}, ...]
+    pseudo: Pseudo = Pseudo()
+    distill: Distill = Distill()
+
+    @field_validator("multiscale")
+    @classmethod
+    def _sizes(cls, v):
+        if any(s < 8 for s in v):
+            raise ValueError("every size must be >= 8 pixels")
+        return v
+
+
+class LrFind(_Section):
+    start: float = Field(1e-7, gt=0)
+    end: float = Field(1.0, gt=0)
+    steps: int = Field(100, ge=3)
+    smoothing: float = Field(0.9, ge=0, lt=1)  # exponential smoothing of the loss curve
+    diverge: float = Field(4.0, gt=1)  # stop once the smoothed loss exceeds this multiple of its minimum
+
+
+class Pretrain(_Section):
+    formulation: Literal["position", "permutation"] = "position"
+    grid: int = Field(3, ge=2)
+    n_permutations: int = Field(100, ge=2)  # permutation formulation: chosen for maximal Hamming distance
+    gap: int = Field(2, ge=0)  # pixels dropped between tiles, with random jitter in training
+    tile_norm: bool = True  # normalise every tile on its own (no brightness shortcut)
+    dihedral: bool = True  # random flip/rotation (the 8 D4 views) of each image as extra inputs
+    epochs: int = Field(5, ge=1)
+    batch_size: int = Field(128, ge=1)
+    lr: float = Field(1e-3, gt=0)
+    optimizer: Optimizer = "adam"
+    scheduler: Scheduler = "cosine"
+    valid_fraction: float = Field(0.05, gt=0, lt=1)  # held-out images for the puzzle accuracy
+    max_images: int = Field(0, ge=0)  # 0 = every train and test image
+    init: str | None = None  # continue from a local weights file
+    output: str = "models/pretrain/{name}-{backbone}.pt"  # relative to workdir
+
+
+class Features(_Section):
+    tta: TtaSet = "none"  # registry: pipeline.predict.tta.TTA_SETS (identity view first)
+    scales: list[float] = [1.0]  # multi-scale TTA: input scale factors, e.g. [0.875, 1.0, 1.125]
+    stats: list[Literal["mean", "var", "max", "min"]] = ["mean", "var", "max", "min"]
+    keep_views: bool = False
+    batch_size: int = Field(256, ge=1)
+    embedding: bool = False  # also dump the pooled backbone embedding (identity view)
+    pca: int = Field(0, ge=0)  # reduce it to this many components, PCA fitted inside each fold on its train rows
+    # the all-data model (train.full): true = it joins the fold mean on test; "only" = it alone predicts test
+    # (one model to ship; the fold models still make the OOF rows, so CV is then a single model's, like the test's)
+    use_full: bool | Literal["only"] = False
+
+    @field_validator("scales")
+    @classmethod
+    def _scales(cls, v):
+        if not v or any(s <= 0 for s in v):
+            raise ValueError("scales must be a non-empty list of positive factors, e.g. [1.0, 1.125]")
+        return v
+
+    @field_validator("stats")
+    @classmethod
+    def _stats(cls, v):
+        if not v:
+            raise ValueError("name at least one statistic (mean, var, max, min)")
+        return v
+
+
+class Stack(_Section):
+    name: SafeName | None = None  # output feature set; default: the experiment name (+ "-l2" if it is also an input)
+    experiments: list[str] = []  # level-1 experiments to stack; default: this config's own experiment
+    # auto: the weighted blend or LightGBM, whichever scores better on OOF (fold k's rows: on the other folds)
+    model: Level2Model = "auto"
+    stat: str = "mean"  # weighted: which per-view statistic (or view, e.g. v0) of each experiment to blend
+    use_tabular: bool = True
+    test_mode: Literal["mean", "refit"] = "mean"
+    refit_coef: float = Field(1.0, gt=0)
+    lgbm: dict[str, Any] = {}
+
+
+class Postprocess(_Section):
+    source: str | None = None  # feature set to post-process; default: this config's level 2, else its level 1
+    name: SafeName | None = None  # output feature set; default: <source>-pp
+    blend_with: str | None = None  # a level-1 experiment to blend with (the atmaCup11 author used 0.5)
+    blend_weight: float | None = Field(None, ge=0, le=1)  # fixed weight of the source; None = tuned on OOF
+    force_from: dict[str, str] | None = None  # {experiment: x, head: y}: force class i when p > t
+    force_threshold: float | None = Field(None, gt=0, lt=1)  # fixed t (the author used 0.94); None = tuned
+    class_scale: bool = False  # per-class probability multipliers (multiclass)
+    threshold: bool = False  # decision threshold (binary)
+    rounding: bool = False  # optimised rounding thresholds (ordinal / regression, e.g. QWK)
+    clip: bool | list[float] = False  # true = clip to the train target's range, or [lo, hi]
+
+    @field_validator("force_from")
+    @classmethod
+    def _force_from(cls, v):
+        if v is not None and "experiment" not in v:
+            raise ValueError("force_from needs 'experiment' (and optionally 'head')")
+        return v
+
+    @field_validator("clip")
+    @classmethod
+    def _clip(cls, v):
+        if isinstance(v, list) and (len(v) != 2 or v[0] > v[1]):
+            raise ValueError("clip must be true/false or [lo, hi] with lo <= hi")
+        return v
+
+
+class Leaderboard(_Section):
+    enabled: bool = True
+    path: HomePath = "submissions/leaderboard.db"  # relative to workdir
+    mlflow: bool = False  # also log to MLflow when the package is installed
+    mlflow_uri: str | None = None  # default: a local file store, file:./mlruns
+    url: str | None = None  # a server database for a team (postgresql://user@host/db); overrides path
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, v):
+        if v is not None and not re.match(r"^(postgresql|sqlite)(\+\w+)?://", v):
+            raise ValueError("must be a SQLAlchemy URL: postgresql://user@host:5432/db (password from PGPASSWORD "
+                             "or ~/.pgpass) or sqlite:///file.db; for a local file set leaderboard.path instead")
+        return v
+
+
+class Submit(_Section):
+    source: str | None = None  # feature set submitted; default: this config's furthest stage that exists
+    stat: str = "mean"
+    gzip: bool = False
+
+
+class Config(_Section):
+    name: SafeName = "experiment"
+    seed: int = 42
+    workdir: HomePath = "."  # where folds/, models/, features/, submissions/ go (never under competition.root)
+    competition: Competition = Competition()
+    folds: Folds = Folds()
+    data: Data = Data()
+    model: Model = Model()
+    train: Train = Train()
+    lr_find: LrFind = LrFind()
+    pretrain: Pretrain = Pretrain()
+    features: Features = Features()
+    stack: Stack = Stack()
+    postprocess: Postprocess = Postprocess()
+    leaderboard: Leaderboard = Leaderboard()
+    submit: Submit = Submit()
+    kaggle: Kaggle = Kaggle()
+    tune: Tune = Tune()
+
+    @model_validator(mode="after")
+    def _loss_fits_head(self):
+        from pipeline.training.losses import LOSSES
+
+        kind = HEAD_KIND[self.competition.task]
+        allowed = ["auto", *LOSSES[kind]]
+        if self.train.loss not in allowed:
+            raise ValueError(f"train.loss '{self.train.loss}' does not apply to a {kind} head (task "
+                             f"'{self.competition.task}'); allowed: {', '.join(allowed)}")
+        if self.train.class_weights is not None and kind == "regression":
+            raise ValueError(f"train.class_weights: a {kind} head (task '{self.competition.task}') has no classes to "
+                             "weight; remove it (classes are weighted for multiclass and binary heads)")
+        return self
+
+    @model_validator(mode="after")
+    def _schedule_uses_its_options(self):
+        t = self.train
+        if t.scheduler == "plateau" and t.warmup_epochs:
+            raise ValueError("train.warmup_epochs: the plateau scheduler has no warm-up (it steps once per epoch on the "
+                             "score); use cosine, step or none with a warm-up, or set warmup_epochs=0")
+        if t.scheduler == "none" and t.min_lr_ratio:
+            raise ValueError("train.min_lr_ratio: scheduler none keeps the lr constant, so there is no floor to set; "
+                             "use cosine, restarts, step or plateau, or set min_lr_ratio=0")
+        return self
+
+
+_TYPE_TAGS = {"int", "str", "float", "bool", "none"}
+
+
+def _explain(exc: ValidationError, where: str) -> str:
+    """One line per bad key: ``key = value: what is wrong`` (a union's alternatives joined by 'or')."""
+    by_key: dict[str, tuple] = {}
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in err["loc"] if not any(c in str(p) for c in "[-") and str(p) not in _TYPE_TAGS)
+        msg = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "value_error" and (not loc or msg.startswith(loc + ".")):
+            by_key[msg] = (None, [msg])  # a check across keys: its message names them
+            continue
+        value, msgs = by_key.get(loc, (err.get("input"), []))
+        by_key[loc] = (value, msgs + [msg])
+    lines = []
+    for key, (value, msgs) in by_key.items():
+        text = " or ".join(dict.fromkeys(m[0].lower() + m[1:] if i else m for i, m in enumerate(msgs)))
+        if value is None and msgs == [key]:
+            lines.append(key)
+        elif isinstance(value, dict):
+            lines.append(f"{key}: {text}")
+        else:
+            lines.append(f"{key} = {value!r}: {text}")
+    head = f"{where}: invalid config value" + ("s" if len(lines) > 1 else "")
+    return head + ": " + "; ".join(lines)
+
+
+def validate(cfg: dict, where: str = "config") -> dict:
+    """The config checked against the schema (types coerced, e.g. '3' -> 3), or a ConfigError naming
+    every bad key, its value and what is allowed."""
+    try:
+        return Config.model_validate(cfg).model_dump()
+    except ValidationError as exc:
+        raise ConfigError(_explain(exc, where)) from None
+
+
+DEFAULTS: dict[str, Any] = Config().model_dump()

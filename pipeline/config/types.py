@@ -1,0 +1,86 @@
+"""Value types of the config schema, each a string checked on its own: names that become folders, paths
+with ``~``, the image and init path patterns, and names of registered builders (optimizer, scheduler,
+TTA set, level-2 model), checked against the registry that holds them."""
+from __future__ import annotations
+
+import os
+import re
+import string
+from typing import Annotated
+
+from pydantic import AfterValidator
+
+
+def _safe_name(v):
+    """A name that becomes a folder or file name (models/<name>/, features/<name>/): one path component."""
+    if v is not None and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._+=@-]*", str(v)):
+        raise ValueError("must be one folder name: letters, digits and . _ + = @ - (not starting with a dot, no "
+                         "'/' or '..'), since outputs go to models/<name>/, features/<name>/")
+    return v
+
+
+def _home(v):
+    """``~`` and ``~user`` mean the home folder, as in a shell (no folder named '~' is ever made)."""
+    return os.path.expanduser(v) if isinstance(v, str) else v
+
+
+def _placeholders(v: str) -> list[str]:
+    return [f for _, f, _, _ in string.Formatter().parse(v) if f is not None]
+
+
+def _image_pattern(v: str):
+    """The image path pattern knows exactly one placeholder, {id}; without it every row is one image."""
+    names = _placeholders(v)
+    unknown = [n for n in names if n != "id"]
+    if unknown:
+        raise ValueError(f"knows only the placeholder {{id}}, not {', '.join('{' + n + '}' for n in unknown)} "
+                         "(e.g. images/{id}.png)")
+    if "id" not in names:
+        raise ValueError("must contain {id} (e.g. images/{id}.png); without it every row points at one image")
+    return v
+
+
+def _init_pattern(v: str):
+    unknown = [n for n in _placeholders(v) if n != "fold"]
+    if unknown:
+        raise ValueError(f"knows only the placeholder {{fold}} (each fold's own file, e.g. "
+                         f"models/a/fold{{fold}}/best.pt), not {', '.join('{' + n + '}' for n in unknown)}")
+    return _home(v)
+
+
+SafeName = Annotated[str, AfterValidator(_safe_name)]
+HomePath = Annotated[str, AfterValidator(_home)]
+
+
+def _optimizer(v: str) -> str:
+    from pipeline.training.optim import OPTIMIZERS
+
+    return OPTIMIZERS.check(v)
+
+
+def _scheduler(v: str) -> str:
+    from pipeline.training.optim import SCHEDULERS
+
+    return SCHEDULERS.check(v)
+
+
+def _tta_set(v: str) -> str:
+    from pipeline.predict.tta import TTA_SETS
+
+    return TTA_SETS.check(v)
+
+
+def _level2(v: str) -> str:
+    from pipeline.level2.models import LEVEL2_MODELS
+
+    return LEVEL2_MODELS.check(v)
+
+
+Optimizer = Annotated[str, AfterValidator(_optimizer)]
+Scheduler = Annotated[str, AfterValidator(_scheduler)]
+
+
+ImagePattern = Annotated[str, AfterValidator(_image_pattern)]
+InitPath = Annotated[str, AfterValidator(_init_pattern)]
+TtaSet = Annotated[str, AfterValidator(_tta_set)]
+Level2Model = Annotated[str, AfterValidator(_level2)]

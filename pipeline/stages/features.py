@@ -1,0 +1,241 @@
+"""``make features``: out-of-fold and test outputs of every fold model, with test-time augmentation.
+
+Every train row's features come from the one fold model that never trained on it (its ``fold`` is
+recorded per row and checked against the folds file); test features are the mean over fold models
+(``features.use_full``: plus the all-data model, or that model alone).
+Each TTA view's outputs are aggregated per output as mean/var/max/min (``features.stats``); all views
+of a batch go through the network in one forward pass. Columns are named
+``<experiment>__<head>__<output>__<stat>``. Outputs: ``features/<experiment>/oof.parquet`` and
+``test.parquet`` (keyed by id, provenance in the parquet metadata), ``cv.json``.
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from torch.utils.data import DataLoader
+
+from pipeline.competition.images import ImageDataset, SharedImages, build_transform, loader_workers
+from pipeline.competition.tables import image_paths, load_folds, load_test, load_train, table_path
+from pipeline.errors import InputError
+from pipeline.metrics import get_metric
+from pipeline.predict.tta import aggregate, predict_views, tta_views
+from pipeline.store import leaderboard
+from pipeline.store.artifacts import ArtifactGroup, kill_point, refuse_mixed_full_model, require_full_model, stage_lock
+from pipeline.store.io import (
+    config_hash,
+    file_hash,
+    is_up_to_date,
+    log,
+    provenance,
+    read_json,
+    read_parquet_meta,
+    resolved_config_text,
+    write_parquet,
+)
+from pipeline.store.paths import (
+    feature_column,
+    features_dir,
+    head_prediction,
+    models_dir,
+    parse_column,
+    targets,
+)
+from pipeline.training import teachers
+from pipeline.training.checkpoint import Checkpoint, load_model
+from pipeline.training.fold_models import images_hash, require_current, train_key
+from pipeline.training.models import pick_device
+
+
+def fit_fold_pca(model, heads, loader, paths, data_cfg, tf, device, n: int, seed: int = 0):
+    """PCA of the pooled embedding, fitted on the fold model's own TRAINING rows only (no leak into
+    OOF rows); components get a fixed sign (largest loading positive) so folds' bases roughly agree."""
+    from sklearn.decomposition import PCA
+
+    ds = ImageDataset(paths, data_cfg["in_chans"], tf)
+    emb = predict_views(model, heads, loader(ds), [lambda x: x], device, embed=True)["embedding"]
+    pca = PCA(n_components=min(n, emb.shape[1], len(emb)), random_state=seed).fit(emb)
+    signs = np.sign(pca.components_[np.arange(pca.n_components_), np.abs(pca.components_).argmax(1)])
+    pca.components_ *= signs[:, None]
+    return pca
+
+
+def reduce_embedding(outputs: dict, pca) -> dict:
+    if pca is not None and "embedding" in outputs:
+        outputs = {**outputs, "embedding": pca.transform(outputs["embedding"])}
+    return outputs
+
+
+def run(cfg: dict, force: bool = False) -> Path:
+    with stage_lock(features_dir(cfg)):
+        return _run(cfg, force)
+
+
+def _run(cfg: dict, force: bool) -> Path:
+    fcfg = cfg["features"]
+    exp = cfg["name"]
+    id_col = cfg["competition"]["id"]
+    mdir, out = models_dir(cfg), features_dir(cfg)
+    train_df = load_train(cfg, check_images=False)
+    test_df = load_test(cfg)
+    folds_df, folds_hash = load_folds(cfg)
+    fold_of = train_df[[id_col]].merge(folds_df, on=id_col, how="left")["fold"]
+    if fold_of.isna().any():
+        raise InputError("the folds file does not cover train.csv; rerun `make folds` then `make train`.")
+    fold_of = fold_of.astype(int).to_numpy()
+    n_splits = int(fold_of.max()) + 1
+    metas = {}
+    for k in range(n_splits):
+        meta = mdir / f"fold{k}" / "meta.json"
+        if not meta.exists() or not (mdir / f"fold{k}" / "best.pt").exists():
+            raise InputError(f"{mdir}/fold{k}: no trained model for fold {k}; run `make train` for every fold "
+                             "(OOF features need all of them).")
+        metas[k] = read_json(meta)
+        if metas[k]["folds_hash"] != folds_hash:
+            raise InputError(f"{mdir}/fold{k} was trained with folds file hash {metas[k]['folds_hash']}, but "
+                             f"{folds_df.shape[0]}-row folds file now has hash {folds_hash}; the OOF rows would "
+                             "leak. Retrain (`make train`) with the current folds, or restore the old folds file.")
+    # the rule `train --check` applies: this config, these folds, train.csv, images and teacher
+    require_current(mdir, range(n_splits), train_key(cfg, train_df, folds_hash))
+    if fcfg["use_full"] == "only":
+        require_full_model(mdir)
+    use_full = bool(fcfg["use_full"]) and (mdir / "foldfull" / "best.pt").exists()
+    if use_full:
+        full = mdir / "foldfull" / "meta.json"
+        metas["full"] = read_json(full) if full.exists() else {}
+        refuse_mixed_full_model(mdir, {"fold0": metas[0]["stage_key"], "foldfull": metas["full"].get("stage_key")})
+    key = config_hash([fcfg, [metas[k]["stage_key"] for k in metas], folds_hash, use_full,
+                       file_hash(table_path(cfg, "test")), images_hash(cfg, test_df[id_col])])
+    # a leaky model's features are leaky (models trained before the mark was recorded: their config says it)
+    leak = next((m["leak"] for m in metas.values() if m.get("leak")), None) or teachers.leak_note(cfg)
+    oof_path, test_path = out / "oof.parquet", out / "test.parquet"
+    if not force and is_up_to_date(out / "meta.json", key, [oof_path, test_path]):
+        log(f"[features] up to date: {out}")
+        return out
+
+    started = time.time()
+    device = pick_device(cfg["train"]["device"])
+    views = tta_views(fcfg["tta"], fcfg.get("scales"))
+    log(f"[features] {exp}: {len(views)} TTA view(s) ({fcfg['tta']}), {n_splits} fold models, device {device}")
+    paths_train = image_paths(cfg, train_df[id_col])
+    paths_test = image_paths(cfg, test_df[id_col])
+    parts = out / "parts"
+    oof_parts, test_parts = [], []
+    models = list(range(n_splits)) + (["full"] if use_full else [])
+    test_models = ["full"] if fcfg["use_full"] == "only" else models
+    if fcfg["use_full"] == "only":
+        log("[features] test rows: the all-data model alone (features.use_full=only); OOF rows: the fold models")
+    from tqdm.auto import tqdm
+
+    workers = loader_workers(cfg["data"], device)
+    test_images = SharedImages(paths_test, cfg["data"], workers, "decode test images")
+
+    for k in tqdm(models, desc=f"features {exp}", leave=False):
+        part_oof, part_test = parts / f"fold{k}_oof.parquet", parts / f"fold{k}_test.parquet"
+        pkey = config_hash([key, k])
+        if not force and all(p.exists() and read_parquet_meta(p).get("key") == pkey for p in (part_oof, part_test)):
+            log(f"[features] fold {k}: already dumped, reusing {parts}")
+        else:
+            model, ckpt = load_model(mdir / f"fold{k}" / "best.pt", str(device))
+            ckpt.require_fold(k)
+            heads = model.head_specs
+            dcfg = ckpt.data_cfg  # the image size/normalisation the model was trained with
+            tf = build_transform(dcfg)
+            test_ds, why = test_images.view(dcfg["in_chans"], tf)
+            if why:
+                log(f"[features] test images: {why}")
+            loader = lambda ds, w=workers: DataLoader(ds, batch_size=fcfg["batch_size"], shuffle=False, num_workers=w)
+            pca = None
+            if fcfg["embedding"] and fcfg["pca"]:  # fitted on the model's own training rows (all, for full)
+                own = np.arange(len(fold_of)) if k == "full" else np.flatnonzero(fold_of != k)
+                pca = fit_fold_pca(model, heads, loader, [paths_train[i] for i in own], dcfg, tf, device,
+                                   int(fcfg["pca"]), cfg["seed"])
+            if k != "full":
+                rows = np.flatnonzero(fold_of == k)
+                ds = ImageDataset([paths_train[i] for i in rows], dcfg["in_chans"], tf)
+                o = reduce_embedding(predict_views(model, heads, loader(ds), views, device, fcfg["embedding"]), pca)
+                ident = {feature_column(exp, h.name, j, "view0"): o[h.name][0][:, j]  # no-TTA output, for the CV table
+                         for h in heads for j in range(o[h.name].shape[2])}
+                df = pd.concat([pd.DataFrame({id_col: train_df[id_col].to_numpy()[rows], "fold": k}),
+                                aggregate(exp, o, fcfg["stats"], fcfg["keep_views"]), pd.DataFrame(ident)], axis=1)
+                write_parquet(part_oof, df, {"key": pkey})
+            t = aggregate(exp, reduce_embedding(predict_views(model, heads, loader(test_ds), views, device,
+                                                              fcfg["embedding"]), pca), fcfg["stats"], fcfg["keep_views"])
+            t = pd.concat([pd.DataFrame({id_col: test_df[id_col].to_numpy()}), t], axis=1)
+            write_parquet(part_test, t, {"key": pkey})
+        kill_point(f"features:fold{k}")
+        if k != "full":
+            oof_parts.append(pd.read_parquet(part_oof))
+        test_parts.append(pd.read_parquet(part_test))
+
+    oof = pd.concat(oof_parts, ignore_index=True)
+    check_oof(oof, train_df, folds_df, id_col)
+    oof = train_df[[id_col]].merge(oof, on=id_col, how="left")  # train.csv order
+    feat_cols = [c for c in test_parts[0].columns if c != id_col]
+    for m, part in zip(models, test_parts):  # the test average must add like to like
+        if list(part.columns) != list(test_parts[0].columns):
+            raise InputError(f"{parts}/fold{m}_test.parquet has other feature columns than fold {models[0]}'s; its "
+                             f"models disagree on heads or embedding size. Retrain them together, or rerun with --force.")
+    mean = np.mean([p[feat_cols].to_numpy() for p, m in zip(test_parts, models) if m in test_models], axis=0)
+    test = pd.concat([test_parts[0][[id_col]], pd.DataFrame(mean, columns=feat_cols)], axis=1)
+
+    heads = [h.name for h in Checkpoint.read(mdir / "fold0" / "best.pt", mmap=True).heads]
+    cv = score_table(cfg, oof, train_df, exp, heads[0], fold_of)
+    view_cols = [c for c in oof.columns if (col := parse_column(c)) and col.stat == "view0"]
+    meta = provenance(cfg, "features", key, folds_hash=folds_hash, cv=cv, models=[str(m) for m in models],
+                      test_models=[str(m) for m in test_models],
+                      views=len(views), leak=leak, model_keys={str(k): m.get("stage_key") for k, m in metas.items()})
+    with ArtifactGroup(out / "meta.json") as group:
+        group.parquet(oof_path, oof.drop(columns=view_cols), meta)
+        group.parquet(test_path, test, meta)
+        # each fold model's own test predictions (pseudo-labels for fold k come from fold k's model only)
+        group.parquet(out / "test_folds.parquet", pd.concat(
+            [p.assign(fold=str(m)) for p, m in zip(test_parts, models)], ignore_index=True), meta)
+        group.text(out / "config.yaml", resolved_config_text(cfg))
+        group.json(out / "cv.json", cv)
+        group.commit(meta)
+    leaderboard.record(cfg, "features", started, cv=cv["overall"]["tta"],
+                       folds={k: v["tta"] for k, v in cv.items() if k != "overall"},
+                       artifacts=[str(oof_path), str(test_path)], note=f"{len(views)} TTA views; no-TTA CV "
+                       f"{cv['overall']['no_tta']:.6f}" + ("; test: the all-data model alone" if test_models != models
+                                                           else "") + (f"; {leak}" if leak else ""))
+    log(cv_text(cv, get_metric(cfg["competition"]["metric"]).name))
+    log(f"[features] wrote {oof_path} ({oof.shape[0]} rows) and {test_path} ({test.shape[0]} rows), "
+        f"{len(feat_cols)} feature columns")
+    return out
+
+
+def check_oof(oof: pd.DataFrame, train_df: pd.DataFrame, folds_df: pd.DataFrame, id_col: str) -> None:
+    """Every train id exactly once, each from the model of the fold that held it out."""
+    counts = oof[id_col].value_counts()
+    if (counts > 1).any():
+        raise RuntimeError(f"OOF has id '{counts.index[counts > 1][0]}' {counts.max()} times; each must appear once.")
+    missing = set(train_df[id_col]) - set(oof[id_col])
+    if missing:
+        raise RuntimeError(f"OOF misses {len(missing)} train ids (e.g. {sorted(missing)[:3]}).")
+    expected = folds_df.set_index(id_col)["fold"]
+    wrong = oof["fold"].to_numpy() != expected.loc[oof[id_col]].to_numpy()
+    if wrong.any():
+        raise RuntimeError(f"OOF row '{oof[id_col][wrong].iloc[0]}' came from a model that trained on it.")
+
+
+def score_table(cfg: dict, oof: pd.DataFrame, train_df: pd.DataFrame, exp: str, head: str, fold_of) -> dict:
+    metric = get_metric(cfg["competition"]["metric"])
+    y = train_df[targets(cfg)[0]].to_numpy()
+    tta = head_prediction(oof, exp, head, "mean")
+    plain = head_prediction(oof, exp, head, "view0")
+    rows = {}
+    for k in sorted(np.unique(fold_of)):
+        m = fold_of == k
+        rows[f"fold{k}"] = {"no_tta": metric(y[m], plain[m]), "tta": metric(y[m], tta[m])}
+    rows["overall"] = {"no_tta": metric(y, plain), "tta": metric(y, tta)}
+    return rows
+
+
+def cv_text(cv: dict, metric_name: str) -> str:
+    lines = [f"{'':10s} {metric_name + ' no TTA':>18s} {metric_name + ' TTA mean':>18s}"]
+    for name, r in cv.items():
+        lines.append(f"{name:10s} {r['no_tta']:18.4f} {r['tta']:18.4f}")
+    return "\n".join(lines)

@@ -1,0 +1,104 @@
+"""``make submit``: turn an experiment's (or a stack's) test predictions into a validated submission.
+
+The file has exactly ``sample_submission.csv``'s shape: its ids in its order, its columns, compatible
+dtypes, and no NaN/inf. When the competition folder has a ``solution.csv`` with a Kaggle-style
+``Usage`` column, the submission is scored locally as the leaderboard would (public and private).
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pandas as pd
+
+from pipeline.competition.submission import (  # shared with pipeline.kaggle.inference (a Kaggle notebook)
+    class_columns,
+    to_submission,
+    validate,
+)
+from pipeline.competition.tables import class_labels, encode_labels, read_table, table_path
+from pipeline.errors import InputError, SubmissionError  # noqa: F401  (SubmissionError: re-exported)
+from pipeline.metrics import get_metric
+from pipeline.store import leaderboard
+from pipeline.store.artifacts import ArtifactGroup, require_complete, stage_lock
+from pipeline.store.io import log, read_parquet_meta
+from pipeline.store.paths import (
+    features_dir,
+    head_prediction,
+    leaderboard_db,
+    submission_source,
+    submissions_dir,
+    targets,
+)
+
+
+def score_local(cfg: dict, sub: pd.DataFrame) -> dict | None:
+    """Public/private scores against ``solution.csv`` (Usage column), as the leaderboard would."""
+    comp = cfg["competition"]
+    path = table_path(cfg, "solution")
+    if not comp["solution"] or not path.exists():
+        return None
+    sol = read_table(path, "solution", comp["id"])
+    if "Usage" not in sol.columns:
+        return None
+    metric = get_metric(comp["metric"])
+    target = targets(cfg)[0]
+    labels = class_labels(cfg)
+    if labels is not None:  # string labels: score on their indices, as the stages do
+        sol = encode_labels(sol, target, labels, path)
+        sub = encode_labels(sub, target, labels, path) if target in sub.columns else sub
+    merged = sol.merge(sub, on=comp["id"], suffixes=("", "_pred"))
+    pred_cols = [c for c in sub.columns if c != comp["id"]]
+    if len(pred_cols) > 1:  # class probabilities: scored in class order, each column matched by its label
+        pred_cols = class_columns(pred_cols, len(pred_cols), labels)
+    pred = merged[[c + "_pred" if c in sol.columns else c for c in pred_cols]].to_numpy()
+    pred = pred[:, 0] if pred.shape[1] == 1 else pred
+    scores = {}
+    for usage in ("Public", "Private"):
+        m = (merged["Usage"] == usage).to_numpy()
+        if m.any():
+            scores[usage.lower()] = metric(merged[target].to_numpy()[m], pred[m])
+    return scores
+
+
+def run(cfg: dict, force: bool = False) -> Path:
+    started = time.time()
+    comp = cfg["competition"]
+    source = submission_source(cfg)  # submit.source, else the furthest stage that exists: pp, level 2, level 1
+    src = features_dir(cfg, source)
+    feats = src / "test.parquet"
+    require_complete(src, ["test.parquet"], f"test predictions for '{source}'",
+                     "run `make features` (or `make stack`) first, or set submit.source to an experiment that has them")
+    test = pd.read_parquet(feats)
+    sample_path = table_path(cfg, "sample_submission")
+    sample = read_table(sample_path, "sample_submission", comp["id"])
+    test_ids, sample_ids = set(test[comp["id"]].astype(str)), set(sample[comp["id"]].astype(str))
+    if test_ids != sample_ids:
+        only_sample, only_test = sorted(sample_ids - test_ids), sorted(test_ids - sample_ids)
+        raise InputError(f"{sample_path} and {table_path(cfg, 'test')} list different ids ("
+                         + (f"{len(only_sample)} only in sample_submission, e.g. {only_sample[:3]}" if only_sample else "")
+                         + ("; " if only_sample and only_test else "")
+                         + (f"{len(only_test)} only in test, e.g. {only_test[:3]}" if only_test else "")
+                         + "); the submission must have one row per test id: fix whichever file is wrong.")
+    pred = head_prediction(test, source, targets(cfg)[0], cfg["submit"]["stat"])
+    sub = to_submission(cfg, pred, test[comp["id"]].astype(str), sample, class_labels(cfg))
+    validate(sub, sample, comp["id"], where=f"submission for '{source}'")
+    out = submissions_dir(cfg) / (f"{source}.csv" + (".gz" if cfg["submit"]["gzip"] else ""))
+    scores = score_local(cfg, sub)
+    overall = (read_parquet_meta(feats).get("cv") or {}).get("overall")
+    summary = {"experiment": source, "file": str(out),
+               "cv": overall.get("tta") if isinstance(overall, dict) else overall,
+               "local": scores, "rows": int(len(sub))}
+    with stage_lock(out), ArtifactGroup(out.with_name(out.name.split(".csv")[0] + ".json")) as group:
+        group.add(out, lambda tmp: sub.to_csv(tmp, index=False, compression="gzip" if cfg["submit"]["gzip"] else None))
+        group.commit(summary)  # the summary JSON is written last: it marks the submission complete
+    leaderboard.record(cfg, "submit", started, experiment=source, submission=str(out), artifacts=[str(out)])
+    if scores:
+        leaderboard.set_score(leaderboard_db(cfg), str(out), scores.get("public"), scores.get("private"),
+                              source="local", description="scored against solution.csv")
+    msg = f"[submit] wrote {out} ({len(sub)} rows, validated against {sample_path})"
+    if scores:
+        msg += f"; local leaderboard {comp['metric']}: public {scores.get('public', float('nan')):.4f}, " \
+               f"private {scores.get('private', float('nan')):.4f}"
+    log(msg)
+    return out

@@ -1,0 +1,212 @@
+"""Networks: a timm backbone (from scratch or a local weights file), a pooling, and one head per target.
+
+Nothing is downloaded: ``pretrained=False`` always; the starting weights are ``training.build``'s, and a
+trained model's file is ``training.checkpoint``'s.
+"""
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from pipeline.errors import InputError
+from pipeline.store.io import log
+from pipeline.store.paths import targets
+
+
+@dataclass
+class Head:
+    """One output of the network: ``kind`` is multiclass, binary, regression, vector or position (jigsaw)."""
+
+    name: str
+    columns: list[str]
+    kind: str
+    out: int
+    weight: float = 1.0
+
+
+def heads_for(cfg: dict, train=None) -> list[Head]:
+    """Main target head(s) from ``competition.target`` and auxiliary heads from ``competition.aux_targets``.
+
+    An auxiliary target is a column name (a regression head) or a mapping
+    ``{name, columns, task, num_classes, weight}``; ``task: vector`` regresses several columns at once.
+    """
+    comp = cfg["competition"]
+    weights = cfg["train"]["loss_weights"] or {}
+    heads = []
+    for col in targets(cfg):
+        heads.append(_head(col, [col], comp["task"], comp["num_classes"], train, weights.get(col, 1.0), cfg))
+    for aux in comp["aux_targets"]:
+        if isinstance(aux, str):
+            aux = {"name": aux, "columns": [aux], "task": "regression"}
+        name = aux.get("name") or aux["columns"][0]
+        cols = aux.get("columns") or [name]
+        heads.append(_head(name, cols, aux.get("task", "regression"), aux.get("num_classes"), train,
+                           weights.get(name, aux.get("weight", 1.0)), cfg))
+    return heads
+
+
+def _head(name, cols, task, n_classes, train, weight, cfg) -> Head:
+    if task == "multiclass":
+        if n_classes is None:
+            if train is None:
+                raise InputError(f"head '{name}': set competition.num_classes (no train table to infer it from).")
+            n_classes = int(train[cols[0]].max()) + 1
+        return Head(name, cols, "multiclass", int(n_classes), float(weight))
+    if task == "binary":
+        return Head(name, cols, "binary", 1, float(weight))
+    if task in ("regression", "ordinal"):
+        return Head(name, cols, "regression", 1, float(weight))
+    if task == "vector":
+        return Head(name, cols, "vector", len(cols), float(weight))
+    raise InputError(f"head '{name}': unknown task '{task}' (multiclass, binary, regression, ordinal, vector).")
+
+
+class GeM(nn.Module):
+    """Generalised-mean pooling with a learnable exponent p (p=1: average, p->inf: max)."""
+
+    def __init__(self, p: float = 3.0, eps: float = 1e-6):
+        super().__init__()
+        self.p = nn.Parameter(torch.ones(1) * p)
+        self.eps = eps
+
+    def forward(self, x):
+        return F.adaptive_avg_pool2d(x.clamp(min=self.eps).pow(self.p), 1).pow(1.0 / self.p).flatten(1)
+
+
+class Pool(nn.Module):
+    def __init__(self, kind: str):
+        super().__init__()
+        if kind not in ("avg", "gem", "avgmax"):
+            raise InputError(f"model.pool must be avg, gem or avgmax, got '{kind}'.")
+        self.kind = kind
+        self.gem = GeM() if kind == "gem" else None
+
+    def forward(self, x):
+        if x.ndim == 3:  # token sequences (transformers): mean over tokens
+            return x.mean(1)
+        if self.kind == "gem":
+            return self.gem(x)
+        avg = F.adaptive_avg_pool2d(x, 1).flatten(1)
+        if self.kind == "avgmax":
+            return torch.cat([avg, F.adaptive_max_pool2d(x, 1).flatten(1)], 1)
+        return avg
+
+    def factor(self) -> int:
+        return 2 if self.kind == "avgmax" else 1
+
+
+class Net(nn.Module):
+    """backbone -> pool -> [BNNeck] -> dropout -> {head name: output}."""
+
+    def __init__(self, backbone: nn.Module, heads: list[Head], pool: str = "avg", bnneck: bool = False,
+                 dropout: float = 0.0):
+        super().__init__()
+        self.backbone = backbone
+        self.pool = Pool(pool)
+        dim = backbone.num_features * self.pool.factor()
+        self.neck = nn.BatchNorm1d(dim) if bnneck else nn.Identity()
+        if bnneck:
+            self.neck.bias.requires_grad_(False)
+        self.drop = nn.Dropout(dropout)
+        self.heads = nn.ModuleDict({h.name: nn.Linear(dim, h.out) for h in heads})
+        self.head_specs = heads
+        self.embed_dim = dim
+
+    def embed(self, x):
+        return self.neck(self.pool(self.backbone.forward_features(x)))
+
+    def forward(self, x):
+        z = self.drop(self.embed(x))
+        return {name: head(z) for name, head in self.heads.items()}
+
+
+def create_backbone(name: str, in_chans: int, image_size: int | None = None) -> nn.Module:
+    """A timm backbone without its classifier or pooling. Models built for one input size (ViT, Swin, ...)
+    are built for ``image_size`` (timm's ``img_size``); the others take any size and ignore it."""
+    import timm
+
+    if not timm.is_model(name):
+        close = difflib.get_close_matches(name, timm.list_models(), n=5, cutoff=0.6)
+        raise InputError(f"model.backbone: unknown timm model '{name}'"
+                         + (f"; close names: {', '.join(close)}." if close else "; see timm.list_models()."))
+    kwargs = dict(pretrained=False, num_classes=0, global_pool="", in_chans=in_chans)
+    if image_size:
+        try:
+            return timm.create_model(name, img_size=image_size, **kwargs)
+        except TypeError as exc:  # a model with no fixed input size has no img_size argument
+            if "img_size" not in str(exc):
+                raise
+        except (AssertionError, ValueError) as exc:  # e.g. a patch or window size that does not divide it
+            raise InputError(f"model.backbone '{name}' cannot be built for data.image_size={image_size} ({exc}); "
+                             "pick a size it divides (e.g. a multiple of its patch size)") from None
+    return timm.create_model(name, **kwargs)
+
+
+def freeze_stages(backbone: nn.Module, n: int) -> list[str]:
+    """Freeze the stem and the first ``n`` stages (timm ``feature_info``); returns frozen module names."""
+    if n <= 0:
+        return []
+    stage_names = [f["module"].split(".")[0] for f in getattr(backbone, "feature_info", [])]
+    if not stage_names:
+        raise InputError("model.freeze_stages: this backbone does not describe its stages (no feature_info).")
+    # the first feature_info entry is usually the stem's output; count stages after it
+    last = stage_names[min(n, len(stage_names) - 1)]
+    frozen = []
+    for name, child in backbone.named_children():
+        for p in child.parameters():
+            p.requires_grad_(False)
+        frozen.append(name)
+        if name == last:
+            break
+    return frozen
+
+
+def activate(head: Head, logits: torch.Tensor) -> torch.Tensor:
+    """Head output as the competition sees it: probabilities for classification, values otherwise."""
+    if head.kind == "multiclass":
+        return logits.float().softmax(-1)
+    if head.kind == "binary":
+        return logits.float().sigmoid().squeeze(-1)
+    if head.kind == "regression":
+        return logits.float().squeeze(-1)
+    if head.kind == "position":
+        n = int(round(head.out ** 0.5))
+        return logits.float().reshape(len(logits), n, n).softmax(-1).reshape(len(logits), -1)
+    return logits.float()
+
+
+_CUDA_OK: dict = {}
+
+
+def cuda_works() -> bool:
+    """Whether this torch can run a kernel on the GPU: ``is_available()`` is true on a GPU the build has no
+    kernels for (a P100 under a cu128 torch), where the first real op fails. Probed once per process."""
+    if "ok" not in _CUDA_OK:
+        try:
+            x = torch.ones(8, device="cuda")
+            torch.nn.functional.conv2d(x.view(1, 2, 2, 2), torch.ones(1, 2, 1, 1, device="cuda")).sum().item()
+            _CUDA_OK["ok"] = True
+        except Exception as exc:  # noqa: BLE001 (any failure of the probe means: do not use this GPU)
+            try:
+                name = torch.cuda.get_device_name(0)
+            except Exception:  # noqa: BLE001
+                name = "the GPU"
+            log(f"[device] {name} is visible but this torch {torch.__version__} cannot run on it "
+                f"({str(exc).splitlines()[0][:120]}); using the CPU")
+            _CUDA_OK["ok"] = False
+    return _CUDA_OK["ok"]
+
+
+def pick_device(choice: str = "auto") -> torch.device:
+    """CUDA, then Apple MPS, then CPU (or the device named in the config)."""
+    if choice != "auto":
+        return torch.device(choice)
+    if torch.cuda.is_available() and cuda_works():
+        return torch.device("cuda")
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
