@@ -91,7 +91,8 @@ demo: setup
 	$(RUN) lb
 
 test: setup
-	$(PY) -m pytest -q tests
+	$(PY) -m ruff check pipeline tests bench
+	$(PY) -m pytest -q --durations=15 tests
 
 clean:
 	rm -rf folds/*.csv folds/*.json folds/*.yaml folds/*.png folds/*.txt models features/*/ submissions/*.csv

@@ -198,7 +198,8 @@ def load_checkpoint(path: str | Path, mmap: bool = False) -> Any:
         found = re.search(r"GLOBAL (\S+)", str(exc))
         what = f"a pickled '{found.group(1)}'" if found else "pickled objects other than tensors and plain values"
         raise UnsafeCheckpoint(f"{path}: refused to load: it holds {what}; loading it could run code. Use a checkpoint "
-                               "written by this pipeline or a plain state dict (torch.save(model.state_dict()) or .safetensors)") from None
+                               "written by this pipeline or a plain state dict (torch.save(model.state_dict()) "
+                               "or .safetensors)") from None
     except (RuntimeError, EOFError, OSError, ValueError) as exc:
         if isinstance(exc, FileNotFoundError):
             raise InputError(f"{path}: checkpoint not found") from None

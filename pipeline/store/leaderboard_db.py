@@ -177,7 +177,8 @@ def _engine(url: str):
             _ENGINES[key] = sqlalchemy.create_engine(url, pool_pre_ping=True)
         except (ImportError, sqlalchemy.exc.ArgumentError) as exc:
             raise LeaderboardError(f"leaderboard.url {describe(url)} cannot be used ({exc}); install the "
-                                   "driver (pip install 'psycopg[binary]') or fix the URL, e.g. postgresql://user@host:5432/db.") from None
+                                   "driver (pip install 'psycopg[binary]') or fix the URL, e.g. "
+                                   "postgresql://user@host:5432/db.") from None
     return _ENGINES[key]
 
 
