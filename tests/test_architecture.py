@@ -149,3 +149,51 @@ def test_feature_column_scheme_has_one_home():
     offenders = [m for m, p in MODULES.items() if m != "store.paths"
                  and any(s in p.read_text() for s in ('}__{', '.split("__")', "'__'", '"__"'))]
     assert not offenders
+
+
+TASK_NAMES = {"binary", "multiclass", "regression", "ordinal", "multilabel"}
+
+
+def _task_name_uses(tree) -> list[int]:
+    """Lines that compare a value with a task name (``== "binary"``, ``in ("regression", "ordinal")``) or
+    look one up in a literal table keyed by task names (``{"ordinal": ...}.get(task)``)."""
+    def names(node):
+        if isinstance(node, ast.Constant) and node.value in TASK_NAMES:
+            return True
+        return isinstance(node, (ast.Tuple, ast.List, ast.Set)) and any(names(e) for e in node.elts)
+
+    lines = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Compare) and any(names(n) for n in [node.left, *node.comparators]):
+            lines.append(node.lineno)
+        elif isinstance(node, ast.Dict) and any(k is not None and names(k) for k in node.keys):
+            lines.append(node.lineno)
+        elif isinstance(node, ast.Subscript) and getattr(node.value, "id", "") == "Literal" and names(node.slice):
+            lines.append(node.lineno)
+    return lines
+
+
+def test_task_names_are_compared_only_in_tasks():
+    """Adding a task kind is one entry in pipeline/tasks.py: nowhere else asks 'is this task binary?'."""
+    offenders = {m: found for m, p in MODULES.items() if m != "tasks"
+                 and (found := _task_name_uses(ast.parse(p.read_text())))}
+    assert not offenders, f"task names compared outside pipeline/tasks.py (module: lines): {offenders}"
+
+
+def test_the_task_name_check_sees_each_form():
+    for code in ('x == "binary"', 'task in ("regression", "ordinal")', '{"ordinal": "regression"}.get(t)',
+                 '"multiclass" != kind', 'task: Literal["binary", "multiclass"] = "binary"'):
+        assert _task_name_uses(ast.parse(code)), code
+    assert not _task_name_uses(ast.parse('LOSSES["multiclass"].register("ce")'))
+
+
+# checkpoint keys (the fold model's file layout) and raw checkpoint loads, with the one module that owns them
+CHECKPOINT_OWNERS = {"training.checkpoint", "training.resume", "store.io"}
+
+
+def test_checkpoint_files_are_read_only_by_their_owner():
+    """Only training/checkpoint.py knows a fold checkpoint's keys (resume.py its own last.pt; io.py the safe
+    loader); every other reader goes through ``Checkpoint``."""
+    offenders = {m for m, p in MODULES.items() if m not in CHECKPOINT_OWNERS
+                 and any(s in p.read_text() for s in ("load_checkpoint(", "torch.load(", '"model_cfg"', '"data_cfg"'))}
+    assert not offenders, offenders

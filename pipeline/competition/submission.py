@@ -9,6 +9,7 @@ import pandas as pd
 
 from pipeline.errors import SubmissionError
 from pipeline.metrics import to_labels
+from pipeline.tasks import get_task
 
 
 def class_columns(cols: list, n_classes: int, labels: list | None = None) -> list:
@@ -83,13 +84,13 @@ def to_submission(cfg: dict, pred: np.ndarray, ids, sample: pd.DataFrame, labels
         raise SubmissionError(f"predictions for {int(nan.sum())} test row(s) are NaN/inf, e.g. id '{bad.iloc[0]}' "
                               "(a diverged model or a broken feature set?); check the source's test predictions.")
     p = p[:, 0] if p.shape[1] == 1 else p
-    task, metric = comp["task"], comp["metric"]
+    task = get_task(comp["task"])
     col = cols[0]
-    if task == "multiclass" or (task == "binary" and metric not in ("auc", "logloss")):
+    if task.submits_labels(comp["metric"]):
         out[col] = to_labels(p) if not np.isnan(p).any() else p
         if labels is not None and not np.isnan(p).any():
             out[col] = np.asarray(labels, dtype=object)[out[col].to_numpy()]
-    elif task == "ordinal" and pd.api.types.is_integer_dtype(sample[col]):
+    elif task.submission == "rounded" and pd.api.types.is_integer_dtype(sample[col]):
         out[col] = np.rint(p) if np.isnan(p).any() else np.rint(p).astype(int)
     else:
         out[col] = p

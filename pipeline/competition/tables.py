@@ -14,6 +14,7 @@ import pandas as pd
 from pipeline.errors import InputError
 from pipeline.store.io import file_hash
 from pipeline.store.paths import folds_file, targets
+from pipeline.tasks import get_task
 
 
 def root(cfg: dict) -> Path:
@@ -87,7 +88,7 @@ def load_train(cfg: dict, check_images: bool | None = None) -> pd.DataFrame:
         if bad.any():
             raise InputError(f"{path}: target column '{col}' is empty (NaN) at {_rows(np.flatnonzero(bad))}; "
                              "drop or fill those rows before training.")
-    if comp["task"] in ("binary", "multiclass", "ordinal"):
+    if get_task(comp["task"]).classes:
         for col in tgt:
             vals = df[col]
             nonint = ~np.isclose(vals.astype(float), np.round(vals.astype(float)))
@@ -177,7 +178,7 @@ def class_labels(cfg: dict) -> list | None:
     """The original class labels when a classification target is not numeric ('cat', 'dog'): the
     stages train on their index in this sorted list, and submit writes the labels back."""
     comp = cfg["competition"]
-    if comp["task"] not in ("binary", "multiclass", "ordinal"):
+    if not get_task(comp["task"]).classes:
         return None
     path = table_path(cfg, "train")
     col = targets(cfg)[0]

@@ -20,22 +20,23 @@ from pydantic import (
 
 from pipeline.config.kaggle import Kaggle  # make kaggle (pipeline/bundle.py)
 from pipeline.config.tune import Tune
-from pipeline.config.types import HomePath, ImagePattern, InitPath, Level2Model, Optimizer, SafeName, Scheduler, TtaSet
+from pipeline.config.types import (
+    HomePath,
+    ImagePattern,
+    InitPath,
+    Level2Model,
+    Optimizer,
+    SafeName,
+    Scheduler,
+    TaskName,
+    TtaSet,
+)
 from pipeline.errors import ConfigError
+from pipeline.tasks import HEAD_KINDS, TASKS
 
-TASKS = ("binary", "multiclass", "regression", "ordinal")
-# which competition metrics make sense for which task (a metric on the wrong task is refused)
-METRIC_TASKS = {
-    "accuracy": ("binary", "multiclass", "ordinal"),
-    "macro_f1": ("binary", "multiclass", "ordinal"),
-    "logloss": ("binary", "multiclass"),
-    "auc": ("binary",),
-    "rmse": ("regression", "ordinal"),
-    "mae": ("regression", "ordinal"),
-    "qwk": ("ordinal", "multiclass", "regression"),
-}
-# the kind of the main target's head for each task (losses are registered per head kind)
-HEAD_KIND = {"multiclass": "multiclass", "binary": "binary", "regression": "regression", "ordinal": "regression"}
+Metric = Literal["accuracy", "logloss", "auc", "rmse", "mae", "qwk", "macro_f1"]
+# which competition metrics make sense for which task (a metric on the wrong task is refused): tasks.TASKS
+METRIC_TASKS = {m: tuple(name for name, t in TASKS.items() if m in t.metrics) for m in Metric.__args__}
 
 
 class _Section(BaseModel):
@@ -52,9 +53,9 @@ class Competition(_Section):
     image: ImagePattern = "images/{id}.png"
     id: str = "id"
     target: str | list[str] = "target"
-    task: Literal["binary", "multiclass", "regression", "ordinal"] = "multiclass"
+    task: TaskName = "multiclass"
     num_classes: int | None = Field(None, ge=2)  # inferred from train.csv when None (classification)
-    metric: Literal["accuracy", "logloss", "auc", "rmse", "mae", "qwk", "macro_f1"] = "accuracy"
+    metric: Metric = "accuracy"
     group: str | None = None
     tabular: list[str] = []
     categorical: list[str] = []
@@ -317,12 +318,12 @@ class Config(_Section):
     def _loss_fits_head(self):
         from pipeline.training.losses import LOSSES
 
-        kind = HEAD_KIND[self.competition.task]
+        kind = TASKS[self.competition.task].head
         allowed = ["auto", *LOSSES[kind]]
         if self.train.loss not in allowed:
             raise ValueError(f"train.loss '{self.train.loss}' does not apply to a {kind} head (task "
                              f"'{self.competition.task}'); allowed: {', '.join(allowed)}")
-        if self.train.class_weights is not None and kind == "regression":
+        if self.train.class_weights is not None and not HEAD_KINDS[kind].classes:
             raise ValueError(f"train.class_weights: a {kind} head (task '{self.competition.task}') has no classes to "
                              "weight; remove it (classes are weighted for multiclass and binary heads)")
         return self

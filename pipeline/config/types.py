@@ -10,6 +10,8 @@ from typing import Annotated
 
 from pydantic import AfterValidator
 
+from pipeline.tasks import check_task_name
+
 
 def _safe_name(v):
     """A name that becomes a folder or file name (models/<name>/, features/<name>/): one path component."""
@@ -84,3 +86,4 @@ ImagePattern = Annotated[str, AfterValidator(_image_pattern)]
 InitPath = Annotated[str, AfterValidator(_init_pattern)]
 TtaSet = Annotated[str, AfterValidator(_tta_set)]
 Level2Model = Annotated[str, AfterValidator(_level2)]
+TaskName = Annotated[str, AfterValidator(check_task_name)]  # a kind of pipeline/tasks.py

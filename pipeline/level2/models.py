@@ -16,6 +16,7 @@ from pipeline.errors import InputError
 from pipeline.registry import Registry
 from pipeline.store.artifacts import kill_point
 from pipeline.store.io import log, read_json
+from pipeline.tasks import head_kind
 
 LEVEL2_MODELS = Registry("stack.model")
 
@@ -78,8 +79,8 @@ def _lgbm_fit(params, task, n_classes, X, y, Xv=None, yv=None, n_estimators=None
     rounds = int(n_estimators if n_estimators is not None else p.pop("n_estimators"))
     p.pop("n_estimators", None)
     es = int(p.pop("early_stopping_rounds", 20))
-    p["objective"] = {"multiclass": "multiclass", "binary": "binary"}.get(task, "regression")
-    if task == "multiclass":
+    p["objective"] = task  # a task's level-2 kind is named as LightGBM's objective (tasks.Task.level2)
+    if head_kind(task).outputs == "classes":
         p["num_class"] = n_classes
     train_set = lgb.Dataset(X, y, categorical_feature="auto", free_raw_data=False)
     valid = [lgb.Dataset(Xv, yv, reference=train_set)] if Xv is not None else []
@@ -97,11 +98,12 @@ def _linear(task, X, y, Xt):
     cats = [c for c in X.columns if str(X[c].dtype) == "category"]
     nums = [c for c in X.columns if c not in cats]
     pre = make_column_transformer((StandardScaler(), nums), (OneHotEncoder(handle_unknown="ignore"), cats))
-    est = LogisticRegression(max_iter=2000, C=1.0) if task in ("multiclass", "binary") else Ridge(alpha=1.0)
+    kind = head_kind(task)
+    est = LogisticRegression(max_iter=2000, C=1.0) if kind.classes else Ridge(alpha=1.0)
     model = make_pipeline(pre, est).fit(X, y)
-    if task == "multiclass":
+    if kind.outputs == "classes":
         return model.predict_proba(Xt)
-    if task == "binary":
+    if kind.classes:  # one probability: the positive class's
         return model.predict_proba(Xt)[:, 1]
     return model.predict(Xt)
 
@@ -115,7 +117,7 @@ def optimise_weights(preds: list[np.ndarray], y: np.ndarray, task: str) -> np.nd
     def loss(w):
         w = np.abs(w) / np.abs(w).sum()
         blend = sum(wi * p for wi, p in zip(w, preds))
-        return logloss(y, blend) if task in ("multiclass", "binary") else float(np.mean((blend - y) ** 2))
+        return logloss(y, blend) if head_kind(task).classes else float(np.mean((blend - y) ** 2))
 
     n = len(preds)
     res = minimize(loss, np.ones(n) / n, method="SLSQP", bounds=[(0, 1)] * n,
@@ -127,7 +129,7 @@ def optimise_weights(preds: list[np.ndarray], y: np.ndarray, task: str) -> np.nd
 
 
 def _empty(d: Level2Data) -> np.ndarray:
-    return np.zeros((len(d.X), d.n_classes) if d.task == "multiclass" else (len(d.X),))
+    return np.zeros((len(d.X), d.n_classes) if head_kind(d.task).outputs == "classes" else (len(d.X),))
 
 
 def _inner_split(tr: np.ndarray, fraction: float, seed: int, k) -> tuple[np.ndarray, np.ndarray]:

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from pipeline.tasks import get_task, head_kind
+
 GRID = np.round(np.linspace(0, 1, 21), 3)
 
 
@@ -23,7 +25,7 @@ def apply_force(p, t, onehot, task):
     top, cls = onehot.max(axis=1), onehot.argmax(axis=1)
     hit = top > t
     p = p.copy()
-    if task == "multiclass":
+    if head_kind(get_task(task).head).outputs == "classes":  # a probability row per class
         p[hit] = np.eye(p.shape[1])[cls[hit]]
     else:
         p[hit] = cls[hit]
@@ -70,7 +72,7 @@ def fit_rules(pcfg: dict, task: str, metric, y, p, other=None, onehot=None, targ
             best = max(cands, key=lambda t: (sign * score(apply_force(p, t, onehot, task)), t is None))
             params["force"] = None if best is None or sign * score(apply_force(p, best, onehot, task)) <= base else float(best)
         p = apply_force(p, params["force"], onehot, task)
-    if pcfg["class_scale"] and task == "multiclass":
+    if pcfg["class_scale"] and "class_scale" in get_task(task).rules:
         m = np.ones(p.shape[1])
         grid = np.round(np.linspace(0.5, 2.0, 16), 3)
         for _ in range(2):  # coordinate ascent, two sweeps
@@ -82,11 +84,11 @@ def fit_rules(pcfg: dict, task: str, metric, y, p, other=None, onehot=None, targ
                 m[c] = max(grid, key=lambda v: (s(v), -abs(v - 1)))
         params["class_scale"] = m.tolist()
         p = apply_scale(p, m)
-    if pcfg["threshold"] and task == "binary":
+    if pcfg["threshold"] and "threshold" in get_task(task).rules:
         grid = np.round(np.linspace(0.02, 0.98, 49), 3)
         params["threshold"] = float(max(grid, key=lambda t: (sign * score(apply_threshold(p, t)), -abs(t - 0.5))))
         p = apply_threshold(p, params["threshold"])
-    if pcfg["rounding"] and task in ("regression", "ordinal"):
+    if pcfg["rounding"] and "rounding" in get_task(task).rules:
         lo, hi = (target_range if target_range is not None else (np.floor(p.min()), np.ceil(p.max())))
         cuts = np.arange(lo, hi) + 0.5
         for _ in range(2):
@@ -99,7 +101,7 @@ def fit_rules(pcfg: dict, task: str, metric, y, p, other=None, onehot=None, targ
                 cuts[i] = max(grid, key=s)
         params["rounding"] = {"cuts": np.sort(cuts).tolist(), "offset": float(lo)}
         p = apply_rounding(p, params["rounding"]["cuts"]) + lo
-    if pcfg["clip"] and task in ("regression", "ordinal"):
+    if pcfg["clip"] and "clip" in get_task(task).rules:
         lo, hi = pcfg["clip"] if isinstance(pcfg["clip"], (list, tuple)) else target_range
         params["clip"] = [float(lo), float(hi)]
     return params
@@ -127,7 +129,7 @@ def honest_gain(pcfg, task, metric, y, p, fold, other=None, onehot=None) -> tupl
     (report, nested predictions): the nested ones are the post-processed OOF, so no row's value was tuned
     with its own label (the bounds of rounding and clipping included: fold k's come from the other folds)."""
     def label_range(labels):
-        return (float(labels.min()), float(labels.max())) if task in ("regression", "ordinal") else None
+        return (float(labels.min()), float(labels.max())) if not get_task(task).head_kind.classes else None
 
     base = metric(y, p)
     params = fit_rules(pcfg, task, metric, y, p, other, onehot, label_range(y))

@@ -49,7 +49,7 @@ class Predictor:
         # never a mean over models of different configs (a resnet10t fold beside a resnet18 one)
         require_one_config({str(p): ck.stage_key for p, (_, ck) in zip(checkpoints, loaded)})
         self.models = [m for m, _ in loaded]
-        self.data_cfg = loaded[0][1]["data_cfg"]
+        self.data_cfg = loaded[0][1].data_cfg
         self.heads = self.models[0].head_specs
 
     @classmethod

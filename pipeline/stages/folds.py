@@ -19,8 +19,7 @@ from pipeline.store import leaderboard, plots
 from pipeline.store.artifacts import ArtifactGroup, stage_lock
 from pipeline.store.io import config_hash, file_hash, is_up_to_date, log, provenance, resolved_config_text, text_hash
 from pipeline.store.paths import folds_file, sidecar, targets
-
-CLASSIFICATION = ("binary", "multiclass", "ordinal")
+from pipeline.tasks import task_of
 
 
 def resolve_method(cfg: dict) -> str:
@@ -33,7 +32,7 @@ def resolve_method(cfg: dict) -> str:
 def stratify_labels(cfg: dict, df: pd.DataFrame) -> np.ndarray:
     """Labels used for stratification: the class, or the quantile bin of a continuous target."""
     y = df[targets(cfg)[0]]
-    if cfg["competition"]["task"] in CLASSIFICATION:
+    if task_of(cfg).classes:
         return y.astype(int).to_numpy()
     bins = pd.qcut(y.rank(method="first"), q=min(cfg["folds"]["bins"], len(y)), labels=False, duplicates="drop")
     return np.asarray(bins, dtype=int)
@@ -52,7 +51,7 @@ def _check_splittable(cfg: dict, method: str, labels: np.ndarray | None, groups:
                              f"folds.n_splits={k}; lower n_splits or choose a finer group.")
     if method in ("stratified", "stratified_group") and labels is not None:
         values, counts = np.unique(labels, return_counts=True)
-        what = "class" if comp["task"] in CLASSIFICATION else "target bin"
+        what = "class" if task_of(cfg).classes else "target bin"
         small = [(v, c) for v, c in zip(values, counts) if c < k]
         if small:
             desc = ", ".join(f"{v} ({c} rows)" for v, c in small)
@@ -170,7 +169,7 @@ def report(cfg: dict, df: pd.DataFrame, fold: np.ndarray) -> tuple[pd.DataFrame,
         per_group = pd.Series(fold).groupby(g).nunique()
         summary["groups"] = int(len(per_group))
         summary["groups_in_several_folds"] = int((per_group > 1).sum())
-    if comp["task"] in CLASSIFICATION:
+    if task_of(cfg).classes:
         y = df[target].astype(int).to_numpy()
         shares = pd.crosstab(fold, y, normalize="index") * 100
         overall = pd.Series(y).value_counts(normalize=True).sort_index() * 100
@@ -231,7 +230,7 @@ def run(cfg: dict, force: bool = False) -> Path:
         text = report_text(table, summary)
         id_col = cfg["competition"]["id"]
         folds_csv = pd.DataFrame({id_col: df[id_col], "fold": fold}).to_csv(index=False)
-        fig = plots.fold_report(df, fold, targets(cfg)[0], cfg["competition"]["task"] in CLASSIFICATION)
+        fig = plots.fold_report(df, fold, targets(cfg)[0], task_of(cfg).classes)
         with ArtifactGroup(meta_path) as group:
             group.text(out, folds_csv)
             group.figure(sidecar(out, ".report.png"), fig)

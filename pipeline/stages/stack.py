@@ -39,6 +39,7 @@ from pipeline.store.paths import (
     stack_name,
     targets,
 )
+from pipeline.tasks import head_kind, task_of
 
 
 def load_level1(cfg: dict, exp: str, folds_df: pd.DataFrame, folds_hash: str) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
@@ -86,7 +87,7 @@ def _run(cfg: dict, force: bool) -> Path:
     scfg = cfg["stack"]
     comp = cfg["competition"]
     name, id_col, target = stack_name(cfg), comp["id"], targets(cfg)[0]
-    task = {"ordinal": "regression"}.get(comp["task"], comp["task"])
+    task = task_of(cfg).level2  # what level 2 fits (an ordinal target is regressed)
     metric = get_metric(comp["metric"])
     exps = stack_inputs(cfg)
     out = features_dir(cfg, name)
@@ -113,7 +114,7 @@ def _run(cfg: dict, force: bool) -> Path:
         X, T = pd.concat([X, tr_tab], axis=1), pd.concat([T, te_tab.reset_index(drop=True)], axis=1)
     X.columns = T.columns = [str(c) for c in X.columns]
     y = train_df[target].to_numpy()
-    n_classes = int(comp["num_classes"] or (y.max() + 1)) if task == "multiclass" else 1
+    n_classes = int(comp["num_classes"] or (y.max() + 1)) if head_kind(task).outputs == "classes" else 1
     model_kind = scfg["model"]
     head = targets(cfg)[0]
     blend = model_kind in ("weighted", "auto")

@@ -11,6 +11,7 @@ import torch
 from pipeline.competition.images import ImageDataset, build_transform, loader_workers, resolve_cache
 from pipeline.competition.tables import image_paths
 from pipeline.store.io import log
+from pipeline.tasks import HEAD_KINDS
 from pipeline.training import teachers
 from pipeline.training.losses import class_weight_tensor, head_targets
 from pipeline.training.models import Head
@@ -43,8 +44,7 @@ def fold_datasets(cfg: dict, heads: list[Head], train_df: pd.DataFrame, tr_idx, 
     if cache and workers > 0:
         for ds in (train, valid):
             ds.preload(workers)
-    main = heads[0]
-    classed = main.kind in ("multiclass", "binary")  # (regression refuses class_weights in the schema)
-    cw = class_weight_tensor(tcfg, ys[main.name][tr_idx].astype(int) if classed else None,
-                             2 if main.kind == "binary" else main.out)
+    main, kind = heads[0], HEAD_KINDS[heads[0].kind]  # (a head without classes refuses class_weights in the schema)
+    cw = class_weight_tensor(tcfg, ys[main.name][tr_idx].astype(int) if kind.classes else None,
+                             kind.n_weights(main.out))
     return FoldData(train, valid, ys[heads[0].name][va_idx], cw)

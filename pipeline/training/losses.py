@@ -2,7 +2,7 @@
 weights, and the criterion that sums the heads.
 
 Every loss returns one value per sample (so OHEM and mixing work on any of them). ``train.loss``
-picks the main target heads' loss from ``LOSSES[kind]``; ``auto`` is ``AUTO[kind]``; auxiliary
+picks the main target heads' loss from ``LOSSES[kind]``; ``auto`` is the head kind's default (``tasks.HEAD_KINDS``); auxiliary
 heads always use their kind's ``auto`` loss. Adding a loss: one function + one ``register`` line.
 """
 from __future__ import annotations
@@ -17,11 +17,10 @@ import torch.nn.functional as F
 
 from pipeline.errors import InputError
 from pipeline.registry import Registry
+from pipeline.tasks import HEAD_KINDS
 from pipeline.training.models import Head
 
-LOSSES: dict[str, Registry] = {kind: Registry(f"train.loss for a {kind} head")
-                               for kind in ("multiclass", "binary", "regression", "vector", "position")}
-AUTO = {"multiclass": "ce", "binary": "bce", "regression": "mse", "vector": "mse", "position": "ce"}
+LOSSES: dict[str, Registry] = {kind: Registry(f"train.loss for a {kind} head") for kind in HEAD_KINDS}
 
 
 def _soft(logits, y, head: Head, opts: dict):
@@ -109,21 +108,22 @@ def position_ce(logits, y, head: Head, opts: dict, cw=None):
 
 
 def resolve(head: Head, name: str) -> str:
-    return AUTO[head.kind] if name == "auto" else LOSSES[head.kind].check(name)
+    return HEAD_KINDS[head.kind].default_loss if name == "auto" else LOSSES[head.kind].check(name)
 
 
 def head_targets(heads: list[Head], df: pd.DataFrame) -> dict[str, np.ndarray]:
     """The training target array of every head from the train table."""
     out = {}
     for h in heads:
-        if h.kind == "multiclass":
+        kind = HEAD_KINDS[h.kind]
+        if kind.outputs == "classes":
             y = df[h.columns[0]].to_numpy()
             bad = (y < 0) | (y >= h.out)
             if bad.any():
                 raise InputError(f"target column '{h.columns[0]}' has value {y[bad][0]!r} (row id "
                                  f"{df.index[bad][0]}) outside the declared classes 0..{h.out - 1}.")
             out[h.name] = y.astype(np.int64)
-        elif h.kind == "vector":
+        elif kind.outputs == "columns":
             out[h.name] = df[h.columns].to_numpy(np.float32)
         else:
             out[h.name] = df[h.columns[0]].to_numpy(np.float32)

@@ -12,9 +12,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from pipeline.errors import InputError
+from pipeline.errors import ConfigError, InputError
 from pipeline.store.io import log
 from pipeline.store.paths import targets
+from pipeline.tasks import head_kind, head_kind_for
 
 
 @dataclass
@@ -50,19 +51,15 @@ def heads_for(cfg: dict, train=None) -> list[Head]:
 
 
 def _head(name, cols, task, n_classes, train, weight, cfg) -> Head:
-    if task == "multiclass":
-        if n_classes is None:
-            if train is None:
-                raise InputError(f"head '{name}': set competition.num_classes (no train table to infer it from).")
-            n_classes = int(train[cols[0]].max()) + 1
-        return Head(name, cols, "multiclass", int(n_classes), float(weight))
-    if task == "binary":
-        return Head(name, cols, "binary", 1, float(weight))
-    if task in ("regression", "ordinal"):
-        return Head(name, cols, "regression", 1, float(weight))
-    if task == "vector":
-        return Head(name, cols, "vector", len(cols), float(weight))
-    raise InputError(f"head '{name}': unknown task '{task}' (multiclass, binary, regression, ordinal, vector).")
+    try:
+        kind = head_kind_for(task, f"head '{name}'")
+    except ConfigError as exc:
+        raise InputError(str(exc)) from None
+    if kind.outputs == "classes" and n_classes is None:
+        if train is None:
+            raise InputError(f"head '{name}': set competition.num_classes (no train table to infer it from).")
+        n_classes = int(train[cols[0]].max()) + 1
+    return Head(name, cols, kind.name, kind.n_outputs(n_classes, cols), float(weight))
 
 
 class GeM(nn.Module):
@@ -167,16 +164,17 @@ def freeze_stages(backbone: nn.Module, n: int) -> list[str]:
 
 def activate(head: Head, logits: torch.Tensor) -> torch.Tensor:
     """Head output as the competition sees it: probabilities for classification, values otherwise."""
-    if head.kind == "multiclass":
-        return logits.float().softmax(-1)
-    if head.kind == "binary":
-        return logits.float().sigmoid().squeeze(-1)
-    if head.kind == "regression":
-        return logits.float().squeeze(-1)
-    if head.kind == "position":
+    how, logits = head_kind(head.kind).activation, logits.float()
+    if how == "softmax":
+        return logits.softmax(-1)
+    if how == "sigmoid":
+        return logits.sigmoid().squeeze(-1)
+    if how == "value":
+        return logits.squeeze(-1)
+    if how == "grid_softmax":  # one softmax over positions per tile
         n = int(round(head.out ** 0.5))
-        return logits.float().reshape(len(logits), n, n).softmax(-1).reshape(len(logits), -1)
-    return logits.float()
+        return logits.reshape(len(logits), n, n).softmax(-1).reshape(len(logits), -1)
+    return logits
 
 
 _CUDA_OK: dict = {}

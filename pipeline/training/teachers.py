@@ -20,6 +20,7 @@ from pipeline.errors import ConfigError, InputError
 from pipeline.store.artifacts import inherited_leak, require_complete
 from pipeline.store.io import read_json
 from pipeline.store.paths import features_dir, head_prediction, models_dir, targets
+from pipeline.tasks import head_kind
 
 
 def active(cfg: dict) -> bool:
@@ -28,8 +29,9 @@ def active(cfg: dict) -> bool:
 
 
 def check_heads(cfg: dict, heads) -> None:
-    if active(cfg) and (len(heads) != 1 or heads[0].kind != "multiclass"):
-        raise ConfigError("train.pseudo / train.distill need one multiclass target head (no auxiliary heads); "
+    if active(cfg) and (len(heads) != 1 or not head_kind(heads[0].kind).soft_targets):
+        raise ConfigError("train.pseudo / train.distill need one class-probability (multiclass) target head (no auxiliary "
+                          "heads); "
                           f"this experiment has {[(h.name, h.kind) for h in heads]}.")
 
 
