@@ -330,8 +330,20 @@ def test_auxiliary_and_vector_heads_train_with_their_own_outputs(workdir):
         "target": ("multiclass", 1.0), "tab": ("regression", 0.5), "vec": ("vector", 0.1)}
 
 
-@pytest.mark.parametrize("opt,cls", [("adamw", torch.optim.AdamW), ("sgd", torch.optim.SGD), ("adam", torch.optim.Adam)])
+def _lamb():
+    from timm.optim import Lamb
+
+    return Lamb
+
+
+@pytest.mark.parametrize("opt,cls", [("adamw", torch.optim.AdamW), ("sgd", torch.optim.SGD), ("adam", torch.optim.Adam),
+                                     ("lamb", "timm"), ("lion", "timm")])
 def test_optimizers(workdir, opt, cls):
+    """Every timm optimizer is a train.optimizer (timm's create_optimizer_v2 builds it)."""
+    if cls == "timm":
+        from timm.optim._optim_factory import default_registry
+
+        cls = default_registry.get_optimizer_info(opt).opt_class
     cfg = tiny_cfg(workdir / "comp", f"train.optimizer={opt}")
     from pipeline.competition.tables import load_train
     from pipeline.training.models import heads_for
@@ -343,6 +355,38 @@ def test_optimizers(workdir, opt, cls):
     from pipeline.config.loading import DEFAULTS
 
     assert (DEFAULTS["train"]["optimizer"], DEFAULTS["train"]["lr"]) == ("adam", 3e-4)
+
+
+def test_sgd_without_momentum_is_plain_sgd(workdir):
+    cfg = tiny_cfg(workdir / "comp", "train.optimizer=sgd", "train.momentum=0")
+    from pipeline.competition.tables import load_train
+    from pipeline.training.models import heads_for
+
+    df = load_train(cfg)
+    tr = TR.FoldTrainer(cfg, heads_for(cfg, df), df, np.arange(60), np.arange(60, 90), 0, workdir / "x", "k", "h")
+    assert type(tr.opt) is torch.optim.SGD and not tr.opt.param_groups[0]["nesterov"]
+
+
+def test_layer_decay_scales_each_timm_layer_group_and_keeps_the_heads_at_lr(workdir):
+    """train.layer_decay=0.5 on resnet10t (timm groups: stem, then each block): the deepest block trains at
+    lr * backbone_lr_mult, each group below at half the one above, the heads at lr."""
+    cfg = tiny_cfg(workdir / "comp", "train.layer_decay=0.5", "train.lr=0.01", "train.backbone_lr_mult=0.5",
+                   "train.scheduler=none")
+    from pipeline.competition.tables import load_train
+    from pipeline.training.models import heads_for
+
+    df = load_train(cfg)
+    tr = TR.FoldTrainer(cfg, heads_for(cfg, df), df, np.arange(60), np.arange(60, 90), 0, workdir / "x", "k", "h")
+    groups = tr.opt.param_groups
+    group_of = {id(p): g["lr"] for g in groups for p in g["params"]}
+    named = dict(tr.model.named_parameters())
+    stem, first, last = (group_of[id(named[n])] for n in ("backbone.conv1.0.weight", "backbone.layer1.0.conv1.weight",
+                                                          "backbone.layer4.0.conv1.weight"))
+    head = group_of[id(named[next(n for n in named if not n.startswith("backbone."))])]
+    assert head == pytest.approx(0.01)
+    assert last == pytest.approx(0.005)  # lr * backbone_lr_mult, the top layer group
+    assert stem < first < last and first == pytest.approx(stem * 2)
+    assert sum(len(g["params"]) for g in groups) == len([p for p in tr.model.parameters() if p.requires_grad])
 
 
 def test_grad_clip_bounds_the_update(workdir):

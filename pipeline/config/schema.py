@@ -128,12 +128,15 @@ class Distill(_Section):
 class Train(_Section):
     epochs: int = Field(5, ge=1)
     batch_size: int = Field(64, ge=1)
-    optimizer: Optimizer = "adam"  # registry: pipeline.training.optim.OPTIMIZERS
+    optimizer: Optimizer = "adam"  # any timm optimizer (pipeline.training.optim.OPTIMIZERS)
     lr: float = Field(3e-4, gt=0)
     weight_decay: float = Field(0.0, ge=0)
     momentum: float = Field(0.9, ge=0, lt=1)
     optimizer_args: dict[str, Any] = {}
     backbone_lr_mult: float = Field(1.0, ge=0)  # discriminative lr: backbone lr = lr * this
+    # layer-wise lr decay over timm's layer groups of the backbone (group_matcher): the last at lr, each
+    # one below at layer_decay times the one above (0.65-0.85 for fine-tuning pretrained weights); None: off
+    layer_decay: float | None = Field(None, gt=0, le=1)
     freeze_backbone_epochs: int = Field(0, ge=0)  # train the heads only for this many epochs, then unfreeze
     scheduler: Scheduler = "cosine"  # registry: pipeline.training.optim.SCHEDULERS
     warmup_epochs: int = Field(0, ge=0)

@@ -29,15 +29,16 @@ STAGES = {
 }
 
 
-def run_stage(stage: str, cfg: dict, force: bool = False):
+def run_stage(stage: str, cfg: dict, force: bool = False, **options):
     """Run one stage on a resolved config (``load_config``); returns what the stage returns (its output
-    path, or the training summary)."""
+    path, or the training summary). ``options`` go to the stage's ``run`` (``train``: ``on_epoch``, the
+    callbacks the tune stage reports each validated epoch through)."""
     module = _module(stage)
     if stage not in ("data",):
         from pipeline.store import leaderboard
 
         leaderboard.check(cfg)
-    return module.run(cfg, force=force)
+    return module.run(cfg, force=force, **options)
 
 
 def stage_up_to_date(stage: str, cfg: dict) -> bool:

@@ -10,6 +10,7 @@ import pandas as pd
 
 from pipeline.competition.images import seed_everything
 from pipeline.competition.tables import fold_of, load_folds, load_train
+from pipeline.config.schema import Train
 from pipeline.store import plots
 from pipeline.store.io import log
 from pipeline.store.paths import models_dir
@@ -25,12 +26,13 @@ def run(cfg: dict, force: bool = False) -> Path:
     folds_df, folds_hash = load_folds(cfg)
     fold = fold_of(cfg, train_df, folds_df)
     heads = heads_for(cfg, train_df)
-    # a sweep reads a few hundred batches at most: decoding every image up front (data.cache=auto) would not pay
-    data = {**cfg["data"], "cache": cfg["data"]["cache"] is True}
-    run_cfg = {**cfg, "data": data, "train": {**cfg["train"], "scheduler": "none", "ema": False, "swa": False}}
+    # the sweep's own loop: the config's training with a constant lr (the sweep sets it) and no averaging;
+    # it reads a few hundred batches at most, so decoding every image up front (data.cache=auto) would not pay
+    loop = Train(**{**cfg["train"], "scheduler": "none", "ema": False, "swa": False}).model_dump()
     out = models_dir(cfg)
-    trainer = FoldTrainer(run_cfg, heads, train_df, np.flatnonzero(fold != 0), np.array([], dtype=int), 0,
-                          out / "lr_find", "lr-find", folds_hash)
+    trainer = FoldTrainer(cfg, heads, train_df, np.flatnonzero(fold != 0), np.array([], dtype=int), 0,
+                          out / "lr_find", "lr-find", folds_hash, train=loop,
+                          cache_images=cfg["data"]["cache"] is True)
     lrs = np.geomspace(lcfg["start"], lcfg["end"], lcfg["steps"])
     mults = [g["lr"] / cfg["train"]["lr"] if cfg["train"]["lr"] else 1.0 for g in trainer.opt.param_groups]
     trainer.model.train()

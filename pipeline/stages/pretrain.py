@@ -23,6 +23,7 @@ from torch.utils.data import Dataset
 
 from pipeline.competition.images import build_transform, data_key, read_image
 from pipeline.competition.tables import image_paths, load_test, load_train
+from pipeline.config.schema import Train
 from pipeline.errors import InputError
 from pipeline.metrics import Metric
 from pipeline.store import leaderboard
@@ -154,6 +155,9 @@ def _perm_accuracy(y, p):
     return float((np.asarray(p).argmax(1) == np.asarray(y)).mean())
 
 
+MACHINE = ("device", "amp", "channels_last", "sync_bn")  # train keys the puzzle loop takes from the config
+
+
 def run(cfg: dict, force: bool = False) -> Path:
     with stage_lock(pretrain_file(cfg)):
         return _run(cfg, force)
@@ -193,19 +197,17 @@ def _run(cfg: dict, force: bool) -> Path:
         head, metric = Head("puzzle", [], "position", k * k), Metric("tile_accuracy", _position_accuracy, True)
     else:
         head, metric = Head("puzzle", [], "multiclass", len(perms)), Metric("puzzle_accuracy", _perm_accuracy, True)
-    run_cfg = {**cfg, "model": {**cfg["model"], "init": pc["init"]},
-               "train": {**cfg["train"], "epochs": pc["epochs"], "batch_size": pc["batch_size"], "lr": pc["lr"],
-                         "optimizer": pc["optimizer"], "scheduler": pc["scheduler"], "loss": "auto",
-                         "label_smoothing": 0.0, "mixup": 0.0, "cutmix": 0.0, "ema": False, "swa": False,
-                         "early_stopping": 0, "multiscale": [], "freeze_backbone_epochs": 0, "class_weights": None,
-                         "ohem": 1.0, "loss_weights": {}}}
+    # the puzzle's own loop: the train section's defaults, the pretrain section's schedule, and only the
+    # machine's choices (device, AMP, memory layout) from the config's train section
+    loop = Train(epochs=pc["epochs"], batch_size=pc["batch_size"], lr=pc["lr"], optimizer=pc["optimizer"],
+                 scheduler=pc["scheduler"], **{k: cfg["train"][k] for k in MACHINE}).model_dump()
     work = out.parent / f"{out.stem}_run"
     frame = pd.DataFrame({id_col: ids})
     log(f"[pretrain] jigsaw {pc['grid']}x{pc['grid']} ({pc['formulation']}, {len(perms)} permutations, min Hamming "
         f"distance {min_hamming(perms)}) on {len(tr_idx)} images (+{len(va_idx)} held out), backbone "
         f"{cfg['model']['backbone']}")
-    trainer = FoldTrainer(run_cfg, [head], frame, tr_idx, va_idx, "pretrain", work, key, "n/a",
-                          datasets=(train_ds, valid_ds, y_valid), metric=metric)
+    trainer = FoldTrainer(cfg, [head], frame, tr_idx, va_idx, "pretrain", work, key, "n/a",
+                          datasets=(train_ds, valid_ds, y_valid), metric=metric, train=loop, init=pc["init"])
     result = trainer.fit()
     if not trainer.dist.main:
         return out

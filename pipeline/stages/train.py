@@ -58,7 +58,7 @@ def up_to_date(cfg: dict) -> bool:
     return all(fold_is_current(models_dir(cfg) / f"fold{k}", key) for k in todo)
 
 
-def run(cfg: dict, force: bool = False) -> dict:
+def run(cfg: dict, force: bool = False, on_epoch=()) -> dict:
     started = time.time()
     train_df, fold, folds_hash, heads, key, todo = _plan(cfg)
     # carried by every fold's meta.json, so what is built on them is marked too
@@ -80,7 +80,7 @@ def run(cfg: dict, force: bool = False) -> dict:
                 (out / "last.pt").unlink()
             tr = np.flatnonzero(fold != k) if k != "full" else np.arange(len(fold))
             va = np.flatnonzero(fold == k) if k != "full" else np.array([], dtype=int)
-            trainer = FoldTrainer(cfg, heads, train_df, tr, va, k, out, key, folds_hash)
+            trainer = FoldTrainer(cfg, heads, train_df, tr, va, k, out, key, folds_hash, on_epoch=on_epoch)
             log(f"[train] {cfg['name']} fold {k}: {len(tr)} train rows, {len(va)} valid rows, device {trainer.device}"
                 + (f", DDP world size {trainer.dist.world}" if trainer.dist.enabled else ""))
             result = trainer.fit()

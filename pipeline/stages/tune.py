@@ -238,8 +238,6 @@ def run(cfg: dict, force: bool = False) -> dict:
     import optuna
     from optuna.trial import TrialState
 
-    from pipeline.training.trainer import EPOCH_HOOKS
-
     space = check_space(cfg)
     tcfg = cfg["tune"]
     study_name = tcfg["study"] or cfg["name"]
@@ -265,16 +263,14 @@ def run(cfg: dict, force: bool = False) -> dict:
         tcfg_ = trial_config(cfg, params, name)
         write_resolved_config(out / "trials" / f"{name}.yaml", tcfg_)
         reporter, started, state, value, folds = _Reporter(trial), time.time(), "failed", None, None
-        EPOCH_HOOKS.append(reporter)
         try:
-            summary = run_stage("train", tcfg_, force=force)
+            summary = run_stage("train", tcfg_, force=force, on_epoch=[reporter])
             value, folds, state = summary.get("oof_score", summary["cv_mean"]), summary["folds"], "complete"
             return value
         except optuna.TrialPruned:
             state = f"pruned after {reporter.step + 1} validation(s) ({reporter.last})"
             raise
         finally:
-            EPOCH_HOOKS.remove(reporter)
             leaderboard.record(tcfg_, "tune", started, cv=value, folds=folds, experiment=name, trial=trial.number,
                                note=f"study {study_name} trial {trial.number}: {state}; " + json.dumps(params))
 

@@ -44,12 +44,14 @@ def init_leak(cfg: dict, folds, folds_hash: str) -> str | None:
             "its CV is optimistic: use model.init=.../fold{fold}/best.pt with the same folds")
 
 
-def build_model(cfg: dict, heads: list[Head], fold=None) -> Net:
+def build_model(cfg: dict, heads: list[Head], fold=None, init: str | None = "model.init") -> Net:
+    """The config's network; its backbone starts from ``init`` (default: ``model.init`` for this fold)."""
     m = cfg["model"]
     net = Net(create_backbone(m["backbone"], cfg["data"]["in_chans"], cfg["data"]["image_size"]), heads, m["pool"],
               m["bnneck"], m["dropout"])
-    if m["init"]:
-        report = load_backbone_weights(net.backbone, init_path(cfg, fold))
+    path = init_path(cfg, fold) if init == "model.init" else init
+    if path:
+        report = load_backbone_weights(net.backbone, path)
         print(f"[model] {report}", flush=True)
     return net
 

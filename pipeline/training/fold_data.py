@@ -26,7 +26,8 @@ class FoldData:
 
 
 def fold_datasets(cfg: dict, heads: list[Head], train_df: pd.DataFrame, tr_idx, va_idx, fold, folds_hash: str,
-                  device: torch.device, local_world: int) -> FoldData:
+                  device: torch.device, local_world: int, cache_images: bool | None = None) -> FoldData:
+    """``cache_images`` overrides data.cache's choice (True/False), as lr_find does for its short sweep."""
     dcfg, tcfg = cfg["data"], cfg["train"]
     ys = head_targets(heads, train_df)
     paths = image_paths(cfg, train_df[cfg["competition"]["id"]].to_numpy())
@@ -35,7 +36,8 @@ def fold_datasets(cfg: dict, heads: list[Head], train_df: pd.DataFrame, tr_idx, 
         tr_paths, tr_y = teachers.extend(cfg, heads, fold, folds_hash, train_df, tr_idx, tr_paths, tr_y, device)
     va_paths = [paths[i] for i in va_idx]
     workers = loader_workers(dcfg, device)
-    cache, why = resolve_cache(dcfg, tr_paths + va_paths, local_world, workers)
+    cache, why = resolve_cache(dcfg if cache_images is None else {**dcfg, "cache": cache_images},
+                               tr_paths + va_paths, local_world, workers)
     log(f"[train] {why}")
     train = ImageDataset(tr_paths, dcfg["in_chans"], build_transform(dcfg, tcfg["augment"], seed=cfg["seed"]), tr_y,
                          cache)

@@ -1,9 +1,12 @@
-"""Optimizers and learning-rate schedules, chosen by name from registries.
+"""Optimizers and learning-rate schedules, chosen by name.
 
-``OPTIMIZERS[name](param_groups, tcfg)`` and ``SCHEDULERS[name](optimizer, tcfg, steps_per_epoch,
-higher_is_better)``. Every schedule but ``plateau`` is a per-step multiplier of the base lr
-(``lr_lambda``: linear warm-up, then cosine, cosine restarts, steps or constant); ``plateau`` cuts
-the lr when the validation score stalls (stepped once per epoch with the score).
+``build_optimizer(model, tcfg)``: any of timm's optimizers (``train.optimizer``), over parameter groups that
+carry the backbone's lr multiplier and timm's layer-wise lr decay (``train.layer_decay``).
+``SCHEDULERS[name](optimizer, tcfg, steps_per_epoch, higher_is_better)``: every schedule but ``plateau`` is
+a per-step multiplier of each group's lr (``lr_lambda``: linear warm-up, then cosine, cosine restarts, steps
+or constant); ``plateau`` cuts the lr when the validation score stalls (stepped once per epoch with the score).
+They stay ours rather than timm's schedulers: the per-step multiplier is what resume, the lr finder and the
+EMA warm-up count in, and its behaviour tests pin it.
 """
 from __future__ import annotations
 
@@ -13,24 +16,63 @@ import torch
 
 from pipeline.registry import Registry
 
-OPTIMIZERS = Registry("train.optimizer")
 SCHEDULERS = Registry("train.scheduler")
+COMMON = ("adam", "adamw", "sgd")  # known without importing timm (config checks stay fast)
 
 
-@OPTIMIZERS.register("adam")
-def adam(groups, tcfg: dict):
-    return torch.optim.Adam(groups, lr=tcfg["lr"], weight_decay=tcfg["weight_decay"], **(tcfg["optimizer_args"] or {}))
+class TimmOptimizers:
+    """``train.optimizer`` names: every optimizer ``timm.optim.list_optimizers()`` knows (adam, adamw, sgd,
+    lamb, lion, adan, nadamw, ...), built by ``timm.optim.create_optimizer_v2``."""
+
+    key = "train.optimizer"
+
+    def _names(self) -> list[str]:
+        from timm.optim import list_optimizers
+
+        return list_optimizers()
+
+    def check(self, name: str) -> str:
+        if name in COMMON or name in self._names():
+            return name
+        raise ValueError(f"unknown value; allowed: {', '.join(self._names())} (timm.optim.list_optimizers())")
+
+    def __contains__(self, name: object) -> bool:
+        return name in COMMON or name in self._names()
+
+    def __iter__(self):
+        return iter(self._names())
 
 
-@OPTIMIZERS.register("adamw")
-def adamw(groups, tcfg: dict):
-    return torch.optim.AdamW(groups, lr=tcfg["lr"], weight_decay=tcfg["weight_decay"], **(tcfg["optimizer_args"] or {}))
+OPTIMIZERS = TimmOptimizers()
 
 
-@OPTIMIZERS.register("sgd")
-def sgd(groups, tcfg: dict):
-    return torch.optim.SGD(groups, lr=tcfg["lr"], momentum=tcfg["momentum"], weight_decay=tcfg["weight_decay"],
-                           nesterov=tcfg["momentum"] > 0, **(tcfg["optimizer_args"] or {}))
+def param_groups(model, tcfg: dict) -> list[dict]:
+    """The backbone's trainable parameters at ``lr * backbone_lr_mult`` (with ``layer_decay``: each of timm's
+    layer groups of the backbone scaled by ``layer_decay ** (layers above it)``, the last at 1), and the pool
+    and heads at ``lr``."""
+    lr, mult, decay = tcfg["lr"], tcfg["backbone_lr_mult"], tcfg["layer_decay"]
+    rest = [p for n, p in model.named_parameters() if not n.startswith("backbone.") and p.requires_grad]
+    if decay is None:
+        backbone = [p for p in model.backbone.parameters() if p.requires_grad]
+        return [{"params": backbone, "lr": lr * mult}, {"params": rest, "lr": lr}]
+    from timm.optim import param_groups_layer_decay
+
+    groups = param_groups_layer_decay(model.backbone, weight_decay=tcfg["weight_decay"], layer_decay=decay,
+                                      weight_decay_exclude_1d=False)
+    for g in groups:
+        g["lr"] = lr * mult * g.pop("lr_scale", 1.0)
+    return [*groups, {"params": rest, "lr": lr}]
+
+
+def build_optimizer(model, tcfg: dict):
+    """timm's optimizer of that name over ``param_groups``; ``optimizer_args`` go to its constructor."""
+    from timm.optim import create_optimizer_v2
+
+    name = tcfg["optimizer"]
+    if name == "sgd" and not tcfg["momentum"]:
+        name = "momentum"  # plain SGD: torch refuses Nesterov (timm's "sgd") without momentum
+    return create_optimizer_v2(param_groups(model, tcfg), opt=name, lr=tcfg["lr"], weight_decay=tcfg["weight_decay"],
+                               momentum=tcfg["momentum"], filter_bias_and_bn=False, **(tcfg["optimizer_args"] or {}))
 
 
 def lr_lambda(tcfg: dict, steps_per_epoch: int):

@@ -34,7 +34,7 @@ from pipeline.training.distributed import Dist
 from pipeline.training.fold_data import fold_datasets
 from pipeline.training.losses import Criterion
 from pipeline.training.models import Head, activate, freeze_stages, pick_device
-from pipeline.training.optim import OPTIMIZERS, SCHEDULERS, steps_each_batch
+from pipeline.training.optim import SCHEDULERS, build_optimizer, steps_each_batch
 
 
 # ---------------------------------------------------------------------------------------- utilities
@@ -66,11 +66,6 @@ def mix_batch(x, y: dict, tcfg: dict, epoch: int):
     return x, y2, lam
 
 
-# called as hook(fold, epoch, score) after each validation; one may raise to stop training (the tune
-# stage reports the score to Optuna there and raises TrialPruned when the pruner says so)
-EPOCH_HOOKS: list = []
-
-
 def to_device(y: dict, device) -> dict:
     return {k: v.to(device, non_blocking=True) for k, v in y.items()}
 
@@ -84,10 +79,17 @@ class FoldTrainer:
     """Trains one fold: the loop over epochs and batches, validation, checkpoints, resume."""
 
     def __init__(self, cfg: dict, heads: list[Head], train_df: pd.DataFrame, tr_idx, va_idx, fold, out_dir: Path,
-                 key: str, folds_hash: str, datasets: tuple | None = None, metric=None):
-        """``datasets`` = (train, valid, valid targets) replaces the competition's labelled images (the
-        jigsaw pretext task trains through this same loop); ``metric`` replaces the competition metric."""
-        self.cfg, self.tcfg, self.heads, self.fold = cfg, cfg["train"], heads, fold
+                 key: str, folds_hash: str, datasets: tuple | None = None, metric=None, train: dict | None = None,
+                 init: str | None = "model.init", cache_images: bool | None = None, on_epoch=()):
+        """The loop's own options, for a loop that is not the config's training (pretrain, lr_find):
+        ``train`` (a validated ``train`` section: ``schema.Train(...).model_dump()``) replaces the config's,
+        ``init`` the starting weights (a path, or None: from scratch), ``cache_images`` data.cache's choice;
+        ``datasets`` = (train, valid, valid targets) the competition's labelled images (the jigsaw pretext
+        task trains through this same loop), ``metric`` the competition metric. ``on_epoch``: callables
+        ``(fold, epoch, score)`` after each validation; one may raise to stop (tune: optuna.TrialPruned)."""
+        self.cfg, self.tcfg, self.heads, self.fold = cfg, train or cfg["train"], heads, fold
+        self.init = cfg["model"]["init"] if init == "model.init" else init
+        self.on_epoch = list(on_epoch)
         self.out_dir, self.key, self.folds_hash = out_dir, key, folds_hash
         self.metric = metric or get_metric(cfg["competition"]["metric"])
         self.dist = Dist()
@@ -98,7 +100,7 @@ class FoldTrainer:
         cw = None
         if datasets is None:
             data = fold_datasets(cfg, heads, train_df, self.tr_idx, self.va_idx, fold, folds_hash, self.device,
-                                 self.dist.local_world)
+                                 self.dist.local_world, cache_images)
             self.train_ds, self.valid_ds, self.y_valid, cw = data.train, data.valid, data.y_valid, data.class_weights
         else:
             self.train_ds, self.valid_ds, self.y_valid = datasets
@@ -114,7 +116,7 @@ class FoldTrainer:
     def build(self):
         cfg, tcfg = self.cfg, self.tcfg
         seed_everything(epoch_seed(cfg["seed"], self.fold, -1))
-        self.model = build_model(cfg, self.heads, self.fold).to(self.device)
+        self.model = build_model(cfg, self.heads, self.fold, self.init).to(self.device)
         self.frozen = freeze_stages(self.model.backbone, cfg["model"]["freeze_stages"])
         if tcfg["channels_last"]:
             self.model = self.model.to(memory_format=torch.channels_last)
@@ -128,10 +130,7 @@ class FoldTrainer:
             # a head-only warm-up freezes the backbone after DDP is built: those parameters get no gradient
             self.net = nn.parallel.DistributedDataParallel(self.model, device_ids=ids,
                                                            find_unused_parameters=tcfg["freeze_backbone_epochs"] > 0)
-        backbone = [p for p in self.model.backbone.parameters() if p.requires_grad]
-        rest = [p for n, p in self.model.named_parameters() if not n.startswith("backbone.") and p.requires_grad]
-        groups = [{"params": backbone, "lr": tcfg["lr"] * tcfg["backbone_lr_mult"]}, {"params": rest, "lr": tcfg["lr"]}]
-        self.opt = OPTIMIZERS[tcfg["optimizer"]](groups, tcfg)
+        self.opt = build_optimizer(self.model, tcfg)
         self.sched = SCHEDULERS[tcfg["scheduler"]](self.opt, tcfg, self.steps_per_epoch, self.metric.higher_is_better)
         self.ema = None
         if tcfg["ema"]:
@@ -335,7 +334,7 @@ class FoldTrainer:
             if self.dist.main:
                 log(msg + f" ({row['seconds']:.1f}s)")
             kill_point(f"epoch:{epoch + 1}")
-            for hook in EPOCH_HOOKS if validate else ():
+            for hook in self.on_epoch if validate else ():
                 hook(self.fold, epoch + 1, row["score"])  # may raise (tune: optuna.TrialPruned)
             if stop:
                 log(f"[train] fold {self.fold}: early stopping after {epoch + 1} epochs "
