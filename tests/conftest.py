@@ -110,7 +110,7 @@ def record_in_two_processes(setting: str, n: int = 200) -> None:
     import subprocess
     import sys
 
-    code = ("import sys, time; from pipeline import leaderboard as LB; from pipeline.config.loading import load_config\n"
+    code = ("import sys, time; from pipeline.store import leaderboard as LB; from pipeline.config.loading import load_config\n"
             f"cfg = load_config(None, ['{setting}', 'name=' + sys.argv[1]])\n"
             f"for i in range({n}): LB.record(cfg, 'train', time.time(), cv=i / {n}, folds={{'fold0': i / {n}}},"
             " epochs=[{'fold': 0, 'epoch': 1, 'score': 0.5}])\n")

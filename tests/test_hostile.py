@@ -69,7 +69,7 @@ def test_demo_generator_rebuilds_only_its_own_files(tmp_path, capsys, DEMO):
 
 
 def test_two_demo_generators_at_once_both_succeed(tmp_path):
-    code = ("import sys; from pipeline import demo; demo.build(sys.argv[1])")
+    code = ("import sys; from pipeline.stages import data; data.build(sys.argv[1])")
     procs = [subprocess.Popen([sys.executable, "-c", code, str(tmp_path / "demo")], stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, text=True)
              for _ in range(2)]
