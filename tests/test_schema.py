@@ -10,9 +10,11 @@ from pipeline.config.loading import load_config
 from pipeline.config.schema import DEFAULTS, METRIC_TASKS, Config
 from pipeline.errors import ConfigError
 from pipeline.level2 import models as level2
+from pipeline.metrics import METRICS
 from pipeline.predict import tta
 from pipeline.tasks import TASKS
 from pipeline.training import losses, optim
+from pipeline.training.models import POOLS
 from tests.conftest import CFG
 
 
@@ -20,7 +22,8 @@ def _enumerated(model=Config, prefix=""):
     """(dotted key, allowed values) of every field whose values are a fixed set: a Literal (also inside a
     list or a union) or a name checked against a registry."""
     registries = {"_optimizer": optim.OPTIMIZERS, "_scheduler": optim.SCHEDULERS, "_tta_set": tta.TTA_SETS,
-                  "_level2": level2.LEVEL2_MODELS, "check_task_name": TASKS}
+                  "_level2": level2.LEVEL2_MODELS, "check_task_name": TASKS,
+                  "_metric": METRICS, "_pool": POOLS}
     out = []
     for name, field in model.model_fields.items():
         key = prefix + name

@@ -25,18 +25,20 @@ from pipeline.config.types import (
     ImagePattern,
     InitPath,
     Level2Model,
+    MetricName,
     Optimizer,
+    PoolName,
     SafeName,
     Scheduler,
     TaskName,
     TtaSet,
 )
 from pipeline.errors import ConfigError
+from pipeline.metrics import METRICS
 from pipeline.tasks import HEAD_KINDS, TASKS
 
-Metric = Literal["accuracy", "logloss", "auc", "rmse", "mae", "qwk", "macro_f1"]
 # which competition metrics make sense for which task (a metric on the wrong task is refused): tasks.TASKS
-METRIC_TASKS = {m: tuple(name for name, t in TASKS.items() if m in t.metrics) for m in Metric.__args__}
+METRIC_TASKS = {m: tuple(name for name, t in TASKS.items() if m in t.metrics) for m in METRICS}
 
 
 class _Section(BaseModel):
@@ -55,7 +57,7 @@ class Competition(_Section):
     target: str | list[str] = "target"
     task: TaskName = "multiclass"
     num_classes: int | None = Field(None, ge=2)  # inferred from train.csv when None (classification)
-    metric: Metric = "accuracy"
+    metric: MetricName = "accuracy"  # a name of pipeline.metrics.METRICS
     group: str | None = None
     tabular: list[str] = []
     categorical: list[str] = []
@@ -99,7 +101,7 @@ class Model(_Section):
     backbone: str = "resnet18"
     # local weights file (our jigsaw pretraining or a user's), never a download; {fold} = each fold's own file
     init: InitPath | None = None
-    pool: Literal["avg", "gem", "avgmax"] = "avg"
+    pool: PoolName = "avg"  # registry: pipeline.training.models.POOLS
     bnneck: bool = False
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
     freeze_stages: int = Field(0, ge=0)  # freeze the stem and the first N stages for the whole run

@@ -10,6 +10,7 @@ from typing import Annotated
 
 from pydantic import AfterValidator
 
+from pipeline.metrics import METRICS
 from pipeline.tasks import check_task_name
 
 
@@ -87,3 +88,21 @@ InitPath = Annotated[str, AfterValidator(_init_pattern)]
 TtaSet = Annotated[str, AfterValidator(_tta_set)]
 Level2Model = Annotated[str, AfterValidator(_level2)]
 TaskName = Annotated[str, AfterValidator(check_task_name)]  # a kind of pipeline/tasks.py
+
+
+def _metric(v: str) -> str:
+    if v not in METRICS:
+        raise ValueError(f"unknown value; allowed: {', '.join(METRICS)}")
+    return v
+
+
+MetricName = Annotated[str, AfterValidator(_metric)]
+
+
+def _pool(v: str) -> str:
+    from pipeline.training.models import POOLS
+
+    return POOLS.check(v)
+
+
+PoolName = Annotated[str, AfterValidator(_pool)]

@@ -13,18 +13,19 @@ Only ``test.csv``, ``sample_submission.csv`` and the test images are read from t
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
+from pipeline.competition.submission import to_submission, validate
 from pipeline.competition.tables import image_paths, load_test, read_table, table_path
 from pipeline.errors import InputError
-from pipeline.store.io import atomic_path, log, read_json
 from pipeline.level2.models import SAVED, predict_saved
-from pipeline.store.paths import head_prediction, prediction_frame, targets
 from pipeline.level2.rules import apply_rules
-from pipeline.competition.submission import to_submission, validate
+from pipeline.store.io import atomic_path, log, read_json
+from pipeline.store.paths import head_prediction, prediction_frame, targets
 
 MANIFEST = "bundle.json"
 FORMAT = 1
@@ -116,10 +117,10 @@ def level1_frame(bundle: Path, name: str, spec: dict, cfg: dict, test: pd.DataFr
     from torch.utils.data import DataLoader
     from tqdm.auto import tqdm
 
-    from pipeline.training.fold_models import require_one_config
     from pipeline.competition.images import SharedImages, build_transform, loader_workers
-    from pipeline.training.checkpoint import load_model
     from pipeline.predict.tta import aggregate, predict_views, tta_views
+    from pipeline.training.checkpoint import load_model
+    from pipeline.training.fold_models import require_one_config
 
     f, id_col = spec["features"], cfg["competition"]["id"]
     views = tta_views(f["tta"], f.get("scales"))
@@ -164,36 +165,17 @@ def predict(bundle: str | Path, competition: str | Path, device: str = "auto",
     cfg = competition_config(manifest, competition)
     test, sample = check_competition(manifest, cfg)
     comp, device = cfg["competition"], pick_device(device)
-    id_col, head, task = comp["id"], targets(cfg)[0], comp["task"]
+    id_col, head = comp["id"], targets(cfg)[0]
     ids = test[id_col].to_numpy()
     frames: dict[str, pd.DataFrame] = {}
     for name, spec in manifest["sets"].items():  # in dependency order
         started = time.time()
-        if spec["kind"] == "features":
-            budget = None
-            if time_budget is not None:  # an equal share of what is left for each level-1 set still to run
-                left = [n for n, s in manifest["sets"].items() if s["kind"] == "features" and n not in frames]
-                budget = max(0.0, time_budget - (time.time() - t_start)) / len(left)
-            frames[name] = level1_frame(bundle, name, spec, cfg, test, device, budget)
-            what = f"{len(spec['models'])} fold model(s), TTA {spec['features']['tta']}"
-        elif spec["kind"] == "stack":
-            folder, exps = bundle / spec["level2"], spec["experiments"]
-            l2 = read_json(folder / SAVED)
-            T = pd.concat([frames[e].drop(columns=[id_col]) for e in exps]
-                          + [test[spec["tabular"]].reset_index(drop=True)], axis=1)
-            preds = [head_prediction(frames[e], e, head, l2["stat"]) for e in exps]
-            pred = predict_saved(folder, T, preds)
-            frames[name] = prediction_frame(ids, id_col, name, head, pred)
-            what = f"level 2 ({l2['model']}, {l2['test_mode']}) on {', '.join(exps)}"
-        else:  # postprocess
-            pp = read_json(bundle / spec["params"])
-            src, other, force = pp["source"], pp["blend_with"], pp["force_from"]
-            p = head_prediction(frames[src], src, head)
-            o = head_prediction(frames[other], other, head) if other else None
-            onehot = (head_prediction(frames[force["experiment"]], force["experiment"], force.get("head", head))
-                      if force else None)
-            frames[name] = prediction_frame(ids, id_col, name, head, apply_rules(pp["params"], task, p, o, onehot))
-            what = f"rules {sorted(pp['params'])} on {src}"
+        budget = None
+        if spec["kind"] == "features" and time_budget is not None:
+            # an equal share of what is left for each level-1 set still to run
+            left = [n for n, s in manifest["sets"].items() if s["kind"] == "features" and n not in frames]
+            budget = max(0.0, time_budget - (time.time() - t_start)) / len(left)
+        frames[name], what = SET_KINDS[spec["kind"]](SetInputs(bundle, name, spec, cfg, test, device, frames, budget))
         log(f"[inference] {name}: {what}, {len(ids)} test rows, {time.time() - started:.1f}s ({device})")
     source = manifest["source"]
     pred = head_prediction(frames[source], source, head, manifest["submit"]["stat"])
@@ -214,3 +196,49 @@ def predict_bundle(bundle: str | Path, competition: str | Path, output: str | Pa
     log(f"[inference] wrote {output} ({len(sub)} rows, validated against the competition's sample submission) "
         f"in {time.time() - started:.1f}s")
     return output
+
+
+@dataclass
+class SetInputs:
+    """What the notebook has when it redoes one feature set of a bundle: the sets before it in ``frames``."""
+    bundle: Path
+    name: str
+    spec: dict
+    cfg: dict
+    test: pd.DataFrame
+    device: object
+    frames: dict
+    budget: float | None = None
+
+
+def _level1_set(s: SetInputs) -> tuple[pd.DataFrame, str]:
+    frame = level1_frame(s.bundle, s.name, s.spec, s.cfg, s.test, s.device, s.budget)
+    return frame, f"{len(s.spec['models'])} fold model(s), TTA {s.spec['features']['tta']}"
+
+
+def _stack_set(s: SetInputs) -> tuple[pd.DataFrame, str]:
+    id_col, head = s.cfg["competition"]["id"], targets(s.cfg)[0]
+    folder, exps = s.bundle / s.spec["level2"], s.spec["experiments"]
+    l2 = read_json(folder / SAVED)
+    T = pd.concat([s.frames[e].drop(columns=[id_col]) for e in exps]
+                  + [s.test[s.spec["tabular"]].reset_index(drop=True)], axis=1)
+    preds = [head_prediction(s.frames[e], e, head, l2["stat"]) for e in exps]
+    pred = predict_saved(folder, T, preds)
+    frame = prediction_frame(s.test[id_col].to_numpy(), id_col, s.name, head, pred)
+    return frame, f"level 2 ({l2['model']}, {l2['test_mode']}) on {', '.join(exps)}"
+
+
+def _postprocess_set(s: SetInputs) -> tuple[pd.DataFrame, str]:
+    id_col, head, task = s.cfg["competition"]["id"], targets(s.cfg)[0], s.cfg["competition"]["task"]
+    pp = read_json(s.bundle / s.spec["params"])
+    src, other, force = pp["source"], pp["blend_with"], pp["force_from"]
+    p = head_prediction(s.frames[src], src, head)
+    o = head_prediction(s.frames[other], other, head) if other else None
+    onehot = (head_prediction(s.frames[force["experiment"]], force["experiment"], force.get("head", head))
+              if force else None)
+    pred = apply_rules(pp["params"], task, p, o, onehot)
+    return prediction_frame(s.test[id_col].to_numpy(), id_col, s.name, head, pred), f"rules {sorted(pp['params'])} on {src}"
+
+
+# each kind of set a bundle holds -> how the notebook redoes it (the bundle's side: pipeline.stages.kaggle.SET_KINDS)
+SET_KINDS = {"features": _level1_set, "stack": _stack_set, "postprocess": _postprocess_set}

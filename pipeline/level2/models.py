@@ -260,9 +260,6 @@ def as_trained_categories(T: pd.DataFrame, categories: dict, where) -> pd.DataFr
     return T
 
 
-REPRODUCIBLE = ("lgbm", "weighted")  # level-2 models whose test predictions can be redone from saved files
-
-
 def stage_models(group, folder, d: Level2Data, result: Level2Result) -> None:
     """Stage a stack's fitted models in its artifact group: ``<folder>/fold<k>.txt`` and ``refit.txt``
     (LightGBM text models) and ``level2.json`` (the columns in order, which are categorical, the test
@@ -272,7 +269,7 @@ def stage_models(group, folder, d: Level2Data, result: Level2Result) -> None:
         group.add(folder / f"{name}.txt", model.save)
         files[name] = f"{name}.txt"
     kind = result.info.get("chosen", d.scfg["model"])  # `auto` saves the model it chose
-    spec = {"model": kind, "reproducible": kind in REPRODUCIBLE, "task": d.task,
+    spec = {"model": kind, "reproducible": kind in SAVED_MODELS, "task": d.task,
             "n_classes": d.n_classes, "experiments": list(d.experiments), "columns": [str(c) for c in d.T.columns],
             "categorical": [str(c) for c in d.T.columns if isinstance(d.T[c].dtype, pd.CategoricalDtype)],
             "categories": {str(c): [str(v) for v in d.T[c].dtype.categories] for c in d.T.columns
@@ -282,17 +279,31 @@ def stage_models(group, folder, d: Level2Data, result: Level2Result) -> None:
     group.json(folder / SAVED, spec)
 
 
+# level-2 models whose test predictions can be redone from the saved files alone (a Kaggle bundle's
+# notebook does): model name -> (folder, level2.json spec, test features, level-1 predictions) -> prediction.
+# A new level-2 model is bundled by registering its predictor here, beside its fit above.
+SAVED_MODELS = Registry("a bundled level-2 model")
+
+
 def predict_saved(folder, T: pd.DataFrame | None, preds: list[np.ndarray] | None = None) -> np.ndarray:
     """Level-2 test predictions from a saved stack (``stage_models``): the mean of its fold models (or its
     refit model) on ``T`` (test features with the stack's columns), or its blend weights on ``preds``
     (each experiment's prediction, in ``experiments`` order)."""
     folder = Path(folder)
     spec = read_json(folder / SAVED)
-    if spec["model"] == "weighted":
-        return sum(spec["weights"][e] * p for e, p in zip(spec["experiments"], preds))
-    if spec["model"] != "lgbm":
+    if spec["model"] not in SAVED_MODELS:
         raise InputError(f"{folder}: level-2 model '{spec['model']}' cannot be rebuilt from saved files; "
-                         f"use stack.model {' or '.join(REPRODUCIBLE)} for a bundle.")
+                         f"use stack.model {' or '.join(SAVED_MODELS)} for a bundle.")
+    return SAVED_MODELS[spec["model"]](folder, spec, T, preds)
+
+
+@SAVED_MODELS.register("weighted")
+def _saved_blend(folder: Path, spec: dict, T, preds) -> np.ndarray:
+    return sum(spec["weights"][e] * p for e, p in zip(spec["experiments"], preds))
+
+
+@SAVED_MODELS.register("lgbm")
+def _saved_lgbm(folder: Path, spec: dict, T: pd.DataFrame, preds) -> np.ndarray:
     missing = [c for c in spec["columns"] if c not in T.columns]
     if missing:
         raise InputError(f"{folder}: the test features lack {len(missing)} column(s) level 2 was fitted on, e.g. "

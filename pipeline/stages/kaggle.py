@@ -37,7 +37,7 @@ from pipeline.errors import ConfigError, InputError
 from pipeline.kaggle import versions
 from pipeline.kaggle.inference import FORMAT, MANIFEST, predict
 from pipeline.kaggle.wheels import build_wheels
-from pipeline.level2.models import SAVED
+from pipeline.level2.models import SAVED, SAVED_MODELS
 from pipeline.store.artifacts import require_complete, stage_lock
 from pipeline.store.io import config_hash, git_info, is_up_to_date, log, read_json, write_json
 from pipeline.store.paths import features_dir, fold_dir, submission_source, under
@@ -124,49 +124,62 @@ def collect(cfg: dict, name: str, sets: dict, files: dict) -> None:
         raise InputError(f"{d}: made for competition '{saved['competition']['name']}', not "
                          f"'{cfg['competition']['name']}' of this config; bundle it with its own config.")
     stage, spec = meta.get("stage"), {"stage_key": meta["stage_key"]}
-    if stage == "features":
-        fcfg = saved["features"]
-        if fcfg["embedding"] and fcfg["pca"]:
-            raise InputError(f"{d}: made with features.pca, a PCA fitted per fold on train images that a bundle does "
-                             "not carry; bundle an experiment made without features.pca.")
-        spec.update(kind="features", models=[], features={k: fcfg[k] for k in (
-            "tta", "scales", "stats", "keep_views", "embedding", "batch_size")})
-        for k in meta.get("test_models", meta["models"]):  # the models behind test.parquet
-            ckpt = fold_dir(cfg, k, name) / "best.pt"
-            if not ckpt.exists():
-                raise InputError(f"{ckpt}: checkpoint of fold {k} of '{name}' is missing, but {d} was made with it; "
-                                 "restore it, or retrain (`make train`) and remake the features.")
-            files[f"models/{name}/fold{k}.pt"] = ckpt
-            spec["models"].append(f"models/{name}/fold{k}.pt")
-    elif stage == "stack":
-        l2 = d / "models"
-        if not (l2 / SAVED).exists():
-            raise InputError(f"{l2}: no saved level-2 models ({d} was made before `stack` saved them); rerun it with "
-                             f"`make stack FORCE=1` and its config.")
-        lspec = read_json(l2 / SAVED)
-        if not lspec["reproducible"]:
-            raise InputError(f"{d}: level-2 model '{lspec['model']}' cannot be reloaded in a notebook; a bundle "
-                             "carries stack.model lgbm or weighted.")
-        for e in lspec["experiments"]:
-            collect(cfg, e, sets, files)
-        for f in [SAVED, *lspec["files"].values()]:
-            files[f"level2/{name}/{f}"] = l2 / f
-        spec.update(kind="stack", experiments=lspec["experiments"], level2=f"level2/{name}",
-                    tabular=[c for c in saved["competition"]["tabular"] if c in lspec["columns"]])
-    elif stage == "postprocess":
-        pcfg = saved["postprocess"]
-        params = {"source": meta["source"], "blend_with": pcfg["blend_with"], "force_from": pcfg["force_from"],
-                  "params": read_json(d / "postprocess.json")["params"]}
-        for e in (params["source"], params["blend_with"], (params["force_from"] or {}).get("experiment")):
-            if e:
-                collect(cfg, e, sets, files)
-        files[f"postprocess/{name}.json"] = params
-        spec.update(kind="postprocess", params=f"postprocess/{name}.json")
-    else:
-        raise InputError(f"{d}: made by stage '{stage}', which a bundle cannot redo (features, stack, postprocess).")
+    if stage not in SET_KINDS:
+        raise InputError(f"{d}: made by stage '{stage}', which a bundle cannot redo ({', '.join(SET_KINDS)}).")
+    SET_KINDS[stage](cfg, name, d, meta, saved, spec, sets, files)
     files[f"configs/{name}.yaml"] = d / "config.yaml"
     sets[name] = spec
 
+
+
+# A feature set of each kind (the stage that made it) and what the bundle carries to redo it; the notebook's
+# side of each kind is pipeline.kaggle.inference.SET_KINDS.
+def _level1_set(cfg: dict, name: str, d: Path, meta: dict, saved: dict, spec: dict, sets: dict, files: dict) -> None:
+    fcfg = saved["features"]
+    if fcfg["embedding"] and fcfg["pca"]:
+        raise InputError(f"{d}: made with features.pca, a PCA fitted per fold on train images that a bundle does "
+                         "not carry; bundle an experiment made without features.pca.")
+    spec.update(kind="features", models=[], features={k: fcfg[k] for k in (
+        "tta", "scales", "stats", "keep_views", "embedding", "batch_size")})
+    for k in meta.get("test_models", meta["models"]):  # the models behind test.parquet
+        ckpt = fold_dir(cfg, k, name) / "best.pt"
+        if not ckpt.exists():
+            raise InputError(f"{ckpt}: checkpoint of fold {k} of '{name}' is missing, but {d} was made with it; "
+                             "restore it, or retrain (`make train`) and remake the features.")
+        files[f"models/{name}/fold{k}.pt"] = ckpt
+        spec["models"].append(f"models/{name}/fold{k}.pt")
+
+
+def _stack_set(cfg: dict, name: str, d: Path, meta: dict, saved: dict, spec: dict, sets: dict, files: dict) -> None:
+    l2 = d / "models"
+    if not (l2 / SAVED).exists():
+        raise InputError(f"{l2}: no saved level-2 models ({d} was made before `stack` saved them); rerun it with "
+                         f"`make stack FORCE=1` and its config.")
+    lspec = read_json(l2 / SAVED)
+    if not lspec["reproducible"]:
+        raise InputError(f"{d}: level-2 model '{lspec['model']}' cannot be reloaded in a notebook; a bundle "
+                         f"carries stack.model {' or '.join(SAVED_MODELS)}.")
+    for e in lspec["experiments"]:
+        collect(cfg, e, sets, files)
+    for f in [SAVED, *lspec["files"].values()]:
+        files[f"level2/{name}/{f}"] = l2 / f
+    spec.update(kind="stack", experiments=lspec["experiments"], level2=f"level2/{name}",
+                tabular=[c for c in saved["competition"]["tabular"] if c in lspec["columns"]])
+
+
+def _postprocess_set(cfg: dict, name: str, d: Path, meta: dict, saved: dict, spec: dict, sets: dict,
+                     files: dict) -> None:
+    pcfg = saved["postprocess"]
+    params = {"source": meta["source"], "blend_with": pcfg["blend_with"], "force_from": pcfg["force_from"],
+              "params": read_json(d / "postprocess.json")["params"]}
+    for e in (params["source"], params["blend_with"], (params["force_from"] or {}).get("experiment")):
+        if e:
+            collect(cfg, e, sets, files)
+    files[f"postprocess/{name}.json"] = params
+    spec.update(kind="postprocess", params=f"postprocess/{name}.json")
+
+
+SET_KINDS = {"features": _level1_set, "stack": _stack_set, "postprocess": _postprocess_set}
 
 def copy_checkpoint(src: Path, dst: Path, fp16: bool) -> None:
     """The checkpoint's slim copy (weights, heads, model and image settings), floats in half precision with

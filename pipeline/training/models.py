@@ -6,6 +6,7 @@ trained model's file is ``training.checkpoint``'s.
 from __future__ import annotations
 
 import difflib
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -13,6 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from pipeline.errors import ConfigError, InputError
+from pipeline.registry import Registry
 from pipeline.store.io import log
 from pipeline.store.paths import targets
 from pipeline.tasks import head_kind, head_kind_for
@@ -74,26 +76,39 @@ class GeM(nn.Module):
         return F.adaptive_avg_pool2d(x.clamp(min=self.eps).pow(self.p), 1).pow(1.0 / self.p).flatten(1)
 
 
+@dataclass(frozen=True)
+class PoolKind:
+    """A ``model.pool``: how a feature map (N, C, H, W) becomes a vector, how many C it yields, and its
+    learnable part (a module kept as ``pool.<name>``, e.g. GeM's exponent ``pool.gem.p``), if any."""
+    apply: Callable  # (learned module or None, feature map) -> (N, factor * C)
+    factor: int = 1
+    learned: Callable | None = None
+
+
+def _avg(x):
+    return F.adaptive_avg_pool2d(x, 1).flatten(1)
+
+
+POOLS = Registry("model.pool")
+POOLS.register("avg")(PoolKind(lambda _, x: _avg(x)))
+POOLS.register("gem")(PoolKind(lambda gem, x: gem(x), learned=GeM))
+POOLS.register("avgmax")(PoolKind(lambda _, x: torch.cat([_avg(x), F.adaptive_max_pool2d(x, 1).flatten(1)], 1), 2))
+
+
 class Pool(nn.Module):
     def __init__(self, kind: str):
         super().__init__()
-        if kind not in ("avg", "gem", "avgmax"):
-            raise InputError(f"model.pool must be avg, gem or avgmax, got '{kind}'.")
-        self.kind = kind
-        self.gem = GeM() if kind == "gem" else None
+        self.kind, self.spec = kind, POOLS[kind]
+        if self.spec.learned is not None:
+            self.add_module(kind, self.spec.learned())  # its parameters are named after the pool (pool.gem.p)
 
     def forward(self, x):
         if x.ndim == 3:  # token sequences (transformers): mean over tokens
             return x.mean(1)
-        if self.kind == "gem":
-            return self.gem(x)
-        avg = F.adaptive_avg_pool2d(x, 1).flatten(1)
-        if self.kind == "avgmax":
-            return torch.cat([avg, F.adaptive_max_pool2d(x, 1).flatten(1)], 1)
-        return avg
+        return self.spec.apply(getattr(self, self.kind) if self.spec.learned else None, x)
 
     def factor(self) -> int:
-        return 2 if self.kind == "avgmax" else 1
+        return self.spec.factor
 
 
 class Net(nn.Module):
