@@ -10,9 +10,9 @@ import torch
 from pipeline.errors import InputError
 from pipeline.stages import lr_find as LF
 from pipeline.stages import train as T
-from pipeline.training import fold_models as FM
 from pipeline.training import losses as L
 from pipeline.training import optim as O
+from pipeline.training import train_key as FM
 from pipeline.training import trainer as TR
 from pipeline.training.build import build_model, load_backbone_weights
 from pipeline.training.checkpoint import load_model

@@ -18,10 +18,8 @@ from torch.utils.data import DataLoader, Dataset
 from pipeline.competition.images import build_transform, read_image, resolve_cache
 from pipeline.errors import InputError
 from pipeline.predict.tta import predict_views, tta_views
-from pipeline.store.artifacts import refuse_mixed_full_model, require_full_model
-from pipeline.store.io import read_json
 from pipeline.training.checkpoint import load_model
-from pipeline.training.fold_models import require_one_config
+from pipeline.training.fold_models import FoldModels, require_one_config
 from pipeline.training.models import pick_device
 
 
@@ -55,14 +53,11 @@ class Predictor:
     @classmethod
     def from_experiment(cls, models_dir: str | Path, folds=None, use_full: bool | str = False, device: str = "auto"):
         """The fold models' mean; ``use_full``: True adds the all-data model (``foldfull``), "only" uses it alone."""
-        d = Path(models_dir)
-        paths = sorted(p for p in d.glob("fold[0-9]*/best.pt") if folds is None or int(p.parent.name[4:]) in folds)
-        full = require_full_model(d) if use_full == "only" else d / "foldfull" / "best.pt"
-        if use_full and full.exists():
-            # only where meta.json files came along (a models folder copied to Kaggle may have none)
-            refuse_mixed_full_model(d, {p.parent.name: read_json(p.parent / "meta.json").get("stage_key")
-                                        for p in [*paths, full] if (p.parent / "meta.json").exists()})
-            paths = [full] if use_full == "only" else [*paths, full]
+        fm = FoldModels(models_dir)
+        trained = sorted(int(p.parent.name[4:]) for p in fm.folder.glob("fold[0-9]*/best.pt"))
+        _, test_models = fm.for_test([k for k in trained if folds is None or k in folds], use_full)
+        paths = [fm.checkpoint(k) for k in test_models]
+        d = fm.folder
         if not paths:
             raise InputError(f"{d}: no fold checkpoints (fold*/best.pt); run `make train` or copy the models folder.")
         return cls(paths, device)

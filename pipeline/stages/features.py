@@ -23,14 +23,13 @@ from pipeline.errors import InputError
 from pipeline.metrics import get_metric
 from pipeline.predict.tta import aggregate, predict_views, tta_views
 from pipeline.store import leaderboard
-from pipeline.store.artifacts import ArtifactGroup, kill_point, refuse_mixed_full_model, require_full_model, stage_lock
+from pipeline.store.artifacts import ArtifactGroup, kill_point, stage_lock
 from pipeline.store.io import (
     config_hash,
     file_hash,
     is_up_to_date,
     log,
     provenance,
-    read_json,
     read_parquet_meta,
     resolved_config_text,
     write_parquet,
@@ -45,8 +44,9 @@ from pipeline.store.paths import (
 )
 from pipeline.training import teachers
 from pipeline.training.checkpoint import Checkpoint, load_model
-from pipeline.training.fold_models import images_hash, require_current, train_key
+from pipeline.training.fold_models import FULL, FoldModels
 from pipeline.training.models import pick_device
+from pipeline.training.train_key import images_hash, train_key
 
 
 def fit_fold_pca(model, heads, loader, paths, data_cfg, tf, device, n: int, seed: int = 0):
@@ -86,26 +86,14 @@ def _run(cfg: dict, force: bool) -> Path:
         raise InputError("the folds file does not cover train.csv; rerun `make folds` then `make train`.")
     fold_of = fold_of.astype(int).to_numpy()
     n_splits = int(fold_of.max()) + 1
-    metas = {}
-    for k in range(n_splits):
-        meta = mdir / f"fold{k}" / "meta.json"
-        if not meta.exists() or not (mdir / f"fold{k}" / "best.pt").exists():
-            raise InputError(f"{mdir}/fold{k}: no trained model for fold {k}; run `make train` for every fold "
-                             "(OOF features need all of them).")
-        metas[k] = read_json(meta)
-        if metas[k]["folds_hash"] != folds_hash:
-            raise InputError(f"{mdir}/fold{k} was trained with folds file hash {metas[k]['folds_hash']}, but "
-                             f"{folds_df.shape[0]}-row folds file now has hash {folds_hash}; the OOF rows would "
-                             "leak. Retrain (`make train`) with the current folds, or restore the old folds file.")
+    fold_models = FoldModels(mdir)
+    metas = fold_models.require_folds(n_splits, folds_hash)
     # the rule `train --check` applies: this config, these folds, train.csv, images and teacher
-    require_current(mdir, range(n_splits), train_key(cfg, train_df, folds_hash))
-    if fcfg["use_full"] == "only":
-        require_full_model(mdir)
-    use_full = bool(fcfg["use_full"]) and (mdir / "foldfull" / "best.pt").exists()
+    fold_models.require_current(range(n_splits), train_key(cfg, train_df, folds_hash))
+    models, test_models = fold_models.for_test(list(range(n_splits)), fcfg["use_full"])
+    use_full = FULL in models
     if use_full:
-        full = mdir / "foldfull" / "meta.json"
-        metas["full"] = read_json(full) if full.exists() else {}
-        refuse_mixed_full_model(mdir, {"fold0": metas[0]["stage_key"], "foldfull": metas["full"].get("stage_key")})
+        metas[FULL] = fold_models.meta(FULL)
     key = config_hash([fcfg, [metas[k]["stage_key"] for k in metas], folds_hash, use_full,
                        file_hash(table_path(cfg, "test")), images_hash(cfg, test_df[id_col])])
     # a leaky model's features are leaky (models trained before the mark was recorded: their config says it)
@@ -123,8 +111,6 @@ def _run(cfg: dict, force: bool) -> Path:
     paths_test = image_paths(cfg, test_df[id_col])
     parts = out / "parts"
     oof_parts, test_parts = [], []
-    models = list(range(n_splits)) + (["full"] if use_full else [])
-    test_models = ["full"] if fcfg["use_full"] == "only" else models
     if fcfg["use_full"] == "only":
         log("[features] test rows: the all-data model alone (features.use_full=only); OOF rows: the fold models")
     from tqdm.auto import tqdm
@@ -138,7 +124,7 @@ def _run(cfg: dict, force: bool) -> Path:
         if not force and all(p.exists() and read_parquet_meta(p).get("key") == pkey for p in (part_oof, part_test)):
             log(f"[features] fold {k}: already dumped, reusing {parts}")
         else:
-            model, ckpt = load_model(mdir / f"fold{k}" / "best.pt", str(device))
+            model, ckpt = load_model(fold_models.checkpoint(k), str(device))
             ckpt.require_fold(k)
             heads = model.head_specs
             dcfg = ckpt.data_cfg  # the image size/normalisation the model was trained with
@@ -181,7 +167,7 @@ def _run(cfg: dict, force: bool) -> Path:
     mean = np.mean([p[feat_cols].to_numpy() for p, m in zip(test_parts, models) if m in test_models], axis=0)
     test = pd.concat([test_parts[0][[id_col]], pd.DataFrame(mean, columns=feat_cols)], axis=1)
 
-    heads = [h.name for h in Checkpoint.read(mdir / "fold0" / "best.pt", mmap=True).heads]
+    heads = [h.name for h in Checkpoint.read(fold_models.checkpoint(0), mmap=True).heads]
     cv = score_table(cfg, oof, train_df, exp, heads[0], fold_of)
     view_cols = [c for c in oof.columns if (col := parse_column(c)) and col.stat == "view0"]
     meta = provenance(cfg, "features", key, folds_hash=folds_hash, cv=cv, models=[str(m) for m in models],

@@ -25,8 +25,9 @@ from pipeline.store.paths import models_dir, targets, valid_prediction
 from pipeline.training import teachers
 from pipeline.training.build import init_leak
 from pipeline.training.distributed import Dist
-from pipeline.training.fold_models import fold_is_current, train_key
+from pipeline.training.fold_models import FoldModels
 from pipeline.training.models import heads_for
+from pipeline.training.train_key import train_key
 from pipeline.training.trainer import FoldTrainer
 
 
@@ -55,7 +56,7 @@ def up_to_date(cfg: dict) -> bool:
     """Every fold this config names is trained with this config, folds and data (``train --check``: lets
     Make skip starting one process per fold just to hear that)."""
     *_, key, todo = _plan(cfg)
-    return all(fold_is_current(models_dir(cfg) / f"fold{k}", key) for k in todo)
+    return all(FoldModels(models_dir(cfg)).is_current(k, key) for k in todo)
 
 
 def run(cfg: dict, force: bool = False, on_epoch=()) -> dict:
@@ -71,7 +72,7 @@ def run(cfg: dict, force: bool = False, on_epoch=()) -> dict:
         meta_path = out / "meta.json"
         # under torchrun every rank trains the same fold together: a lock held by one would deadlock
         with stage_lock(out) if not Dist().enabled else contextlib.nullcontext():
-            if not force and fold_is_current(out, key):
+            if not force and FoldModels(exp).is_current(k, key):
                 log(f"[train] fold {k} up to date: {out}")
                 continue
             if meta_path.exists():  # from here on this fold's files change: it is not up to date until the end

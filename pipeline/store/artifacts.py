@@ -135,21 +135,3 @@ def inherited_leak(metas: dict[str, dict]) -> str | None:
         if why:
             return f"LEAKY: built on {name} ({str(why).removeprefix('LEAKY: ')})"
     return None
-
-
-def refuse_mixed_full_model(models: Path, stage_keys: dict) -> None:
-    """The all-data model (``foldfull``) joins a mean over fold models only when it was trained with their
-    config: ``stage_keys`` (model folder -> stage key, None for a model that did not finish) must agree."""
-    if len(set(stage_keys.values())) > 1:
-        raise InputError(f"{models}/foldfull was trained with another config than the fold models (stage keys "
-                         f"{stage_keys}), or did not finish; its test predictions would not match theirs. Retrain it "
-                         "with their config (`make train ARGS=\"train.full=true\"`) or leave features.use_full off.")
-
-
-def require_full_model(models: Path) -> Path:
-    """The all-data model's checkpoint, for ``use_full=only`` (it alone predicts the test rows): refused if absent."""
-    full = models / "foldfull" / "best.pt"
-    if not full.exists():
-        raise InputError(f"{full}: no all-data model, but use_full=only predicts the test rows with it alone. Train "
-                         "it (`make train ARGS=\"train.full=true\"`) or copy it, or set features.use_full=false.")
-    return full

@@ -1,80 +1,109 @@
-"""Fold models as ``train`` leaves them, and the one staleness rule every reader applies to them.
-
-A fold's model is current for a config when its ``meta.json`` and ``best.pt`` carry the config's train key:
-a hash of what changes what the model learns (the competition, data and model sections, the train section
-less its run-only keys, the seed, the folds file, ``train.csv`` and the content of every train image, and
-the teacher of a pseudo-label or distillation round). ``train --check`` answers with this rule; features
-and the other readers refuse fold models that do not pass it, or that were trained by different configs,
-instead of averaging them.
-
-Image content is fingerprinted by ``io.files_fingerprint``: each image is read and hashed once and then
-recognised by its size and modification time (one ``stat`` per image on later runs), the hashes kept in
-``<workdir>/.cache/image-hashes.json``.
+"""An experiment's fold models as ``train`` leaves them: ``models/<exp>/fold<k>/`` (and ``foldfull``, the
+all-data model), each a ``best.pt`` checkpoint and a ``meta.json`` that vouches for it. ``FoldModels`` is the
+one reader of that folder: which folds are there, their meta, whether each is current for a train key
+(``training.train_key``), and which models predict the test rows. Every stage and reader asks it, so one
+staleness rule holds everywhere: features and the Predictor refuse fold models that ``train --check`` would
+retrain, or that were trained by different configs, instead of averaging them.
 """
 from __future__ import annotations
 
 from pathlib import Path
 
-from pipeline.competition.images import data_key
-from pipeline.competition.tables import image_paths, table_path
 from pipeline.errors import InputError, UnsafeCheckpoint
-from pipeline.store.io import config_hash, file_hash, files_fingerprint, read_json, read_parquet_meta
-from pipeline.store.paths import under
-from pipeline.training import teachers
+from pipeline.store.io import read_json, read_parquet_meta
 from pipeline.training.checkpoint import Checkpoint
 
-# keys that do not change what a fold's model is (so changing them does not retrain)
-RUN_ONLY = ("folds", "full", "device")
+FULL = "full"  # the all-data model's fold name (folder foldfull)
 
 
-def stage_key(cfg: dict, folds_hash: str, train_hash: str, images_hash: str | None = None) -> str:
-    tcfg = {k: v for k, v in cfg["train"].items() if k not in RUN_ONLY}
-    if not tcfg["ema"]:  # (a key added later leaves models trained without EMA up to date)
-        tcfg.pop("ema_warmup")
-    if tcfg.get("layer_decay") is None:  # (the same for models trained before layer_decay existed)
-        tcfg.pop("layer_decay", None)
-    parts = [cfg["competition"], data_key(cfg["data"]), cfg["model"], tcfg, cfg["seed"], folds_hash, train_hash]
-    return config_hash(parts + ([images_hash] if images_hash else []))
+class FoldModels:
+    def __init__(self, folder: str | Path):
+        self.folder = Path(folder)
+        self._metas: dict = {}
 
+    def dir(self, k) -> Path:
+        return self.folder / f"fold{k}"
 
-def images_hash(cfg: dict, ids) -> str:
-    return files_fingerprint(image_paths(cfg, ids), under(cfg, ".cache/image-hashes.json"))
+    def checkpoint(self, k) -> Path:
+        return self.dir(k) / "best.pt"
 
+    def has(self, k) -> bool:
+        return (self.dir(k) / "meta.json").exists() and self.checkpoint(k).exists()
 
-def train_key(cfg: dict, train_df, folds_hash: str) -> str:
-    """The key a fold model of this config, these folds, this train table and these images carries."""
-    ids = train_df[cfg["competition"]["id"]]
-    key = stage_key(cfg, folds_hash, file_hash(table_path(cfg, "train")), images_hash(cfg, ids))
-    if teachers.active(cfg):  # a changed teacher retrains the student
-        key = config_hash([key, teachers.teacher_key(cfg)])
-    return key
+    def meta(self, k) -> dict:
+        if k not in self._metas:
+            path = self.dir(k) / "meta.json"
+            self._metas[k] = read_json(path) if path.exists() else {}
+        return self._metas[k]
 
+    def stage_keys(self) -> dict[str, str | None]:
+        """{fold folder name: stage key} of every fold with a meta.json (a teacher's key, for its student)."""
+        return {p.parent.name: read_json(p).get("stage_key") for p in sorted(self.folder.glob("fold*/meta.json"))}
 
-def fold_is_current(out: Path, key: str) -> bool:
-    """A fold is up to date when its meta.json AND every artifact it vouches for carry this stage key
-    (best.pt, best_valid.parquet): files of one config are never taken for another's."""
-    meta, best, valid = out / "meta.json", out / "best.pt", out / "best_valid.parquet"
-    try:
-        if not meta.exists() or not best.exists() or read_json(meta).get("stage_key") != key:
+    def is_current(self, k, key: str) -> bool:
+        """A fold is up to date when its meta.json AND every artifact it vouches for carry this train key
+        (best.pt, best_valid.parquet): files of one config are never taken for another's."""
+        best, valid = self.checkpoint(k), self.dir(k) / "best_valid.parquet"
+        try:
+            if not self.has(k) or read_json(self.dir(k) / "meta.json").get("stage_key") != key:
+                return False
+            if Checkpoint.read(best, mmap=True).stage_key != key:
+                return False
+            return not valid.exists() or read_parquet_meta(valid).get("stage_key") == key
+        except UnsafeCheckpoint:
+            raise  # a planted file is named, never taken for a stale one and trained over
+        except (OSError, ValueError, RuntimeError):  # (InputError too: not a checkpoint)
             return False
-        if Checkpoint.read(best, mmap=True).stage_key != key:
-            return False
-        return not valid.exists() or read_parquet_meta(valid).get("stage_key") == key
-    except UnsafeCheckpoint:
-        raise  # a planted file is named, never taken for a stale one and trained over
-    except (OSError, ValueError, RuntimeError):  # (InputError too: not a checkpoint)
-        return False
 
+    def require_current(self, folds, key: str) -> None:
+        """Refuse fold models that this config would retrain (another backbone, lr, folds file, train.csv,
+        images or teacher), naming the first such fold."""
+        for k in folds:
+            if not self.is_current(k, key):
+                raise InputError(f"{self.dir(k)}: the fold model is out of date for this config (it was trained "
+                                 "with another config, folds file, train.csv, images or teacher); run `make train` "
+                                 "(same config and overrides) first; features never mix models of different configs")
 
-def require_current(mdir: Path, folds, key: str) -> None:
-    """Refuse fold models that this config would retrain (another backbone, lr, folds file, train.csv,
-    images or teacher), naming the first such fold."""
-    for k in folds:
-        out = mdir / f"fold{k}"
-        if not fold_is_current(out, key):
-            raise InputError(f"{out}: the fold model is out of date for this config (it was trained with another "
-                             "config, folds file, train.csv, images or teacher); run `make train` (same config and "
-                             "overrides) first; features never mix models of different configs")
+    def require_folds(self, n_splits: int, folds_hash: str) -> dict:
+        """Every fold's meta (OOF features need all of them), each trained on this folds file."""
+        for k in range(n_splits):
+            if not self.has(k):
+                raise InputError(f"{self.dir(k)}: no trained model for fold {k}; run `make train` for every fold "
+                                 "(OOF features need all of them).")
+            if self.meta(k)["folds_hash"] != folds_hash:
+                raise InputError(f"{self.dir(k)} was trained with folds file hash {self.meta(k)['folds_hash']}, but "
+                                 f"the folds file now has hash {folds_hash}; the OOF rows would leak. Retrain "
+                                 "(`make train`) with the current folds, or restore the old folds file.")
+        return {k: self.meta(k) for k in range(n_splits)}
+
+    def require_full(self) -> Path:
+        """The all-data model's checkpoint, for ``use_full=only`` (it alone predicts the test rows)."""
+        full = self.checkpoint(FULL)
+        if not full.exists():
+            raise InputError(f"{full}: no all-data model, but use_full=only predicts the test rows with it alone. "
+                             "Train it (`make train ARGS=\"train.full=true\"`) or copy it, or set "
+                             "features.use_full=false.")
+        return full
+
+    def refuse_mixed_full(self, folds) -> None:
+        """The all-data model joins a mean over fold models only when it was trained with their config (where
+        meta.json files came along: a models folder copied to Kaggle may have none)."""
+        keys = {f"fold{k}": self.meta(k).get("stage_key") for k in [*folds, FULL] if (self.dir(k) / "meta.json").exists()}
+        if len(set(keys.values())) > 1:
+            raise InputError(f"{self.folder}/foldfull was trained with another config than the fold models (stage "
+                             f"keys {keys}), or did not finish; its test predictions would not match theirs. Retrain "
+                             "it with their config (`make train ARGS=\"train.full=true\"`) or leave features.use_full off.")
+
+    def for_test(self, folds: list, use_full: bool | str) -> tuple[list, list]:
+        """(models to run, models whose mean predicts the test rows): the fold models, plus the all-data model
+        with ``use_full`` (if trained), or the all-data model alone with ``use_full=only``."""
+        if use_full == "only":
+            self.require_full()
+        with_full = bool(use_full) and self.checkpoint(FULL).exists()
+        if with_full:
+            self.refuse_mixed_full(folds)
+        models = list(folds) + ([FULL] if with_full else [])
+        return models, ([FULL] if use_full == "only" else models)
 
 
 def require_one_config(keys: dict) -> None:

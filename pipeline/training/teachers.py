@@ -21,6 +21,7 @@ from pipeline.store.artifacts import inherited_leak, require_complete
 from pipeline.store.io import read_json
 from pipeline.store.paths import features_dir, head_prediction, models_dir, targets
 from pipeline.tasks import head_kind
+from pipeline.training.fold_models import FoldModels
 
 
 def active(cfg: dict) -> bool:
@@ -49,8 +50,7 @@ def teacher_key(cfg: dict) -> list:
         meta = features_dir(cfg, t["pseudo"]["source"]) / "meta.json"
         keys.append(read_json(meta).get("stage_key") if meta.exists() else None)
     if t["distill"]["teacher"]:
-        d = models_dir(cfg, t["distill"]["teacher"])
-        keys.append(sorted((p.parent.name, read_json(p).get("stage_key")) for p in d.glob("fold*/meta.json")))
+        keys.append(sorted(FoldModels(models_dir(cfg, t["distill"]["teacher"])).stage_keys().items()))
         if t["distill"]["allow_leak"]:
             meta = features_dir(cfg, t["distill"]["teacher"]) / "meta.json"
             keys.append(read_json(meta).get("stage_key") if meta.exists() else None)
@@ -68,8 +68,8 @@ def pseudo_labels(cfg: dict, fold, folds_hash: str, id_col: str) -> tuple[np.nda
     # the all-data student learns from test.parquet, so every model behind it must still be the one used
     made_from = meta.get("model_keys") or {}
     for k in (made_from if str(fold) == "full" else [str(fold)] if str(fold) in made_from else []):
-        model_meta = models_dir(cfg, pc["source"]) / f"fold{k}" / "meta.json"
-        if model_meta.exists() and read_json(model_meta).get("stage_key") != made_from[k]:
+        now = FoldModels(models_dir(cfg, pc["source"])).meta(k).get("stage_key", made_from[k])
+        if now != made_from[k]:
             raise InputError(f"{src} holds the test predictions of an older fold-{k} model of '{pc['source']}'; "
                              f"that model has been retrained since. Run `make features` for '{pc['source']}' first.")
     df = pd.read_parquet(src / ("test.parquet" if str(fold) == "full" else "test_folds.parquet"))
@@ -134,7 +134,8 @@ def leak_note(cfg: dict) -> str | None:
     if pc["source"] and (features_dir(cfg, pc["source"]) / "meta.json").exists():
         teachers[pc["source"]] = read_json(features_dir(cfg, pc["source"]) / "meta.json")
     if dc["teacher"]:
-        metas = [read_json(p) for p in sorted(models_dir(cfg, dc["teacher"]).glob("fold*/meta.json"))]
+        teacher = FoldModels(models_dir(cfg, dc["teacher"]))
+        metas = [teacher.meta(name.removeprefix("fold")) for name in teacher.stage_keys()]
         teachers[dc["teacher"]] = next((m for m in metas if m.get("leak")), {})
     return inherited_leak(teachers)
 
