@@ -68,9 +68,10 @@ class Competition(_Section):
 
     @model_validator(mode="after")
     def _metric_fits_task(self):
-        if self.task not in METRIC_TASKS[self.metric]:
+        allowed = TASKS[self.task].metrics  # (asked at validation: a task kind added later counts too)
+        if self.metric not in allowed:
             raise ValueError(f"competition.metric '{self.metric}' does not apply to task '{self.task}'; for "
-                             f"'{self.task}' use one of {', '.join(m for m, t in METRIC_TASKS.items() if self.task in t)}")
+                             f"'{self.task}' use one of {', '.join(allowed)}")
         return self
 
 

@@ -22,17 +22,28 @@ COMMON = ("adam", "adamw", "sgd")  # known without importing timm (config checks
 
 class TimmOptimizers:
     """``train.optimizer`` names: every optimizer ``timm.optim.list_optimizers()`` knows (adam, adamw, sgd,
-    lamb, lion, adan, nadamw, ...), built by ``timm.optim.create_optimizer_v2``."""
+    lamb, lion, adan, nadamw, ...), built by ``timm.optim.create_optimizer_v2``, and our own, registered
+    as ``@OPTIMIZERS.register(name)`` on a ``(param_groups, tcfg) -> optimizer`` builder."""
 
     key = "train.optimizer"
+
+    def __init__(self):
+        self.own: dict = {}
+
+    def register(self, name: str):
+        def add(fn):
+            self.own[name] = fn
+            return fn
+
+        return add
 
     def _names(self) -> list[str]:
         from timm.optim import list_optimizers
 
-        return list_optimizers()
+        return [*self.own, *list_optimizers()]
 
     def check(self, name: str) -> str:
-        if name in COMMON or name in self._names():
+        if name in COMMON or name in self.own or name in self._names():
             return name
         raise ValueError(f"unknown value; allowed: {', '.join(self._names())} (timm.optim.list_optimizers())")
 
@@ -69,6 +80,8 @@ def build_optimizer(model, tcfg: dict):
     from timm.optim import create_optimizer_v2
 
     name = tcfg["optimizer"]
+    if name in OPTIMIZERS.own:
+        return OPTIMIZERS.own[name](param_groups(model, tcfg), tcfg)
     if name == "sgd" and not tcfg["momentum"]:
         name = "momentum"  # plain SGD: torch refuses Nesterov (timm's "sgd") without momentum
     return create_optimizer_v2(param_groups(model, tcfg), opt=name, lr=tcfg["lr"], weight_decay=tcfg["weight_decay"],
