@@ -88,7 +88,7 @@ class FoldTrainer:
         task trains through this same loop), ``metric`` the competition metric. ``on_epoch``: callables
         ``(fold, epoch, score)`` after each validation; one may raise to stop (tune: optuna.TrialPruned)."""
         self.cfg, self.tcfg, self.heads, self.fold = cfg, train or cfg["train"], heads, fold
-        self.init = cfg["model"]["init"] if init == "model.init" else init
+        self.init = init  # "model.init": the config's, per fold (build_model formats its {fold})
         self.on_epoch = list(on_epoch)
         self.out_dir, self.key, self.folds_hash = out_dir, key, folds_hash
         self.metric = metric or get_metric(cfg["competition"]["metric"])
