@@ -11,6 +11,7 @@ of a batch go through the network in one forward pass. Columns are named
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +19,7 @@ import pandas as pd
 from torch.utils.data import DataLoader
 
 from pipeline.competition.images import ImageDataset, SharedImages, build_transform, loader_workers
+from pipeline.competition.tables import fold_of as folds_of_rows
 from pipeline.competition.tables import image_paths, load_folds, load_test, load_train, table_path
 from pipeline.errors import InputError
 from pipeline.metrics import get_metric
@@ -73,6 +75,8 @@ def run(cfg: dict, force: bool = False) -> Path:
         return _run(cfg, force)
 
 
+# (over 60 lines on purpose: the stage's story in order, inputs -> key -> up-to-date check -> work -> one
+# commit; the work itself is in the helpers above and below)
 def _run(cfg: dict, force: bool) -> Path:
     fcfg = cfg["features"]
     exp = cfg["name"]
@@ -81,10 +85,7 @@ def _run(cfg: dict, force: bool) -> Path:
     train_df = load_train(cfg, check_images=False)
     test_df = load_test(cfg)
     folds_df, folds_hash = load_folds(cfg)
-    fold_of = train_df[[id_col]].merge(folds_df, on=id_col, how="left")["fold"]
-    if fold_of.isna().any():
-        raise InputError("the folds file does not cover train.csv; rerun `make folds` then `make train`.")
-    fold_of = fold_of.astype(int).to_numpy()
+    fold_of = folds_of_rows(cfg, train_df, folds_df)
     n_splits = int(fold_of.max()) + 1
     fold_models = FoldModels(mdir)
     metas = fold_models.require_folds(n_splits, folds_hash)
@@ -118,39 +119,15 @@ def _run(cfg: dict, force: bool) -> Path:
     workers = loader_workers(cfg["data"], device)
     test_images = SharedImages(paths_test, cfg["data"], workers, "decode test images")
 
+    run = _FoldRun(cfg, fold_models, fold_of, paths_train, train_df[id_col].to_numpy(), test_df[id_col].to_numpy(),
+                   test_images, views, device, workers)
     for k in tqdm(models, desc=f"features {exp}", leave=False):
         part_oof, part_test = parts / f"fold{k}_oof.parquet", parts / f"fold{k}_test.parquet"
         pkey = config_hash([key, k])
         if not force and all(p.exists() and read_parquet_meta(p).get("key") == pkey for p in (part_oof, part_test)):
             log(f"[features] fold {k}: already dumped, reusing {parts}")
         else:
-            model, ckpt = load_model(fold_models.checkpoint(k), str(device))
-            ckpt.require_fold(k)
-            heads = model.head_specs
-            dcfg = ckpt.data_cfg  # the image size/normalisation the model was trained with
-            tf = build_transform(dcfg)
-            test_ds, why = test_images.view(dcfg["in_chans"], tf)
-            if why:
-                log(f"[features] test images: {why}")
-            loader = lambda ds, w=workers: DataLoader(ds, batch_size=fcfg["batch_size"], shuffle=False, num_workers=w)
-            pca = None
-            if fcfg["embedding"] and fcfg["pca"]:  # fitted on the model's own training rows (all, for full)
-                own = np.arange(len(fold_of)) if k == "full" else np.flatnonzero(fold_of != k)
-                pca = fit_fold_pca(model, heads, loader, [paths_train[i] for i in own], dcfg, tf, device,
-                                   int(fcfg["pca"]), cfg["seed"])
-            if k != "full":
-                rows = np.flatnonzero(fold_of == k)
-                ds = ImageDataset([paths_train[i] for i in rows], dcfg["in_chans"], tf)
-                o = reduce_embedding(predict_views(model, heads, loader(ds), views, device, fcfg["embedding"]), pca)
-                ident = {feature_column(exp, h.name, j, "view0"): o[h.name][0][:, j]  # no-TTA output, for the CV table
-                         for h in heads for j in range(o[h.name].shape[2])}
-                df = pd.concat([pd.DataFrame({id_col: train_df[id_col].to_numpy()[rows], "fold": k}),
-                                aggregate(exp, o, fcfg["stats"], fcfg["keep_views"]), pd.DataFrame(ident)], axis=1)
-                write_parquet(part_oof, df, {"key": pkey})
-            t = aggregate(exp, reduce_embedding(predict_views(model, heads, loader(test_ds), views, device,
-                                                              fcfg["embedding"]), pca), fcfg["stats"], fcfg["keep_views"])
-            t = pd.concat([pd.DataFrame({id_col: test_df[id_col].to_numpy()}), t], axis=1)
-            write_parquet(part_test, t, {"key": pkey})
+            _dump_fold(run, k, part_oof, part_test, pkey)
         kill_point(f"features:fold{k}")
         if k != "full":
             oof_parts.append(pd.read_parquet(part_oof))
@@ -159,13 +136,8 @@ def _run(cfg: dict, force: bool) -> Path:
     oof = pd.concat(oof_parts, ignore_index=True)
     check_oof(oof, train_df, folds_df, id_col)
     oof = train_df[[id_col]].merge(oof, on=id_col, how="left")  # train.csv order
-    feat_cols = [c for c in test_parts[0].columns if c != id_col]
-    for m, part in zip(models, test_parts):  # the test average must add like to like
-        if list(part.columns) != list(test_parts[0].columns):
-            raise InputError(f"{parts}/fold{m}_test.parquet has other feature columns than fold {models[0]}'s; its "
-                             f"models disagree on heads or embedding size. Retrain them together, or rerun with --force.")
-    mean = np.mean([p[feat_cols].to_numpy() for p, m in zip(test_parts, models) if m in test_models], axis=0)
-    test = pd.concat([test_parts[0][[id_col]], pd.DataFrame(mean, columns=feat_cols)], axis=1)
+    test = test_mean(test_parts, models, test_models, id_col, parts)
+    feat_cols = [c for c in test.columns if c != id_col]
 
     heads = [h.name for h in Checkpoint.read(fold_models.checkpoint(0), mmap=True).heads]
     cv = score_table(cfg, oof, train_df, exp, heads[0], fold_of)
@@ -191,6 +163,65 @@ def _run(cfg: dict, force: bool) -> Path:
     log(f"[features] wrote {oof_path} ({oof.shape[0]} rows) and {test_path} ({test.shape[0]} rows), "
         f"{len(feat_cols)} feature columns")
     return out
+
+
+@dataclass
+class _FoldRun:
+    """What every fold model's pass over the images shares."""
+    cfg: dict
+    fold_models: FoldModels
+    fold_of: np.ndarray
+    paths_train: list
+    train_ids: np.ndarray
+    test_ids: np.ndarray
+    test_images: SharedImages
+    views: list
+    device: object
+    workers: int
+
+
+def _dump_fold(run: _FoldRun, k, part_oof: Path, part_test: Path, pkey: str) -> None:
+    """Fold ``k``'s model on its held-out train rows (OOF) and on every test row, each with the TTA views."""
+    fcfg, exp, id_col = run.cfg["features"], run.cfg["name"], run.cfg["competition"]["id"]
+    model, ckpt = load_model(run.fold_models.checkpoint(k), str(run.device))
+    ckpt.require_fold(k)
+    heads = model.head_specs
+    dcfg = ckpt.data_cfg  # the image size/normalisation the model was trained with
+    tf = build_transform(dcfg)
+    test_ds, why = run.test_images.view(dcfg["in_chans"], tf)
+    if why:
+        log(f"[features] test images: {why}")
+    loader = lambda ds, w=run.workers: DataLoader(ds, batch_size=fcfg["batch_size"], shuffle=False, num_workers=w)
+    pca = None
+    if fcfg["embedding"] and fcfg["pca"]:  # fitted on the model's own training rows (all, for full)
+        own = np.arange(len(run.fold_of)) if k == FULL else np.flatnonzero(run.fold_of != k)
+        pca = fit_fold_pca(model, heads, loader, [run.paths_train[i] for i in own], dcfg, tf, run.device,
+                           int(fcfg["pca"]), run.cfg["seed"])
+
+    def views_of(ds):
+        return reduce_embedding(predict_views(model, heads, loader(ds), run.views, run.device, fcfg["embedding"]), pca)
+
+    if k != FULL:
+        rows = np.flatnonzero(run.fold_of == k)
+        o = views_of(ImageDataset([run.paths_train[i] for i in rows], dcfg["in_chans"], tf))
+        ident = {feature_column(exp, h.name, j, "view0"): o[h.name][0][:, j]  # no-TTA output, for the CV table
+                 for h in heads for j in range(o[h.name].shape[2])}
+        df = pd.concat([pd.DataFrame({id_col: run.train_ids[rows], "fold": k}),
+                        aggregate(exp, o, fcfg["stats"], fcfg["keep_views"]), pd.DataFrame(ident)], axis=1)
+        write_parquet(part_oof, df, {"key": pkey})
+    t = aggregate(exp, views_of(test_ds), fcfg["stats"], fcfg["keep_views"])
+    write_parquet(part_test, pd.concat([pd.DataFrame({id_col: run.test_ids}), t], axis=1), {"key": pkey})
+
+
+def test_mean(test_parts: list, models: list, test_models: list, id_col: str, parts: Path) -> pd.DataFrame:
+    """The mean of the test models' predictions, column by column (they must have the same columns)."""
+    feat_cols = [c for c in test_parts[0].columns if c != id_col]
+    for m, part in zip(models, test_parts):  # the test average must add like to like
+        if list(part.columns) != list(test_parts[0].columns):
+            raise InputError(f"{parts}/fold{m}_test.parquet has other feature columns than fold {models[0]}'s; its "
+                             f"models disagree on heads or embedding size. Retrain them together, or rerun with --force.")
+    mean = np.mean([p[feat_cols].to_numpy() for p, m in zip(test_parts, models) if m in test_models], axis=0)
+    return pd.concat([test_parts[0][[id_col]], pd.DataFrame(mean, columns=feat_cols)], axis=1)
 
 
 def check_oof(oof: pd.DataFrame, train_df: pd.DataFrame, folds_df: pd.DataFrame, id_col: str) -> None:

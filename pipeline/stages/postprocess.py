@@ -57,6 +57,8 @@ def run(cfg: dict, force: bool = False) -> Path:
         return _run(cfg, force)
 
 
+# (over 60 lines on purpose: the stage's story in order, inputs -> key -> up-to-date check -> work -> one
+# commit; the work itself is in the helpers above and below)
 def _run(cfg: dict, force: bool) -> Path:
     pcfg, comp = cfg["postprocess"], cfg["competition"]
     task = comp["task"]

@@ -83,6 +83,8 @@ def run(cfg: dict, force: bool = False) -> Path:
         return _run(cfg, force)
 
 
+# (over 60 lines on purpose: the stage's story in order, inputs -> key -> up-to-date check -> work -> one
+# commit; the work itself is in the helpers above and below)
 def _run(cfg: dict, force: bool) -> Path:
     scfg = cfg["stack"]
     comp = cfg["competition"]

@@ -300,20 +300,8 @@ class FoldTrainer:
                 self.swa.update_parameters(self.eval_model())
             row = {"fold": self.fold, "epoch": epoch + 1, "train_loss": train_loss,
                    "lr": self.opt.param_groups[-1]["lr"], "seconds": 0.0}
-            improved = False
             validate = has_valid and (epoch + 1 >= tcfg["valid_from"] or epoch + 1 == epochs)
-            if validate:
-                preds, valid_loss = self.predict(self.eval_model())
-                score = self.metric(self.y_valid, preds[self.heads[0].name])
-                row.update(valid_loss=valid_loss, score=score)
-                improved = self.metric.better(score, self.state["best"])
-                if improved:
-                    self.state.update(best=score, best_epoch=epoch + 1, bad_epochs=0)
-                    self.save_weights(self.eval_model(), "best.pt", score, epoch + 1, self.preds_frame(preds))
-                else:
-                    self.state["bad_epochs"] += 1
-                if not steps_each_batch(self.sched):
-                    self.sched.step(score)
+            improved = self.validate(epoch, row) if validate else False
             if tcfg["scheduler"] == "restarts" and tcfg["cycle_epochs"] and (epoch + 1) % tcfg["cycle_epochs"] == 0:
                 self.save_weights(self.eval_model(), f"snapshot_e{epoch + 1}.pt", row.get("score"), epoch + 1)
             row["seconds"] = round(time.time() - t0, 2)
@@ -326,13 +314,8 @@ class FoldTrainer:
             if self.dist.main:
                 pd.DataFrame(self.state["log"]).to_csv(self.out_dir / "log.csv", index=False)
             self.dist.barrier()
-            msg = f"[train] fold {self.fold} epoch {epoch + 1}/{epochs} loss {train_loss:.4f}"
-            if validate:
-                msg += f" valid_loss {row['valid_loss']:.4f} {self.metric.name} {row['score']:.4f}" + (" *" if improved else "")
-            if self.ema is not None:
-                msg += f" ema_decay {self.ema.decay_at(self.ema.updates):.4g}"
             if self.dist.main:
-                log(msg + f" ({row['seconds']:.1f}s)")
+                log(self.epoch_line(row, validate, improved))
             kill_point(f"epoch:{epoch + 1}")
             for hook in self.on_epoch if validate else ():
                 hook(self.fold, epoch + 1, row["score"])  # may raise (tune: optuna.TrialPruned)
@@ -350,6 +333,29 @@ class FoldTrainer:
             self.save_weights(self.eval_model(), "best.pt", None, self.state["epoch"])
         return {"fold": self.fold, "best": self.state["best"], "best_epoch": self.state["best_epoch"],
                 "epochs": self.state["epoch"], "rows_train": int(len(self.tr_idx)), "rows_valid": int(len(self.va_idx))}
+
+    def validate(self, epoch: int, row: dict) -> bool:
+        """Score the evaluated weights on the fold's validation rows; keep them as best.pt when they improve."""
+        preds, valid_loss = self.predict(self.eval_model())
+        score = self.metric(self.y_valid, preds[self.heads[0].name])
+        row.update(valid_loss=valid_loss, score=score)
+        improved = self.metric.better(score, self.state["best"])
+        if improved:
+            self.state.update(best=score, best_epoch=epoch + 1, bad_epochs=0)
+            self.save_weights(self.eval_model(), "best.pt", score, epoch + 1, self.preds_frame(preds))
+        else:
+            self.state["bad_epochs"] += 1
+        if not steps_each_batch(self.sched):
+            self.sched.step(score)
+        return improved
+
+    def epoch_line(self, row: dict, validated: bool, improved: bool) -> str:
+        msg = f"[train] fold {self.fold} epoch {row['epoch']}/{self.tcfg['epochs']} loss {row['train_loss']:.4f}"
+        if validated:
+            msg += f" valid_loss {row['valid_loss']:.4f} {self.metric.name} {row['score']:.4f}" + (" *" if improved else "")
+        if self.ema is not None:
+            msg += f" ema_decay {self.ema.decay_at(self.ema.updates):.4g}"
+        return msg + f" ({row['seconds']:.1f}s)"
 
     def finish_swa(self, has_valid: bool):
         """Recompute BatchNorm statistics for the averaged weights; they become the fold's model."""
