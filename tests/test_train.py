@@ -643,3 +643,33 @@ def test_each_loader_is_iterated_once_so_its_workers_start_once_per_epoch(workdi
     assert len(counts) >= 4  # a training and a validation loader per epoch
     assert max(counts) == 1, counts
     assert len(closed) >= 2 and all(n == total > 0 for n, total in closed), closed  # a notebook shows the rest in red
+
+
+# model.freeze_stages=1 and =2 per family: (first parameter that must be frozen, first that must train)
+FAMILIES = {
+    "resnet18": ("layer1.0.conv1.weight", "layer2.0.conv1.weight", "layer3.0.conv1.weight"),
+    "efficientnet_b0": ("blocks.0.0.conv_dw.weight", "blocks.1.0.conv_pw.weight", "blocks.2.0.conv_pw.weight"),
+    "convnext_atto": ("stages.0.blocks.0.conv_dw.weight", "stages.1.downsample.0.weight", "stages.2.downsample.0.weight"),
+    "mobilenetv3_small_100": ("blocks.0.0.conv_dw.weight", "blocks.1.0.conv_pw.weight", "blocks.2.0.conv_pw.weight"),
+    "vit_tiny_patch16_224": ("blocks.0.norm1.weight", "blocks.1.norm1.weight", "blocks.2.norm1.weight"),
+}
+
+
+@pytest.mark.parametrize("backbone", sorted(FAMILIES))
+def test_freeze_stages_follows_timms_grouping_of_each_family(backbone):
+    """freeze_stages=N freezes the stem and the first N of timm's stage groups, in every family (cutting names at
+    the first dot froze 90% of efficientnet_b0 and all of convnext_atto); the deepest stages keep training."""
+    from pipeline.training.models import create_backbone, freeze_stages
+
+    first, second, third = FAMILIES[backbone]
+    for n, frozen_up_to, trains_from in ((1, first, second), (2, second, third)):
+        net = create_backbone(backbone, 3, 32 if "vit" in backbone else None)
+        frozen = freeze_stages(net, n)
+        params = dict(net.named_parameters())
+        order = list(params)
+        assert not params[frozen_up_to].requires_grad and params[trains_from].requires_grad, (backbone, n)
+        # frozen = a prefix of the parameters, from the input: everything before `trains_from`, nothing after
+        assert frozen == set(order[:order.index(trains_from)])
+        assert all(params[p].requires_grad for p in order[order.index(trains_from):])
+        share = sum(params[p].numel() for p in frozen) / sum(p.numel() for p in params.values())
+        assert share < 0.5, (backbone, n, share)  # a stage or two of a deep net, not most of it

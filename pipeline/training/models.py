@@ -158,22 +158,32 @@ def create_backbone(name: str, in_chans: int, image_size: int | None = None) -> 
     return timm.create_model(name, **kwargs)
 
 
-def freeze_stages(backbone: nn.Module, n: int) -> list[str]:
-    """Freeze the stem and the first ``n`` stages (timm ``feature_info``); returns frozen module names."""
+def stage_groups(backbone: nn.Module) -> list[list[str]]:
+    """The backbone's parameter names in timm's own coarse layer groups (``group_matcher(coarse=True)``):
+    the stem first, then one group per stage (per block for a ViT), in order from the input."""
+    from timm.models import group_parameters
+
+    matcher = getattr(backbone, "group_matcher", None)
+    if matcher is None:
+        raise InputError(f"model.freeze_stages: {type(backbone).__name__} does not describe its stages "
+                         "(no timm group_matcher); train it whole (model.freeze_stages=0)")
+    groups = group_parameters(backbone, matcher(coarse=True))
+    return [groups[k] for k in sorted(groups)]
+
+
+def freeze_stages(backbone: nn.Module, n: int) -> set[str]:
+    """Freeze the stem and the first ``n`` stages, by timm's grouping of this family; returns the frozen
+    parameter names. The last group (the deepest stage, or a head norm) always trains."""
     if n <= 0:
-        return []
-    stage_names = [f["module"].split(".")[0] for f in getattr(backbone, "feature_info", [])]
-    if not stage_names:
-        raise InputError("model.freeze_stages: this backbone does not describe its stages (no feature_info).")
-    # the first feature_info entry is usually the stem's output; count stages after it
-    last = stage_names[min(n, len(stage_names) - 1)]
-    frozen = []
-    for name, child in backbone.named_children():
-        for p in child.parameters():
+        return set()
+    groups = stage_groups(backbone)
+    if n >= len(groups) - 1:
+        raise InputError(f"model.freeze_stages={n} would freeze all of {type(backbone).__name__} (its stem and "
+                         f"{len(groups) - 1} stage groups); use at most {len(groups) - 2}")
+    frozen = {name for group in groups[:n + 1] for name in group}
+    for name, p in backbone.named_parameters():
+        if name in frozen:
             p.requires_grad_(False)
-        frozen.append(name)
-        if name == last:
-            break
     return frozen
 
 

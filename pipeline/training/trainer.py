@@ -118,6 +118,11 @@ class FoldTrainer:
         seed_everything(epoch_seed(cfg["seed"], self.fold, -1))
         self.model = build_model(cfg, self.heads, self.fold, self.init).to(self.device)
         self.frozen = freeze_stages(self.model.backbone, cfg["model"]["freeze_stages"])
+        if self.frozen and self.dist.main:
+            total = sum(p.numel() for p in self.model.parameters())
+            train = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
+            log(f"[train] fold {self.fold}: model.freeze_stages={cfg['model']['freeze_stages']}: {train:,} of {total:,} "
+                f"parameters train ({train / total:.1%})")
         if tcfg["channels_last"]:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.net = self.model  # what the training forward pass runs (DDP-wrapped under torchrun)
@@ -192,8 +197,7 @@ class FoldTrainer:
         frozen_epochs = self.tcfg["freeze_backbone_epochs"]
         trainable = epoch >= frozen_epochs
         for n, p in self.model.backbone.named_parameters():
-            top = n.split(".")[0]
-            p.requires_grad_(trainable and top not in self.frozen)
+            p.requires_grad_(trainable and n not in self.frozen)
 
     def train_epoch(self, epoch: int) -> float:
         from tqdm.auto import tqdm
