@@ -188,7 +188,8 @@ def test_the_task_name_check_sees_each_form():
 
 
 # checkpoint keys (the fold model's file layout) and raw checkpoint loads, with the one module that owns them
-CHECKPOINT_OWNERS = {"training.checkpoint", "training.resume", "store.io"}
+# (training.pretrained only asks the safe loader whether a pickled weights file would run code)
+CHECKPOINT_OWNERS = {"training.checkpoint", "training.resume", "store.io", "training.pretrained"}
 
 
 def test_checkpoint_files_are_read_only_by_their_owner():

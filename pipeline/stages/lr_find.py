@@ -10,7 +10,7 @@ import pandas as pd
 
 from pipeline.competition.images import seed_everything
 from pipeline.competition.tables import fold_of, load_folds, load_train
-from pipeline.config.schema import Train
+from pipeline.config.train import Train
 from pipeline.store import plots
 from pipeline.store.io import log
 from pipeline.store.paths import models_dir

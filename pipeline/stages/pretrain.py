@@ -23,7 +23,7 @@ from torch.utils.data import Dataset
 
 from pipeline.competition.images import build_transform, data_key, read_image
 from pipeline.competition.tables import image_paths, load_test, load_train
-from pipeline.config.schema import Train
+from pipeline.config.train import Train
 from pipeline.errors import InputError
 from pipeline.metrics import Metric
 from pipeline.store import leaderboard

@@ -47,8 +47,8 @@ def init_leak(cfg: dict, folds, folds_hash: str) -> str | None:
 def build_model(cfg: dict, heads: list[Head], fold=None, init: str | None = "model.init") -> Net:
     """The config's network; its backbone starts from ``init`` (default: ``model.init`` for this fold)."""
     m = cfg["model"]
-    net = Net(create_backbone(m["backbone"], cfg["data"]["in_chans"], cfg["data"]["image_size"]), heads, m["pool"],
-              m["bnneck"], m["dropout"])
+    backbone = create_backbone(m["backbone"], cfg["data"]["in_chans"], cfg["data"]["image_size"], m.get("pretrained"))
+    net = Net(backbone, heads, m["pool"], m["bnneck"], m["dropout"])
     path = init_path(cfg, fold) if init == "model.init" else init
     if path:
         report = load_backbone_weights(net.backbone, path)

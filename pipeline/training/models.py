@@ -18,6 +18,7 @@ from pipeline.registry import Registry
 from pipeline.store.io import log
 from pipeline.store.paths import targets
 from pipeline.tasks import head_kind, head_kind_for
+from pipeline.training.pretrained import create as local_weights
 
 
 @dataclass
@@ -136,26 +137,33 @@ class Net(nn.Module):
         return {name: head(z) for name, head in self.heads.items()}
 
 
-def create_backbone(name: str, in_chans: int, image_size: int | None = None) -> nn.Module:
-    """A timm backbone without its classifier or pooling. Models built for one input size (ViT, Swin, ...)
-    are built for ``image_size`` (timm's ``img_size``); the others take any size and ignore it."""
+def create_backbone(name: str, in_chans: int, image_size: int | None = None, pretrained: str | None = None) -> nn.Module:
+    """A timm backbone without its classifier or pooling, from scratch or from the local weights
+    ``pretrained`` names (``training.pretrained``). Models built for one input size (ViT, Swin, ...) are built
+    for ``image_size`` (timm's ``img_size``); the others take any size and ignore it."""
     import timm
 
     if not timm.is_model(name):
         close = difflib.get_close_matches(name, timm.list_models(), n=5, cutoff=0.6)
         raise InputError(f"model.backbone: unknown timm model '{name}'"
                          + (f"; close names: {', '.join(close)}." if close else "; see timm.list_models()."))
-    kwargs = dict(pretrained=False, num_classes=0, global_pool="", in_chans=in_chans)
+    kwargs = dict(num_classes=0, global_pool="", in_chans=in_chans)
+
+    def make(**extra):
+        if pretrained:
+            return local_weights(name, in_chans, pretrained, num_classes=0, global_pool="", **extra)
+        return timm.create_model(name, pretrained=False, **kwargs, **extra)
+
     if image_size:
         try:
-            return timm.create_model(name, img_size=image_size, **kwargs)
+            return make(img_size=image_size)
         except TypeError as exc:  # a model with no fixed input size has no img_size argument
             if "img_size" not in str(exc):
                 raise
         except (AssertionError, ValueError) as exc:  # e.g. a patch or window size that does not divide it
             raise InputError(f"model.backbone '{name}' cannot be built for data.image_size={image_size} ({exc}); "
                              "pick a size it divides (e.g. a multiple of its patch size)") from None
-    return timm.create_model(name, **kwargs)
+    return make()
 
 
 def stage_groups(backbone: nn.Module) -> list[list[str]]:

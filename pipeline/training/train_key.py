@@ -26,7 +26,8 @@ def stage_key(cfg: dict, folds_hash: str, train_hash: str, images_hash: str | No
         tcfg.pop("ema_warmup")
     if tcfg.get("layer_decay") is None:  # (the same for models trained before layer_decay existed)
         tcfg.pop("layer_decay", None)
-    parts = [cfg["competition"], data_key(cfg["data"]), cfg["model"], tcfg, cfg["seed"], folds_hash, train_hash]
+    model = {k: v for k, v in cfg["model"].items() if not (k == "pretrained" and v is None)}  # (the same)
+    parts = [cfg["competition"], data_key(cfg["data"]), model, tcfg, cfg["seed"], folds_hash, train_hash]
     return config_hash(parts + ([images_hash] if images_hash else []))
 
 

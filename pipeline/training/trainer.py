@@ -35,6 +35,7 @@ from pipeline.training.fold_data import fold_datasets
 from pipeline.training.losses import Criterion
 from pipeline.training.models import Head, activate, freeze_stages, pick_device
 from pipeline.training.optim import SCHEDULERS, build_optimizer, steps_each_batch
+from pipeline.training.pretrained import with_normalization
 
 
 # ---------------------------------------------------------------------------------------- utilities
@@ -87,6 +88,7 @@ class FoldTrainer:
         ``datasets`` = (train, valid, valid targets) the competition's labelled images (the jigsaw pretext
         task trains through this same loop), ``metric`` the competition metric. ``on_epoch``: callables
         ``(fold, epoch, score)`` after each validation; one may raise to stop (tune: optuna.TrialPruned)."""
+        cfg = with_normalization(cfg)  # data.mean/std as data.normalize says: what every checkpoint records
         self.cfg, self.tcfg, self.heads, self.fold = cfg, train or cfg["train"], heads, fold
         self.init = init  # "model.init": the config's, per fold (build_model formats its {fold})
         self.on_epoch = list(on_epoch)
