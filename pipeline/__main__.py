@@ -1,8 +1,9 @@
 """Command line: ``python -m pipeline <stage> -c configs/x.yaml [key=value ...]``.
 
 Also ``config`` (print the resolved config or one key), ``inputs`` (the configs whose features a
-stack reads, for Make) and ``lb`` (the leaderboard). A user's mistake prints ``error: ...`` and exits
-with 2, with no traceback; ``--debug`` shows the traceback too.
+stack reads, for Make), ``index`` (a class-folder layout into a train.csv) and ``lb`` (the leaderboard).
+A user's mistake prints ``error: ...`` and exits with 2, with no traceback; ``--debug`` shows the
+traceback too.
 """
 from __future__ import annotations
 
@@ -26,6 +27,8 @@ def main(argv: list[str] | None = None) -> int:
             return _show_config(argv[1:])
         if argv[:1] == ["inputs"]:
             return _inputs(argv[1:])
+        if argv[:1] == ["index"]:
+            return _index(argv[1:])
         return _stage(argv)
     except PipelineError as exc:
         if debug:
@@ -116,6 +119,22 @@ def _show_config(argv: list[str]) -> int:
         print(redact(value) if not isinstance(value, (dict, list)) else dump_yaml(value).strip())
     else:
         print(f"# hash {config_hash(cfg)}\n" + dump_yaml(cfg))
+    return 0
+
+
+def _index(argv: list[str]) -> int:
+    """``index <root> [--folder train] [--out train.csv]``: a class-folder layout (``<root>/train/<label>/*.jpg``)
+    indexed into ``<root>/train.csv`` (id, label, path); then set competition.path_column=path."""
+    from pipeline.competition.layouts import index_class_folders
+
+    parser = argparse.ArgumentParser(prog="python -m pipeline index")
+    parser.add_argument("root")
+    parser.add_argument("--folder", default="train")
+    parser.add_argument("--out", default="train.csv")
+    args = parser.parse_args(argv)
+    path = index_class_folders(args.root, args.folder, args.out)
+    print(f"[index] wrote {path}; use competition.train={args.out} competition.target=label "
+          "competition.path_column=path")
     return 0
 
 

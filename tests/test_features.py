@@ -105,7 +105,7 @@ def test_test_images_are_decoded_once_for_all_fold_models_when_cached(trained, m
     monkeypatch.setattr(images, "read_image", lambda path, c: reads.append(str(path)) or real(path, c))
     cfg = tiny_cfg(trained["competition"]["root"], "train.epochs=1", f"data.cache={cache}")
     got = pd.read_parquet(FE.run(cfg, force=True) / "test.parquet")
-    test_paths = [str(p) for p in image_paths(cfg, load_test(cfg)["id"])]
+    test_paths = [str(p) for p in image_paths(cfg, load_test(cfg)["id"], "test")]
     per_image = pd.Series(reads)[pd.Series(reads).isin(test_paths)].value_counts().reindex(test_paths, fill_value=0)
     if cache == "auto":  # once for all 3 fold models
         assert (per_image == 1).all()
@@ -168,12 +168,12 @@ def test_embedding_with_pca_fitted_on_fold_train_rows(trained):
     model, _ = load_model("models/tiny/fold0/best.pt")
     ids_train = folds["id"][folds["fold"] != 0]
     loader = lambda ds: DataLoader(ds, batch_size=64)
-    pca = FE.fit_fold_pca(model, model.head_specs, loader, image_paths(cfg, ids_train), cfg["data"],
+    pca = FE.fit_fold_pca(model, model.head_specs, loader, image_paths(cfg, ids_train, "train"), cfg["data"],
                           build_transform(cfg["data"]), "cpu", 3, cfg["seed"])
     ids_valid = folds["id"][folds["fold"] == 0]
     from pipeline.competition.images import ImageDataset
 
-    e = TTA.predict_views(model, model.head_specs, loader(ImageDataset(image_paths(cfg, ids_valid), 1,
+    e = TTA.predict_views(model, model.head_specs, loader(ImageDataset(image_paths(cfg, ids_valid, "train"), 1,
                          build_transform(cfg["data"]))), [lambda x: x], "cpu", embed=True)["embedding"]
     mine = oof.set_index("id").loc[list(ids_valid), emb].to_numpy()
     assert np.allclose(pca.transform(e), mine, atol=1e-4)

@@ -86,7 +86,7 @@ def test_ema_weights_differ_from_raw_and_are_the_ones_evaluated_and_saved(workdi
 
     valid = pd.read_parquet("models/tiny/fold0/best_valid.parquet")
     cfg = tiny_cfg(workdir / "comp")
-    ds = ImageDataset(image_paths(cfg, valid["id"]), 1, build_transform(cfg["data"]))
+    ds = ImageDataset(image_paths(cfg, valid["id"], "train"), 1, build_transform(cfg["data"]))
     x = torch.stack([ds[i][0] for i in range(len(ds))])
     net, _ = load_model("models/tiny/fold0/best.pt")
     with torch.no_grad():

@@ -25,12 +25,43 @@ def table_path(cfg: dict, which: str) -> Path:
     return root(cfg) / cfg["competition"][which]
 
 
-def image_path(cfg: dict, row_id) -> Path:
-    return root(cfg) / cfg["competition"]["image"].format(id=row_id)
+SPLITS = ("train", "test")
 
 
-def image_paths(cfg: dict, ids) -> list[Path]:
-    return [image_path(cfg, i) for i in ids]
+def image_pattern(cfg: dict, split: str) -> str:
+    comp = cfg["competition"]
+    return comp.get(f"{split}_image") or comp["image"]
+
+
+def _path_column(cfg: dict, split: str) -> dict:
+    """{id: path} from the split's table's ``competition.path_column`` (read once per table version)."""
+    comp, table = cfg["competition"], table_path(cfg, split)
+    stamp = (str(table), table.stat().st_mtime_ns if table.exists() else None, comp["path_column"])
+    if _PATHS.get(split, (None,))[0] != stamp:
+        df = read_table(table, split, comp["id"])
+        require_columns(df, table, [comp["path_column"]], "competition.path_column")
+        empty = df[comp["path_column"]].isna()
+        if empty.any():
+            raise InputError(f"{table}: column '{comp['path_column']}' (competition.path_column) is empty at "
+                             f"{_rows(np.flatnonzero(empty))}; every row needs its image's path")
+        _PATHS[split] = (stamp, dict(zip(df[comp["id"]].astype(str), df[comp["path_column"]].astype(str))))
+    return _PATHS[split][1]
+
+
+_PATHS: dict = {}
+
+
+def image_path(cfg: dict, row_id, split: str) -> Path:
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, not {split!r}")
+    if cfg["competition"].get("path_column"):
+        return root(cfg) / _path_column(cfg, split)[str(row_id)]
+    return root(cfg) / image_pattern(cfg, split).format(id=row_id, split=split)
+
+
+def image_paths(cfg: dict, ids, split: str) -> list[Path]:
+    """Each row's image file: ``split`` (train or test) picks the pattern, or the table of the path column."""
+    return [image_path(cfg, i, split) for i in ids]
 
 
 def _rows(index, limit: int = 5) -> str:
@@ -138,20 +169,21 @@ def load_test(cfg: dict, check_images: bool | None = None) -> pd.DataFrame:
     df = read_table(path, "test", comp["id"])
     require_columns(df, path, list(comp["tabular"]), "competition.tabular")
     if comp["check_images"] if check_images is None else check_images:
-        check_image_files(cfg, df[comp["id"]], path, "exists")
+        check_image_files(cfg, df[comp["id"]], path, "exists", "test")
     return df
 
 
-def check_image_files(cfg: dict, ids, table: Path, mode="exists") -> None:
+def check_image_files(cfg: dict, ids, table: Path, mode="exists", split: str = "train") -> None:
     """Every id's image: ``exists`` (the file is there), ``header`` (PIL reads its header: a fast check
     that it is an image), or ``decode`` (every pixel is decoded). The first failures are named."""
     mode = "header" if mode is True else mode
-    missing = [i for i in ids if not image_path(cfg, i).exists()]
+    missing = [i for i in ids if not image_path(cfg, i, split).exists()]
     if missing:
-        example = image_path(cfg, missing[0])
+        where = (f"competition.path_column ('{cfg['competition']['path_column']}')" if cfg["competition"].get("path_column")
+                 else f"competition.{split}_image / competition.image ('{image_pattern(cfg, split)}')")
+        example = image_path(cfg, missing[0], split)
         raise InputError(f"{table}: {len(missing)} id(s) have no image file, e.g. id '{missing[0]}' -> {example} "
-                         f"(first: {', '.join(map(str, missing[:5]))}); check competition.image "
-                         f"('{cfg['competition']['image']}') or add the images.")
+                         f"(first: {', '.join(map(str, missing[:5]))}); check {where} or add the images.")
     if mode not in ("header", "decode"):
         return
     from PIL import Image
@@ -159,7 +191,7 @@ def check_image_files(cfg: dict, ids, table: Path, mode="exists") -> None:
 
     broken = []
     for i in tqdm(list(ids), desc=f"images ({mode} check)", leave=False, mininterval=1):
-        path = image_path(cfg, i)
+        path = image_path(cfg, i, split)
         try:
             with Image.open(path) as img:
                 img.load() if mode == "decode" else img.size

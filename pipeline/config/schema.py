@@ -53,7 +53,14 @@ class Competition(_Section):
     test: str = "test.csv"
     sample_submission: str = "sample_submission.csv"
     solution: str = "solution.csv"
+    # where each row's image is, under root: one pattern ({id}, and {split} = train or test), or one per split
+    # (train_image / test_image, e.g. train_images/{id}.jpg and test_images/{id}.jpg), or a column of
+    # train.csv / test.csv holding each row's path (path_column; `python -m pipeline index` writes one
+    # for a class-folder layout train/<label>/*.jpg)
     image: ImagePattern = "images/{id}.png"
+    train_image: ImagePattern | None = None
+    test_image: ImagePattern | None = None
+    path_column: str | None = None
     id: str = "id"
     target: str | list[str] = "target"
     task: TaskName = "multiclass"

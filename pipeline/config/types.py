@@ -31,13 +31,16 @@ def _placeholders(v: str) -> list[str]:
     return [f for _, f, _, _ in string.Formatter().parse(v) if f is not None]
 
 
-def _image_pattern(v: str):
-    """The image path pattern knows exactly one placeholder, {id}; without it every row is one image."""
+def _image_pattern(v: str | None):
+    """An image path pattern knows the placeholders {id} (required: else every row is one image) and {split}
+    (train or test: ``{split}_images/{id}.jpg``)."""
+    if v is None:
+        return v
     names = _placeholders(v)
-    unknown = [n for n in names if n != "id"]
+    unknown = [n for n in names if n not in ("id", "split")]
     if unknown:
-        raise ValueError(f"knows only the placeholder {{id}}, not {', '.join('{' + n + '}' for n in unknown)} "
-                         "(e.g. images/{id}.png)")
+        raise ValueError(f"knows only the placeholders {{id}} and {{split}}, not "
+                         f"{', '.join('{' + n + '}' for n in unknown)} (e.g. images/{{id}}.png)")
     if "id" not in names:
         raise ValueError("must contain {id} (e.g. images/{id}.png); without it every row points at one image")
     return v

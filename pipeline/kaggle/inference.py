@@ -124,7 +124,7 @@ def level1_frame(bundle: Path, name: str, spec: dict, cfg: dict, test: pd.DataFr
 
     f, id_col = spec["features"], cfg["competition"]["id"]
     views = tta_views(f["tta"], f.get("scales"))
-    paths = image_paths(cfg, test[id_col])
+    paths = image_paths(cfg, test[id_col], "test")
     workers = loader_workers({"num_workers": "auto"}, device)  # decode in workers on a GPU machine
     parts, images, keys = [], SharedImages(paths, {"cache": "auto"}, workers, f"{name}: decode test images"), {}
     models, started = list(spec["models"]), time.time()

@@ -61,7 +61,7 @@ def _pip(args: list[str], what: str) -> None:
 
 def own_wheel(dest: Path) -> Path:
     """This package's wheel, built from the checkout's sources (copied, so nothing is written beside them)."""
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]  # the checkout: pipeline/kaggle/wheels.py -> .
     if not (root / "pyproject.toml").exists():
         raise InputError(f"{root}: no pyproject.toml; `make kaggle` builds the package's wheel from a checkout of the "
                          "repository, run it there.")

@@ -96,7 +96,7 @@ def _run(cfg: dict, force: bool) -> Path:
     if use_full:
         metas[FULL] = fold_models.meta(FULL)
     key = config_hash([fcfg, [metas[k]["stage_key"] for k in metas], folds_hash, use_full,
-                       file_hash(table_path(cfg, "test")), images_hash(cfg, test_df[id_col])])
+                       file_hash(table_path(cfg, "test")), images_hash(cfg, test_df[id_col], "test")])
     # a leaky model's features are leaky (models trained before the mark was recorded: their config says it)
     leak = next((m["leak"] for m in metas.values() if m.get("leak")), None) or teachers.leak_note(cfg)
     oof_path, test_path = out / "oof.parquet", out / "test.parquet"
@@ -108,8 +108,8 @@ def _run(cfg: dict, force: bool) -> Path:
     device = pick_device(cfg["train"]["device"])
     views = tta_views(fcfg["tta"], fcfg.get("scales"))
     log(f"[features] {exp}: {len(views)} TTA view(s) ({fcfg['tta']}), {n_splits} fold models, device {device}")
-    paths_train = image_paths(cfg, train_df[id_col])
-    paths_test = image_paths(cfg, test_df[id_col])
+    paths_train = image_paths(cfg, train_df[id_col], "train")
+    paths_test = image_paths(cfg, test_df[id_col], "test")
     parts = out / "parts"
     oof_parts, test_parts = [], []
     if fcfg["use_full"] == "only":

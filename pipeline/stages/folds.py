@@ -223,7 +223,7 @@ def run(cfg: dict, force: bool = False) -> Path:
         if mode:  # every train and test image, before any training
             id_col = cfg["competition"]["id"]
             check_image_files(cfg, df[id_col], train_file, mode)
-            check_image_files(cfg, test[id_col], table_path(cfg, "test"), mode)
+            check_image_files(cfg, test[id_col], table_path(cfg, "test"), mode, "test")
         table, summary = report(cfg, df, fold)
         if summary.get("groups_in_several_folds", 0):
             raise RuntimeError(f"internal error: {summary['groups_in_several_folds']} groups span several folds")

@@ -103,10 +103,10 @@ def _build(cfg: dict, source: str, out: Path, force: bool) -> Path:
 def _code_hash() -> str:
     """The package's sources (its wheel is rebuilt when they change)."""
     h = hashlib.sha256()
-    root = Path(__file__).resolve().parent
-    for p in sorted(root.glob("*.py")) + [root.parent / "pyproject.toml"]:
+    root = Path(__file__).resolve().parents[1]  # pipeline/, every sub-package
+    for p in sorted(root.rglob("*.py")) + [root.parent / "pyproject.toml"]:
         if p.exists():
-            h.update(p.name.encode() + p.read_bytes())
+            h.update(str(p.relative_to(root.parent)).encode() + p.read_bytes())
     return h.hexdigest()[:12]
 
 

@@ -173,9 +173,11 @@ def _run(cfg: dict, force: bool) -> Path:
     out = pretrain_file(cfg)
     id_col = cfg["competition"]["id"]
     train_df, test_df = load_train(cfg), load_test(cfg)
-    ids = pd.concat([train_df[id_col], test_df[id_col]], ignore_index=True)
+    images = pd.DataFrame({"id": pd.concat([train_df[id_col], test_df[id_col]], ignore_index=True),
+                           "path": image_paths(cfg, train_df[id_col], "train") + image_paths(cfg, test_df[id_col], "test")})
     if pc["max_images"]:
-        ids = ids.sample(n=min(pc["max_images"], len(ids)), random_state=cfg["seed"]).reset_index(drop=True)
+        images = images.sample(n=min(pc["max_images"], len(images)), random_state=cfg["seed"]).reset_index(drop=True)
+    ids = images["id"]
     key = config_hash([pc, data_key(cfg["data"]), cfg["model"]["backbone"], cfg["seed"], len(ids), cfg["competition"]["root"]])
     meta_path = out.with_suffix(".json")
     if not force and is_up_to_date(meta_path, key, [out]):
@@ -188,7 +190,7 @@ def _run(cfg: dict, force: bool) -> Path:
     n_valid = max(1, int(len(ids) * pc["valid_fraction"]))
     order = np.random.default_rng(cfg["seed"]).permutation(len(ids))
     va_idx, tr_idx = order[:n_valid], order[n_valid:]
-    paths = image_paths(cfg, ids)
+    paths = list(images["path"])
     train_ds = JigsawDataset([paths[i] for i in tr_idx], cfg, perms, train=True, seed=cfg["seed"])
     valid_ds = JigsawDataset([paths[i] for i in va_idx], cfg, perms, train=False)
     y_valid = np.stack([valid_ds[i][1]["puzzle"].numpy() for i in range(len(valid_ds))])

@@ -30,7 +30,7 @@ def fold_datasets(cfg: dict, heads: list[Head], train_df: pd.DataFrame, tr_idx, 
     """``cache_images`` overrides data.cache's choice (True/False), as lr_find does for its short sweep."""
     dcfg, tcfg = cfg["data"], cfg["train"]
     ys = head_targets(heads, train_df)
-    paths = image_paths(cfg, train_df[cfg["competition"]["id"]].to_numpy())
+    paths = image_paths(cfg, train_df[cfg["competition"]["id"]].to_numpy(), "train")
     tr_paths, tr_y = [paths[i] for i in tr_idx], {k: v[tr_idx] for k, v in ys.items()}
     if teachers.active(cfg):  # pseudo-labelled test rows and/or distillation targets
         tr_paths, tr_y = teachers.extend(cfg, heads, fold, folds_hash, train_df, tr_idx, tr_paths, tr_y, device)

@@ -117,7 +117,7 @@ def _predict(checkpoint: Path, cfg: dict, ids, device, fold) -> np.ndarray:
     model, ckpt = load_model(checkpoint, str(device))
     ckpt.require_fold(fold)  # (a teacher's models folder whose fold folders were swapped)
     dcfg = ckpt.data_cfg  # the teacher's own image size and normalisation
-    ds = ImageDataset(image_paths(cfg, ids), dcfg["in_chans"], build_transform(dcfg))
+    ds = ImageDataset(image_paths(cfg, ids, "train"), dcfg["in_chans"], build_transform(dcfg))
     out = predict_views(model, model.head_specs, DataLoader(ds, batch_size=256), [lambda x: x], device)
     return out[model.head_specs[0].name][0]
 
@@ -178,7 +178,7 @@ def extend(cfg: dict, heads, fold, folds_hash: str, train_df: pd.DataFrame, rows
         weight = np.concatenate([weight, np.full(len(ids), pc["weight"], np.float32)])
         if teacher is not None:  # the pseudo rows' soft targets are the pseudo-labeller's own probabilities
             teacher = np.vstack([teacher, probs.astype(np.float32)])
-        paths = list(paths) + image_paths(cfg, ids)
+        paths = list(paths) + image_paths(cfg, ids, "test")
         log(f"[train] fold {fold}: +{len(ids)} pseudo-labelled test rows from {pc['source']}'s fold-{fold} model "
             f"(p >= {pc['threshold']}, weight {pc['weight']}, {'soft' if pc['soft'] else 'hard'} labels)")
     out = {head.name: y, "__weight": weight}

@@ -31,8 +31,8 @@ def stage_key(cfg: dict, folds_hash: str, train_hash: str, images_hash: str | No
     return config_hash(parts + ([images_hash] if images_hash else []))
 
 
-def images_hash(cfg: dict, ids) -> str:
-    return files_fingerprint(image_paths(cfg, ids), under(cfg, ".cache/image-hashes.json"))
+def images_hash(cfg: dict, ids, split: str = "train") -> str:
+    return files_fingerprint(image_paths(cfg, ids, split), under(cfg, ".cache/image-hashes.json"))
 
 
 def train_key(cfg: dict, train_df, folds_hash: str) -> str:
