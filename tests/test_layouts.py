@@ -108,3 +108,20 @@ def _overrides(cfg):
             "competition.test_image=test_images/{id}.jpg", "data.in_chans=3", "data.image_size=32",
             "folds.n_splits=3", "model.backbone=resnet10t", "train.epochs=2", "train.batch_size=16", "train.lr=0.003",
             "features.batch_size=32", "stack.model=weighted", "name=rgb"]
+
+
+def test_jpegs_are_decoded_at_the_smallest_scale_that_covers_the_image_size(tmp_path):
+    from pipeline.competition.images import ImageDataset, build_transform, decode_size, read_image
+
+    rng = np.random.default_rng(2)
+    _jpeg(tmp_path / "a.jpg", 0, rng, size=256)
+    Image.fromarray(np.zeros((256, 256, 3), np.uint8)).save(tmp_path / "a.png")
+    assert read_image(tmp_path / "a.jpg", 3).shape == (256, 256, 3)
+    assert read_image(tmp_path / "a.jpg", 3, 64).shape == (64, 64, 3)  # 1/4 scale covers 64
+    assert read_image(tmp_path / "a.jpg", 1, 100).shape == (128, 128, 1)  # 1/2 scale: 1/4 would be too small
+    assert read_image(tmp_path / "a.png", 3, 64).shape == (256, 256, 3)  # only JPEG has a draft mode
+    cfg = load_config(None, ["data.image_size=64", "data.in_chans=3"])
+    assert decode_size(cfg["data"]) == 64
+    assert decode_size(load_config(None, ["data.image_size=64", "data.jpeg_draft=false"])["data"]) is None
+    ds = ImageDataset([tmp_path / "a.jpg"], 3, build_transform(cfg["data"]), size=decode_size(cfg["data"]))
+    assert ds.image(0).shape == (64, 64, 3) and tuple(ds[0][0].shape) == (3, 64, 64)

@@ -18,12 +18,16 @@ from torch.utils.data import Dataset
 from pipeline.errors import InputError
 
 
-def read_image(path: str | Path, in_chans: int) -> np.ndarray:
-    """HxWxC uint8 array; a missing or unreadable file is named in the error."""
+def read_image(path: str | Path, in_chans: int, size: int | None = None) -> np.ndarray:
+    """HxWxC uint8 array; a missing or unreadable file is named in the error. With ``size``, a JPEG is decoded
+    straight at the smallest of its 1/2, 1/4, 1/8 scales that still covers ``size`` x ``size`` (PIL's draft
+    mode: the transform's resize then starts from far fewer pixels; bench/loader_throughput.py)."""
     from PIL import Image, UnidentifiedImageError
 
     try:
         with Image.open(path) as img:
+            if size and img.format == "JPEG":
+                img.draft("L" if in_chans == 1 else "RGB", (size, size))
             arr = to_uint8(img, in_chans, path)
     except FileNotFoundError:
         raise InputError(f"image file {path} does not exist; check competition.image and the images folder.") from None
@@ -95,9 +99,10 @@ class ImageDataset(Dataset):
     """Images named by ``paths`` with optional per-row targets (dict of column -> array)."""
 
     def __init__(self, paths: list[Path], in_chans: int, transform=None, targets: dict | None = None,
-                 cache: bool = False):
+                 cache: bool = False, size: int | None = None):
+        """``size``: decode JPEGs at no less than this many pixels a side (``decode_size``)."""
         self.paths = list(paths)
-        self.in_chans = in_chans
+        self.in_chans, self.size = in_chans, size
         self.transform = transform
         self.targets = targets or {}
         self._cache: dict[int, np.ndarray] | None = {} if cache else None
@@ -129,7 +134,7 @@ class ImageDataset(Dataset):
         pool = ThreadPoolExecutor(max(1, threads))  # PIL decodes without holding the GIL
         try:  # np.array: each image owns its pixels (not a view of PIL's bytes), so the workers' reference
             # counting does not copy the pixel pages
-            arrays = pool.map(lambda j: np.array(read_image(self.paths[j], self.in_chans)), todo)
+            arrays = pool.map(lambda j: np.array(read_image(self.paths[j], self.in_chans, self.size)), todo)
             for i, arr in zip(todo, tqdm(arrays, total=len(todo), desc=desc, leave=False, disable=len(todo) < 1000)):
                 self._cache[i] = arr
         finally:  # a bad file stops the decoding at once (the queued images are dropped)
@@ -138,9 +143,9 @@ class ImageDataset(Dataset):
     def image(self, i: int) -> np.ndarray:
         if self._cache is not None:
             if i not in self._cache:
-                self._cache[i] = read_image(self.paths[i], self.in_chans)
+                self._cache[i] = read_image(self.paths[i], self.in_chans, self.size)
             return self._cache[i]
-        return read_image(self.paths[i], self.in_chans)
+        return read_image(self.paths[i], self.in_chans, self.size)
 
     def __getitem__(self, i: int):
         img = self.image(i)
@@ -174,6 +179,8 @@ def data_key(data_cfg: dict) -> dict:
     key = {**{k: v for k, v in data_cfg.items() if k != "num_workers"}, "cache": False}
     if key.get("normalize") == "auto":  # (keys of models trained before data.normalize existed stay valid)
         key.pop("normalize")
+    if key.get("jpeg_draft", True):  # (and before jpeg_draft: PNG competitions decode the same either way)
+        key.pop("jpeg_draft", None)
     return key
 
 
@@ -268,15 +275,21 @@ class SharedImages:
         self.paths, self.data_cfg, self.workers, self.desc = list(paths), data_cfg, workers, desc
         self._images: ImageDataset | None = None
 
-    def view(self, in_chans: int, transform) -> tuple[ImageDataset, str | None]:
-        """The images under one model's transform, and the cache decision when they were (re)read, else None."""
+    def view(self, in_chans: int, transform, size: int | None = None) -> tuple[ImageDataset, str | None]:
+        """The images under one model's transform (decoded at ``size``), and the cache decision when they were
+        (re)read, else None."""
         why = None
-        if self._images is None or self._images.in_chans != in_chans:
+        if self._images is None or (self._images.in_chans, self._images.size) != (in_chans, size):
             keep, why = resolve_cache({**self.data_cfg, "in_chans": in_chans}, self.paths, 1, self.workers)
-            self._images = ImageDataset(self.paths, in_chans, cache=keep)
+            self._images = ImageDataset(self.paths, in_chans, cache=keep, size=size)
             if self.workers > 0:  # decoded here, before the loader's workers fork and share them
                 self._images.preload(self.workers, desc=self.desc)
         return self._images.with_transform(transform), why
+
+
+def decode_size(data_cfg: dict) -> int | None:
+    """The size JPEGs are decoded at for this data section (``data.jpeg_draft``), or None: full size."""
+    return data_cfg["image_size"] if data_cfg.get("jpeg_draft", True) else None
 
 
 def seed_everything(seed: int) -> None:

@@ -96,6 +96,9 @@ class Folds(_Section):
 class Data(_Section):
     in_chans: int = Field(3, ge=1)
     image_size: int = Field(32, ge=1)
+    # decode a JPEG straight at the smallest 1/2, 1/4, 1/8 scale that still covers image_size (PIL draft mode;
+    # the resize then starts from far fewer pixels; bench/loader_throughput.py); false: full size, then resize
+    jpeg_draft: bool = True
     # model: the pretrained weights' mean/std (timm pretrained_cfg) | imagenet | none (pixels / 255) | dataset
     # (data.mean/data.std, 0.5 when unset); auto = model with model.pretrained, else dataset
     normalize: Literal["auto", "model", "imagenet", "none", "dataset"] = "auto"

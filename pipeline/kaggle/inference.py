@@ -117,7 +117,7 @@ def level1_frame(bundle: Path, name: str, spec: dict, cfg: dict, test: pd.DataFr
     from torch.utils.data import DataLoader
     from tqdm.auto import tqdm
 
-    from pipeline.competition.images import SharedImages, build_transform, loader_workers
+    from pipeline.competition.images import SharedImages, build_transform, decode_size, loader_workers
     from pipeline.predict.tta import aggregate, predict_views, tta_views
     from pipeline.training.checkpoint import load_model
     from pipeline.training.fold_models import require_one_config
@@ -137,8 +137,8 @@ def level1_frame(bundle: Path, name: str, spec: dict, cfg: dict, test: pd.DataFr
         keys[rel] = ckpt.stage_key
         require_one_config(keys)  # never a mean over models of different configs
         dcfg = ckpt.data_cfg  # the image size/normalisation the model was trained with
-        loader = DataLoader(images.view(dcfg["in_chans"], build_transform(dcfg))[0], batch_size=f["batch_size"],
-                            shuffle=False, num_workers=workers)
+        view, _ = images.view(dcfg["in_chans"], build_transform(dcfg), decode_size(dcfg))
+        loader = DataLoader(view, batch_size=f["batch_size"], shuffle=False, num_workers=workers)
         if budget is not None and i == 0 and len(views) > 1 and not f["keep_views"]:
             views = _views_that_fit(model, loader, views, device, budget, len(models), name)
         batches = tqdm(loader, desc=f"{name}: {rel}", leave=False)

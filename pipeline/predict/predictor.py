@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from pipeline.competition.images import build_transform, read_image, resolve_cache
+from pipeline.competition.images import build_transform, decode_size, read_image, resolve_cache
 from pipeline.errors import InputError
 from pipeline.predict.tta import predict_views, tta_views
 from pipeline.training.checkpoint import load_model
@@ -24,15 +24,15 @@ from pipeline.training.models import pick_device
 
 
 class _Images(Dataset):
-    def __init__(self, items, in_chans: int, transform):
-        self.items, self.in_chans, self.transform = list(items), in_chans, transform
+    def __init__(self, items, in_chans: int, transform, size: int | None = None):
+        self.items, self.in_chans, self.transform, self.size = list(items), in_chans, transform, size
 
     def __len__(self):
         return len(self.items)
 
     def __getitem__(self, i):
         item = self.items[i]
-        arr = item if isinstance(item, np.ndarray) else read_image(item, self.in_chans)
+        arr = item if isinstance(item, np.ndarray) else read_image(item, self.in_chans, self.size)
         if arr.ndim == 2:
             arr = arr[:, :, None]
         return self.transform(image=arr)["image"], {}, i
@@ -68,8 +68,9 @@ class Predictor:
         items, c = list(images), self.data_cfg["in_chans"]
         files = [it for it in items if not isinstance(it, np.ndarray)]
         if len(self.models) > 1 and files and resolve_cache({"cache": "auto", "in_chans": c}, files)[0]:
-            items = [it if isinstance(it, np.ndarray) else read_image(it, c) for it in items]  # once, not per model
-        ds = _Images(items, c, build_transform(self.data_cfg))
+            items = [it if isinstance(it, np.ndarray) else read_image(it, c, decode_size(self.data_cfg))
+                     for it in items]  # once, not per model
+        ds = _Images(items, c, build_transform(self.data_cfg), decode_size(self.data_cfg))
         loader = DataLoader(ds, batch_size=batch_size, shuffle=False)
         views = tta_views(tta, scales)
         outs = [predict_views(m, self.heads, loader, views, self.device) for m in self.models]

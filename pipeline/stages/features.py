@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 from torch.utils.data import DataLoader
 
-from pipeline.competition.images import ImageDataset, SharedImages, build_transform, loader_workers
+from pipeline.competition.images import ImageDataset, SharedImages, build_transform, decode_size, loader_workers
 from pipeline.competition.tables import fold_of as folds_of_rows
 from pipeline.competition.tables import image_paths, load_folds, load_test, load_train, table_path
 from pipeline.errors import InputError
@@ -56,7 +56,7 @@ def fit_fold_pca(model, heads, loader, paths, data_cfg, tf, device, n: int, seed
     OOF rows); components get a fixed sign (largest loading positive) so folds' bases roughly agree."""
     from sklearn.decomposition import PCA
 
-    ds = ImageDataset(paths, data_cfg["in_chans"], tf)
+    ds = ImageDataset(paths, data_cfg["in_chans"], tf, size=decode_size(data_cfg))
     emb = predict_views(model, heads, loader(ds), [lambda x: x], device, embed=True)["embedding"]
     pca = PCA(n_components=min(n, emb.shape[1], len(emb)), random_state=seed).fit(emb)
     signs = np.sign(pca.components_[np.arange(pca.n_components_), np.abs(pca.components_).argmax(1)])
@@ -188,7 +188,7 @@ def _dump_fold(run: _FoldRun, k, part_oof: Path, part_test: Path, pkey: str) -> 
     heads = model.head_specs
     dcfg = ckpt.data_cfg  # the image size/normalisation the model was trained with
     tf = build_transform(dcfg)
-    test_ds, why = run.test_images.view(dcfg["in_chans"], tf)
+    test_ds, why = run.test_images.view(dcfg["in_chans"], tf, decode_size(dcfg))
     if why:
         log(f"[features] test images: {why}")
     loader = lambda ds, w=run.workers: DataLoader(ds, batch_size=fcfg["batch_size"], shuffle=False, num_workers=w)
@@ -203,7 +203,7 @@ def _dump_fold(run: _FoldRun, k, part_oof: Path, part_test: Path, pkey: str) -> 
 
     if k != FULL:
         rows = np.flatnonzero(run.fold_of == k)
-        o = views_of(ImageDataset([run.paths_train[i] for i in rows], dcfg["in_chans"], tf))
+        o = views_of(ImageDataset([run.paths_train[i] for i in rows], dcfg["in_chans"], tf, size=decode_size(dcfg)))
         ident = {feature_column(exp, h.name, j, "view0"): o[h.name][0][:, j]  # no-TTA output, for the CV table
                  for h in heads for j in range(o[h.name].shape[2])}
         df = pd.concat([pd.DataFrame({id_col: run.train_ids[rows], "fold": k}),

@@ -21,7 +21,7 @@ import pandas as pd
 import torch
 from torch.utils.data import Dataset
 
-from pipeline.competition.images import build_transform, data_key, read_image
+from pipeline.competition.images import build_transform, data_key, decode_size, read_image
 from pipeline.competition.tables import image_paths, load_test, load_train
 from pipeline.config.train import Train
 from pipeline.errors import InputError
@@ -107,7 +107,7 @@ class JigsawDataset(Dataset):
         self.grid, self.gap, self.tile_norm = pc["grid"], pc["gap"], pc["tile_norm"]
         self.position = pc["formulation"] == "position"
         self.dihedral = pc["dihedral"]
-        self.in_chans = cfg["data"]["in_chans"]
+        self.in_chans, self.size = cfg["data"]["in_chans"], decode_size(cfg["data"])
         self.transform = build_transform(cfg["data"])
         self.seed = seed
         self.size = cfg["data"]["image_size"]
@@ -123,7 +123,7 @@ class JigsawDataset(Dataset):
 
     def __getitem__(self, i: int):
         rng = np.random.default_rng([self.seed if self.train else 12345, i])
-        arr = read_image(self.paths[i], self.in_chans)
+        arr = read_image(self.paths[i], self.in_chans, self.size)
         if min(arr.shape[:2]) < self.grid * 2:
             raise InputError(f"pretrain: image {self.paths[i]} is {arr.shape[1]}x{arr.shape[0]}, smaller than a "
                              f"{self.grid}x{self.grid} grid of 2-pixel tiles; lower pretrain.grid or drop it.")

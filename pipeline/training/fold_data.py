@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from pipeline.competition.images import ImageDataset, build_transform, loader_workers, resolve_cache
+from pipeline.competition.images import ImageDataset, build_transform, decode_size, loader_workers, resolve_cache
 from pipeline.competition.tables import image_paths
 from pipeline.store.io import log
 from pipeline.tasks import HEAD_KINDS
@@ -39,10 +39,11 @@ def fold_datasets(cfg: dict, heads: list[Head], train_df: pd.DataFrame, tr_idx, 
     cache, why = resolve_cache(dcfg if cache_images is None else {**dcfg, "cache": cache_images},
                                tr_paths + va_paths, local_world, workers)
     log(f"[train] {why}")
+    size = decode_size(dcfg)
     train = ImageDataset(tr_paths, dcfg["in_chans"], build_transform(dcfg, tcfg["augment"], seed=cfg["seed"]), tr_y,
-                         cache)
+                         cache, size)
     valid = ImageDataset(va_paths, dcfg["in_chans"], build_transform(dcfg), {k: v[va_idx] for k, v in ys.items()},
-                         cache)
+                         cache, size)
     if cache and workers > 0:
         for ds in (train, valid):
             ds.preload(workers)

@@ -109,7 +109,7 @@ def _predict(checkpoint: Path, cfg: dict, ids, device, fold) -> np.ndarray:
     say it is fold ``fold``'s model (a models folder whose fold folders were swapped is refused)."""
     from torch.utils.data import DataLoader
 
-    from pipeline.competition.images import ImageDataset, build_transform
+    from pipeline.competition.images import ImageDataset, build_transform, decode_size
     from pipeline.competition.tables import image_paths
     from pipeline.predict.tta import predict_views
     from pipeline.training.checkpoint import load_model
@@ -117,7 +117,7 @@ def _predict(checkpoint: Path, cfg: dict, ids, device, fold) -> np.ndarray:
     model, ckpt = load_model(checkpoint, str(device))
     ckpt.require_fold(fold)  # (a teacher's models folder whose fold folders were swapped)
     dcfg = ckpt.data_cfg  # the teacher's own image size and normalisation
-    ds = ImageDataset(image_paths(cfg, ids, "train"), dcfg["in_chans"], build_transform(dcfg))
+    ds = ImageDataset(image_paths(cfg, ids, "train"), dcfg["in_chans"], build_transform(dcfg), size=decode_size(dcfg))
     out = predict_views(model, model.head_specs, DataLoader(ds, batch_size=256), [lambda x: x], device)
     return out[model.head_specs[0].name][0]
 
