@@ -178,7 +178,7 @@ def test_notebook_in_a_fresh_offline_env_writes_the_submission_make_submit_wrote
     assert after == before  # nothing written next to the inputs (as root, the read-only bits alone prove nothing)
     assert sorted(p.name for p in working.iterdir()) == ["submission.csv"]
     site = next(python.parent.parent.glob("lib/python*/site-packages"))
-    assert (site / "pipeline" / "inference.py").exists() and (site / "ttach").is_dir()  # installed from the bundle
+    assert (site / "pipeline" / "kaggle" / "inference.py").exists() and (site / "ttach").is_dir()  # from the bundle
     assert_same_submission(pd.read_csv(working / "submission.csv"), pd.read_csv(project / f"submissions/{source}.csv"))
     size = sum(p.stat().st_size for p in bundle.rglob("*") if p.is_file())
     print(f"\n[kaggle test] {source}: bundle {size / 2**20:.1f} MiB, notebook ran in {elapsed:.1f}s "
@@ -197,7 +197,8 @@ def test_make_kaggle_bundles_what_inference_needs_and_says_so(demo):
     import torch
 
     ckpt = torch.load(bundle / "models/demo-small/fold2.pt", map_location="cpu", weights_only=True)
-    assert set(ckpt) <= {"model", "heads", "model_cfg", "data_cfg", "fold", "epoch", "score", "metric", "stage_key"}
+    assert set(ckpt) <= {"format", "model", "heads", "model_cfg", "data_cfg", "fold", "epoch", "score", "metric",
+                         "stage_key"}
     assert ckpt["fold"] == 2 and ckpt["data_cfg"]["image_size"] == 24  # demo-small's own image size
     # stack saved its LightGBM models per fold; the bundle carries them with the tuned rules
     assert sorted(p.name for p in (project / "features/demo-stack/models").iterdir()) == [

@@ -43,7 +43,8 @@ def _cfg(root, tmp_path, *extra):
                               "competition.train_image=train_images/{id}.jpg",
                               "competition.test_image=test_images/{id}.jpg", "data.in_chans=3", "data.image_size=32",
                               "folds.n_splits=3", "model.backbone=resnet10t", "train.epochs=2", "train.batch_size=16",
-                              "train.lr=0.003", "features.batch_size=32", "stack.model=weighted", "name=rgb", *extra])
+                              "train.lr=0.003", "features.batch_size=32", "stack.model=weighted",
+                              "data.normalize=imagenet", "name=rgb", *extra])
 
 
 def test_each_split_has_its_own_image_pattern_or_a_split_placeholder(tmp_path):
@@ -97,8 +98,13 @@ def test_an_rgb_jpeg_competition_runs_the_chain_and_the_offline_bundle(tmp_path,
     accuracy = float((sub["label"].to_numpy() == solution["label"].to_numpy()).mean())
     assert accuracy > 0.6, accuracy  # colour classes: a model that learned nothing scores ~0.33
     bundle = run_stage("kaggle", load_config(None, [*_overrides(cfg), "kaggle.source=rgb-l2"]))
-    frame, _ = predict(bundle, root, device="cpu")
+    frame, sets = predict(bundle, root, device="cpu")
     np.testing.assert_array_equal(frame["label"].to_numpy(), sub["label"].to_numpy())  # the notebook's answer
+    # ... from the very probabilities features wrote: the bundle preprocesses with the checkpoint's
+    # normalisation (imagenet here), not the default 0.5
+    ours = pd.read_parquet(tmp_path / "features" / "rgb" / "test.parquet")
+    cols = [c for c in ours.columns if c != "image_id"]
+    np.testing.assert_allclose(sets["rgb"][cols].to_numpy(), ours[cols].to_numpy(), atol=1e-3)
 
 
 def _overrides(cfg):
@@ -107,7 +113,7 @@ def _overrides(cfg):
             "competition.target=label", "competition.group=site", "competition.train_image=train_images/{id}.jpg",
             "competition.test_image=test_images/{id}.jpg", "data.in_chans=3", "data.image_size=32",
             "folds.n_splits=3", "model.backbone=resnet10t", "train.epochs=2", "train.batch_size=16", "train.lr=0.003",
-            "features.batch_size=32", "stack.model=weighted", "name=rgb"]
+            "features.batch_size=32", "stack.model=weighted", "data.normalize=imagenet", "name=rgb"]
 
 
 def test_jpegs_are_decoded_at_the_smallest_scale_that_covers_the_image_size(tmp_path):
