@@ -32,7 +32,20 @@ def class_columns(cols: list, n_classes: int, labels: list | None = None) -> lis
                           "competition.target")
 
 
-def validate(sub: pd.DataFrame, sample: pd.DataFrame, id_col: str, where: str = "submission") -> None:
+def submits_integers(cfg: dict, sample: pd.DataFrame) -> bool:
+    """Whether the submission's values are integers (class labels, rounded ordinal values), so an integer
+    sample column must be matched; probabilities and regression values are floats whatever the sample's
+    placeholder (a sample of 0s for an AUC competition is common)."""
+    task = get_task(cfg["competition"]["task"])
+    if len(sample.columns) > 2:  # one probability column per class
+        return False
+    return task.submits_labels(cfg["competition"]["metric"]) or task.submission == "rounded"
+
+
+def validate(sub: pd.DataFrame, sample: pd.DataFrame, id_col: str, where: str = "submission",
+             integers: bool = True) -> None:
+    """The submission has sample_submission's ids, order and columns, finite values, and (``integers``)
+    integers where the sample's column holds integers."""
     if list(sub.columns) != list(sample.columns):
         raise SubmissionError(f"{where}: columns {list(sub.columns)} differ from sample_submission's {list(sample.columns)}.")
     ids, want = sub[id_col].astype(str), sample[id_col].astype(str)
@@ -60,7 +73,7 @@ def validate(sub: pd.DataFrame, sample: pd.DataFrame, id_col: str, where: str = 
         if bad.any():
             raise SubmissionError(f"{where}: column '{c}' has NaN/inf at {bad.sum()} row(s), e.g. id "
                                   f"'{sub[id_col][bad].iloc[0]}'.")
-        if pd.api.types.is_integer_dtype(sample[c]) and not np.allclose(v, np.round(v)):
+        if integers and pd.api.types.is_integer_dtype(sample[c]) and not np.allclose(v, np.round(v)):
             raise SubmissionError(f"{where}: column '{c}' must hold integers like sample_submission's, got {v.iloc[0]!r}.")
 
 

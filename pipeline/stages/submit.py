@@ -13,6 +13,7 @@ import pandas as pd
 
 from pipeline.competition.submission import (  # shared with pipeline.kaggle.inference (a Kaggle notebook)
     class_columns,
+    submits_integers,
     to_submission,
     validate,
 )
@@ -82,7 +83,7 @@ def run(cfg: dict, force: bool = False) -> Path:
                          + "); the submission must have one row per test id: fix whichever file is wrong.")
     pred = head_prediction(test, source, targets(cfg)[0], cfg["submit"]["stat"])
     sub = to_submission(cfg, pred, test[comp["id"]].astype(str), sample, class_labels(cfg))
-    validate(sub, sample, comp["id"], where=f"submission for '{source}'")
+    validate(sub, sample, comp["id"], where=f"submission for '{source}'", integers=submits_integers(cfg, sample))
     out = submissions_dir(cfg) / (f"{source}.csv" + (".gz" if cfg["submit"]["gzip"] else ""))
     scores = score_local(cfg, sub)
     overall = (read_parquet_meta(feats).get("cv") or {}).get("overall")

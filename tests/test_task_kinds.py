@@ -1,0 +1,68 @@
+"""Binary, regression and ordinal competitions end to end: folds -> train -> features -> stack (auto) ->
+postprocess (each task's own rule) -> submit -> the offline bundle's prediction, scored on a solution.csv."""
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from pipeline.config.loading import load_config
+from pipeline.metrics import get_metric
+
+# task -> (metric, its postprocess rule, labels drawn for n rows)
+KINDS = {
+    "binary": ("auc", "postprocess.threshold=true", lambda rng, n: rng.integers(0, 2, n)),
+    "regression": ("rmse", "postprocess.clip=true", lambda rng, n: rng.uniform(0, 4, n)),
+    "ordinal": ("qwk", "postprocess.rounding=true", lambda rng, n: rng.integers(0, 5, n)),
+}
+
+
+def brightness_competition(root, task: str, n: int = 150, n_test: int = 40, seed: int = 0):
+    """Grey 16 px images whose brightness says the target (a tiny net learns it in two epochs)."""
+    rng = np.random.default_rng(seed)
+    draw = KINDS[task][2]
+    y, ty = draw(rng, n), draw(rng, n_test)
+    top = 1.0 if task == "binary" else 4.0
+    (root / "images").mkdir(parents=True)
+    ids, tids = [f"r{i}" for i in range(n)], [f"t{i}" for i in range(n_test)]
+    for i, v in zip(ids + tids, list(y) + list(ty)):
+        level = 40 + 170 * float(v) / top
+        arr = np.clip(rng.normal(level, 12, (16, 16)), 0, 255).astype(np.uint8)
+        Image.fromarray(arr, mode="L").save(root / "images" / f"{i}.png")
+    pd.DataFrame({"id": ids, "target": y, "grp": rng.integers(0, 15, n)}).to_csv(root / "train.csv", index=False)
+    pd.DataFrame({"id": tids}).to_csv(root / "test.csv", index=False)
+    sample = 0.0 if task == "regression" else 0
+    pd.DataFrame({"id": tids, "target": sample}).to_csv(root / "sample_submission.csv", index=False)
+    pd.DataFrame({"id": tids, "target": ty, "Usage": ["Public", "Private"] * (n_test // 2)}).to_csv(
+        root / "solution.csv", index=False)
+    return root, ty
+
+
+@pytest.mark.parametrize("task", sorted(KINDS))
+def test_a_task_kind_runs_the_whole_chain_and_the_bundle(task, tmp_path, monkeypatch):
+    from pipeline.kaggle.inference import predict
+    from pipeline.stages import run_stage
+
+    monkeypatch.chdir(tmp_path)
+    root, truth = brightness_competition(tmp_path / "comp", task)
+    metric, rule, _ = KINDS[task]
+    over = [f"workdir={tmp_path}", f"competition.root={root}", f"competition.task={task}",
+            f"competition.metric={metric}", "competition.group=grp", "data.in_chans=1", "data.image_size=16",
+            "folds.n_splits=3", "model.backbone=test_resnet", "train.epochs=3", "train.batch_size=16",
+            "train.lr=0.003", "features.batch_size=64", rule, f"name={task}"]
+    cfg = load_config(None, over)
+    for stage in ("folds", "train", "features", "stack", "postprocess", "submit"):
+        run_stage(stage, cfg)
+    source = f"{task}-l2-pp"
+    sub = pd.read_csv(tmp_path / "submissions" / f"{source}.csv")
+    score = get_metric(metric)(truth, sub["target"].to_numpy())
+    constant = get_metric(metric)(truth, np.full(len(truth), float(np.mean(truth)) if task != "ordinal" else 2))
+    print(f"\n[{task}] {metric} of the submission on solution.csv: {score:.4f} (a constant: {constant:.4f})")
+    better = score > constant if get_metric(metric).higher_is_better else score < constant
+    assert better, (score, constant)
+    if task == "ordinal":  # an integer sample column: the submission is rounded integers
+        assert pd.api.types.is_integer_dtype(sub["target"]) and set(sub["target"]) <= set(range(5))
+    if task == "binary":  # AUC is scored on probabilities: submitted as such
+        assert sub["target"].between(0, 1).all() and sub["target"].nunique() > 2
+    bundle = run_stage("kaggle", load_config(None, [*over, f"kaggle.source={source}"]))
+    frame, _ = predict(bundle, root, device="cpu")
+    np.testing.assert_allclose(frame["target"].to_numpy(dtype=float), sub["target"].to_numpy(dtype=float), atol=1e-3)
