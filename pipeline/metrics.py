@@ -109,3 +109,41 @@ def get_metric(name: str) -> Metric:
         return METRICS[name]
     except KeyError:
         raise ValueError(f"unknown metric '{name}'; choose one of {', '.join(sorted(METRICS))}") from None
+
+
+# ----------------------------------------------------------------- what the fold-mean submission scores
+def ambiguity(preds: list) -> float:
+    """The mean, over rows, of the variance of several models' predictions (summed over classes for class
+    probabilities): how much the models disagree."""
+    p = np.stack([np.asarray(x, dtype=float) for x in preds])  # (models, rows) or (models, rows, classes)
+    var = p.var(axis=0)
+    return float(var.reshape(len(var), -1).sum(axis=1).mean())
+
+
+def squared_error(y, p, probabilities: bool) -> float:
+    """MSE of values, or the Brier score of class probabilities (summed over classes, one-hot truth)."""
+    p = np.asarray(p, dtype=float)
+    if probabilities and p.ndim == 2:
+        truth = np.eye(p.shape[1])[np.asarray(y).astype(int)]
+        return float(((p - truth) ** 2).sum(axis=1).mean())
+    return float(((p - np.asarray(y, dtype=float)) ** 2).mean())
+
+
+def fold_mean_estimate(metric: str, y, oof_pred, test_preds: list, probabilities: bool) -> dict:
+    """What the mean of ``test_preds`` (the fold models' test predictions) should score, from the OOF rows'
+    single-model error and the models' disagreement on the test rows (the ambiguity decomposition: the
+    squared error of a mean of models = the mean of their squared errors - the variance among them, exact
+    for every row and so for the mean over rows). ``rmse``: exact, the single-model MSE estimated by CV;
+    ``mae``: an approximation (the MAE scaled as the root of the MSE's reduction); other metrics have no
+    identity, so only the squared error (MSE, or the Brier score of probabilities) is predicted for them."""
+    amb = ambiguity(test_preds) if len(test_preds) > 1 else 0.0
+    single = squared_error(y, oof_pred, probabilities)
+    out = {"models": len(test_preds), "ambiguity": amb, "squared_error": "brier" if probabilities else "mse",
+           "single_cv": single, "fold_mean": max(single - amb, 0.0), "metric": metric, "predicted": None,
+           "how": "no identity for this metric: the squared error's decomposition is shown"}
+    if metric == "rmse":
+        out.update(predicted=float(np.sqrt(out["fold_mean"])), how="exact: sqrt(CV MSE - test ambiguity)")
+    elif metric == "mae" and single > 0:
+        out.update(predicted=float(mae(y, oof_pred) * np.sqrt(out["fold_mean"] / single)),
+                   how="approximate: CV MAE * sqrt((CV MSE - test ambiguity) / CV MSE)")
+    return out

@@ -66,3 +66,35 @@ def test_a_task_kind_runs_the_whole_chain_and_the_bundle(task, tmp_path, monkeyp
     bundle = run_stage("kaggle", load_config(None, [*over, f"kaggle.source={source}"]))
     frame, _ = predict(bundle, root, device="cpu")
     np.testing.assert_allclose(frame["target"].to_numpy(dtype=float), sub["target"].to_numpy(dtype=float), atol=1e-3)
+
+
+def test_the_fold_mean_prediction_is_the_ambiguity_decomposition_of_the_test_rows(tmp_path, monkeypatch):
+    """The mean of the fold models' squared errors on the test rows, less the ambiguity features reports,
+    is exactly the squared error of their mean (the submission); the predicted RMSE puts the CV in for the
+    first term."""
+    import json
+
+    from pipeline.stages import run_stage
+    from pipeline.store.paths import head_prediction
+
+    monkeypatch.chdir(tmp_path)
+    root, truth = brightness_competition(tmp_path / "comp", "regression")
+    cfg = load_config(None, [f"workdir={tmp_path}", f"competition.root={root}", "competition.task=regression",
+                             "competition.metric=rmse", "competition.group=grp", "data.in_chans=1",
+                             "data.image_size=16", "folds.n_splits=3", "model.backbone=test_resnet", "train.epochs=2",
+                             "train.batch_size=16", "train.lr=0.003", "name=reg"])
+    for stage in ("folds", "train", "features"):
+        run_stage(stage, cfg)
+    out = tmp_path / "features" / "reg"
+    fm = json.loads((out / "fold_mean.json").read_text())
+    per_model = pd.read_parquet(out / "test_folds.parquet")
+    preds = [head_prediction(g, "reg", "target", "mean") for _, g in per_model.groupby("fold", sort=True)]
+    mean_pred = head_prediction(pd.read_parquet(out / "test.parquet"), "reg", "target", "mean")
+    single = np.mean([np.mean((p - truth) ** 2) for p in preds])
+    assert fm["models"] == 3 and fm["ambiguity"] > 0
+    # (to float32 precision: the feature files store float32)
+    assert single - fm["ambiguity"] == pytest.approx(np.mean((mean_pred - truth) ** 2), rel=1e-6)
+    actual = float(np.sqrt(np.mean((mean_pred - truth) ** 2)))
+    assert fm["predicted"] == pytest.approx(np.sqrt(fm["single_cv"] - fm["ambiguity"]))
+    print(f"\n[fold-mean] CV rmse {np.sqrt(fm['single_cv']):.4f}, predicted fold-mean rmse {fm['predicted']:.4f}, "
+          f"actual on the test rows {actual:.4f}")

@@ -22,7 +22,7 @@ from pipeline.competition.images import ImageDataset, SharedImages, build_transf
 from pipeline.competition.tables import fold_of as folds_of_rows
 from pipeline.competition.tables import image_paths, load_folds, load_test, load_train, table_path
 from pipeline.errors import InputError
-from pipeline.metrics import get_metric
+from pipeline.metrics import fold_mean_estimate, get_metric
 from pipeline.predict.tta import aggregate, predict_views, tta_views
 from pipeline.store import leaderboard
 from pipeline.store.artifacts import ArtifactGroup, kill_point, stage_lock
@@ -44,6 +44,7 @@ from pipeline.store.paths import (
     parse_column,
     targets,
 )
+from pipeline.tasks import HEAD_KINDS
 from pipeline.training import teachers
 from pipeline.training.checkpoint import Checkpoint, load_model
 from pipeline.training.fold_models import FULL, FoldModels
@@ -139,12 +140,17 @@ def _run(cfg: dict, force: bool) -> Path:
     test = test_mean(test_parts, models, test_models, id_col, parts)
     feat_cols = [c for c in test.columns if c != id_col]
 
-    heads = [h.name for h in Checkpoint.read(fold_models.checkpoint(0), mmap=True).heads]
-    cv = score_table(cfg, oof, train_df, exp, heads[0], fold_of)
+    main = Checkpoint.read(fold_models.checkpoint(0), mmap=True).heads[0]
+    cv = score_table(cfg, oof, train_df, exp, main.name, fold_of)
+    fold_mean = fold_mean_estimate(cfg["competition"]["metric"], train_df[targets(cfg)[0]].to_numpy(),
+                                   head_prediction(oof, exp, main.name, "mean"),
+                                   [head_prediction(p, exp, main.name, "mean") for p, m in zip(test_parts, models)
+                                    if m in test_models], HEAD_KINDS[main.kind].classes)
     view_cols = [c for c in oof.columns if (col := parse_column(c)) and col.stat == "view0"]
     meta = provenance(cfg, "features", key, folds_hash=folds_hash, cv=cv, models=[str(m) for m in models],
                       test_models=[str(m) for m in test_models],
-                      views=len(views), leak=leak, model_keys={str(k): m.get("stage_key") for k, m in metas.items()})
+                      views=len(views), leak=leak, model_keys={str(k): m.get("stage_key") for k, m in metas.items()},
+                      fold_mean=fold_mean)
     with ArtifactGroup(out / "meta.json") as group:
         group.parquet(oof_path, oof.drop(columns=view_cols), meta)
         group.parquet(test_path, test, meta)
@@ -153,13 +159,16 @@ def _run(cfg: dict, force: bool) -> Path:
             [p.assign(fold=str(m)) for p, m in zip(test_parts, models)], ignore_index=True), meta)
         group.text(out / "config.yaml", resolved_config_text(cfg))
         group.json(out / "cv.json", cv)
+        group.json(out / "fold_mean.json", fold_mean)
         group.commit(meta)
     leaderboard.record(cfg, "features", started, cv=cv["overall"]["tta"],
                        folds={k: v["tta"] for k, v in cv.items() if k != "overall"},
                        artifacts=[str(oof_path), str(test_path)], note=f"{len(views)} TTA views; no-TTA CV "
-                       f"{cv['overall']['no_tta']:.6f}" + ("; test: the all-data model alone" if test_models != models
-                                                           else "") + (f"; {leak}" if leak else ""))
+                       f"{cv['overall']['no_tta']:.6f}; {fold_mean_text(fold_mean)}"
+                       + ("; test: the all-data model alone" if test_models != models else "")
+                       + (f"; {leak}" if leak else ""))
     log(cv_text(cv, get_metric(cfg["competition"]["metric"]).name))
+    log(f"[features] {fold_mean_text(fold_mean)}")
     log(f"[features] wrote {oof_path} ({oof.shape[0]} rows) and {test_path} ({test.shape[0]} rows), "
         f"{len(feat_cols)} feature columns")
     return out
@@ -249,6 +258,16 @@ def score_table(cfg: dict, oof: pd.DataFrame, train_df: pd.DataFrame, exp: str, 
         rows[f"fold{k}"] = {"no_tta": metric(y[m], plain[m]), "tta": metric(y[m], tta[m])}
     rows["overall"] = {"no_tta": metric(y, plain), "tta": metric(y, tta)}
     return rows
+
+
+def fold_mean_text(fm: dict) -> str:
+    """One line: what the mean of the test models should score, beside the single-model CV."""
+    se = fm["squared_error"].upper() if fm["squared_error"] == "mse" else "Brier"
+    text = (f"fold-mean of {fm['models']} model(s): {se} {fm['single_cv']:.4f} (CV, one model) - ambiguity "
+            f"{fm['ambiguity']:.4f} (test rows) = {fm['fold_mean']:.4f}")
+    if fm["predicted"] is not None:
+        text += f"; predicted {fm['metric']} {fm['predicted']:.4f} ({fm['how'].split(':')[0]})"
+    return text
 
 
 def cv_text(cv: dict, metric_name: str) -> str:
