@@ -102,7 +102,7 @@ def test_test_images_are_decoded_once_for_all_fold_models_when_cached(trained, m
 
     reads = []
     real = images.read_image
-    monkeypatch.setattr(images, "read_image", lambda path, c: reads.append(str(path)) or real(path, c))
+    monkeypatch.setattr(images, "read_image", lambda path, c, size=None: reads.append(str(path)) or real(path, c, size))
     cfg = tiny_cfg(trained["competition"]["root"], "train.epochs=1", f"data.cache={cache}")
     got = pd.read_parquet(FE.run(cfg, force=True) / "test.parquet")
     test_paths = [str(p) for p in image_paths(cfg, load_test(cfg)["id"], "test")]
@@ -200,7 +200,7 @@ def test_notebook_inference_and_predictor_decode_each_test_image_once_and_match_
     ref = pd.read_parquet(FE.run(trained) / "test.parquet")
     reads = []
     real = images.read_image
-    counting = lambda path, c: reads.append(str(path)) or real(path, c)
+    counting = lambda path, c, size=None: reads.append(str(path)) or real(path, c, size)
     monkeypatch.setattr(images, "read_image", counting)
     monkeypatch.setattr(PR, "read_image", counting)
     spec = {"features": trained["features"], "models": [f"models/tiny/fold{k}/best.pt" for k in range(3)]}

@@ -276,7 +276,7 @@ def test_ddp_two_cpu_processes_with_gloo(workdir):
     log = pd.read_csv(workdir / "models/ddp/fold0/log.csv")
     assert len(log) == 2 and log["score"].notna().all()
     net, ck = load_model(workdir / "models/ddp/fold0/best.pt")
-    assert not any(k.startswith("module.") for k in ck["model"])
+    assert not any(k.startswith("module.") for k in ck.weights)
 
 
 def test_lr_finder_writes_plot_and_a_sane_suggestion(workdir, capsys):
@@ -498,10 +498,14 @@ def test_stage_keys_ignore_how_images_are_read_and_match_keys_from_before_cache_
     keys = {FM.stage_key(tiny_cfg(workdir / "comp", *o), "f", "t") for o in
             ([], ["data.cache=true"], ["data.cache=false"], ["data.num_workers=3"])}
     assert len(keys) == 1
-    old = {k: v for k, v in cfg["data"].items() if k != "num_workers"} | {"cache": False}  # the key before auto
-    assert keys == {config_hash([cfg["competition"], old, cfg["model"],
-                                 {k: v for k, v in cfg["train"].items() if k not in (*FM.RUN_ONLY, "ema_warmup")},
-                                 cfg["seed"], "f", "t"])}
+    # the key before cache=auto, normalize, jpeg_draft, model.pretrained and layer_decay existed: models trained
+    # then stay up to date while those keep their defaults
+    old = {k: v for k, v in cfg["data"].items() if k not in ("num_workers", "normalize", "jpeg_draft")} | {"cache": False}
+    model = {k: v for k, v in cfg["model"].items() if k != "pretrained"}
+    train = {k: v for k, v in cfg["train"].items() if k not in (*FM.RUN_ONLY, "ema_warmup", "layer_decay")}
+    assert keys == {config_hash([cfg["competition"], old, model, train, cfg["seed"], "f", "t"])}
+    for changed in ("data.normalize=imagenet", "data.jpeg_draft=false", "train.layer_decay=0.7"):
+        assert FM.stage_key(tiny_cfg(workdir / "comp", changed), "f", "t") not in keys, changed
     assert FM.stage_key(tiny_cfg(workdir / "comp", "data.image_size=20"), "f", "t") not in keys
 
 

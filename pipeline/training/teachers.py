@@ -31,8 +31,8 @@ def active(cfg: dict) -> bool:
 
 def check_heads(cfg: dict, heads) -> None:
     if active(cfg) and (len(heads) != 1 or not head_kind(heads[0].kind).soft_targets):
-        raise ConfigError("train.pseudo / train.distill need one class-probability (multiclass) target head (no auxiliary "
-                          "heads); "
+        raise ConfigError("train.pseudo / train.distill need one multiclass target head (class probabilities; no "
+                          "auxiliary heads); "
                           f"this experiment has {[(h.name, h.kind) for h in heads]}.")
 
 
