@@ -198,3 +198,11 @@ def test_checkpoint_files_are_read_only_by_their_owner():
     offenders = {m for m, p in MODULES.items() if m not in CHECKPOINT_OWNERS
                  and any(s in p.read_text() for s in ("load_checkpoint(", "torch.load(", '"model_cfg"', '"data_cfg"'))}
     assert not offenders, offenders
+
+
+def test_the_bundles_wheel_is_rebuilt_when_any_sub_package_changes():
+    """The code hash that rebuilds a bundle's wheel covers every module, not only one folder's."""
+    from pipeline.stages.kaggle import code_files
+
+    hashed = {str(p.relative_to(PKG.parent)) for p in code_files()}
+    assert {str(p.relative_to(PKG.parent)) for p in MODULES.values()} <= hashed and "pyproject.toml" in hashed

@@ -100,13 +100,19 @@ def _build(cfg: dict, source: str, out: Path, force: bool) -> Path:
     return out
 
 
+CHECKOUT = Path(__file__).resolve().parents[2]  # pipeline/stages/kaggle.py -> the checkout
+
+
+def code_files() -> list[Path]:
+    """The package's sources, every sub-package's, and its pyproject.toml: what its wheel is built from."""
+    return [p for p in sorted((CHECKOUT / "pipeline").rglob("*.py")) + [CHECKOUT / "pyproject.toml"] if p.exists()]
+
+
 def _code_hash() -> str:
     """The package's sources (its wheel is rebuilt when they change)."""
     h = hashlib.sha256()
-    root = Path(__file__).resolve().parents[1]  # pipeline/, every sub-package
-    for p in sorted(root.rglob("*.py")) + [root.parent / "pyproject.toml"]:
-        if p.exists():
-            h.update(str(p.relative_to(root.parent)).encode() + p.read_bytes())
+    for p in code_files():
+        h.update(str(p.relative_to(CHECKOUT)).encode() + p.read_bytes())
     return h.hexdigest()[:12]
 
 
