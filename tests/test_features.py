@@ -241,6 +241,10 @@ def test_all_data_model_joins_the_test_mean_when_asked(workdir):
         Predictor.from_experiment(workdir / "models/tiny", use_full=True)
     assert len(Predictor.from_experiment(workdir / "models/tiny").models) == 3
     assert FE.run(tiny_cfg(workdir / "comp", "train.epochs=2")).name == "tiny"  # without it, features go on
+    # an all-data model whose training did not finish (train removes its meta.json first) is named, not a KeyError
+    (workdir / "models/tiny/foldfull/meta.json").unlink()
+    with pytest.raises(InputError, match="or did not finish"):
+        FE.run(tiny_cfg(workdir / "comp", "train.epochs=2", "features.use_full=true"))
 
 
 def test_all_data_model_alone_predicts_test_while_fold_models_make_the_oof(workdir):

@@ -78,6 +78,11 @@ def test_class_folders_are_indexed_into_a_train_csv_read_through_a_path_column(t
     df = load_train(cfg)
     assert sorted(df["label"].unique()) == [0, 1]  # string labels trained as their index
     assert image_paths(cfg, df["id"], "train")[0] == root / "train/daisy/0.jpg"
+    # test.csv without the column (the index is of the train folders): the test images follow their pattern
+    pd.DataFrame({"id": ["a"]}).to_csv(root / "test.csv", index=False)
+    tcfg = load_config(None, [f"competition.root={root}", "competition.target=label", "competition.path_column=path",
+                              "competition.test_image=test/{id}.jpg"])
+    assert image_paths(tcfg, ["a"], "test") == [root / "test/a.jpg"]
     table.loc[0, "path"] = None
     table.to_csv(root / "train.csv", index=False)
     with pytest.raises(InputError, match="column 'path' \\(competition.path_column\\) is empty at line\\(s\\) 2"):

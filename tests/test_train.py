@@ -503,10 +503,19 @@ def test_stage_keys_ignore_how_images_are_read_and_match_keys_from_before_cache_
     old = {k: v for k, v in cfg["data"].items() if k not in ("num_workers", "normalize", "jpeg_draft")} | {"cache": False}
     model = {k: v for k, v in cfg["model"].items() if k != "pretrained"}
     train = {k: v for k, v in cfg["train"].items() if k not in (*FM.RUN_ONLY, "ema_warmup", "layer_decay")}
-    assert keys == {config_hash([cfg["competition"], old, model, train, cfg["seed"], "f", "t"])}
+    comp = {k: v for k, v in cfg["competition"].items() if k not in ("train_image", "test_image", "path_column")}
+    assert keys == {config_hash([comp, old, model, train, cfg["seed"], "f", "t"])}
     for changed in ("data.normalize=imagenet", "data.jpeg_draft=false", "train.layer_decay=0.7"):
         assert FM.stage_key(tiny_cfg(workdir / "comp", changed), "f", "t") not in keys, changed
     assert FM.stage_key(tiny_cfg(workdir / "comp", "data.image_size=20"), "f", "t") not in keys
+
+
+def test_the_default_configs_train_key_is_the_one_of_the_previous_release():
+    """A key added to the config with its default must not retrain anyone's models: the default config's
+    train key is pinned to the one commit 6f47742 computed (checked against that tree, side by side)."""
+    from pipeline.config.loading import load_config
+
+    assert FM.stage_key(load_config(None, []), "f", "t", "i") == "630b81b7049a"
 
 
 def test_ema_update_is_the_decayed_average_of_float_weights_and_copies_integer_buffers():

@@ -287,9 +287,14 @@ class SharedImages:
         return self._images.with_transform(transform), why
 
 
-def decode_size(data_cfg: dict) -> int | None:
-    """The size JPEGs are decoded at for this data section (``data.jpeg_draft``), or None: full size."""
-    return data_cfg["image_size"] if data_cfg.get("jpeg_draft", True) else None
+def decode_size(data_cfg: dict, augment: list | None = None) -> int | None:
+    """The size JPEGs are decoded at for this data section (``data.jpeg_draft``), or None: full size. A
+    checkpoint from before ``jpeg_draft`` existed decodes in full, as it was trained; so do training images
+    under a crop augmentation (a crop of a draft-decoded image would be upscaled, losing detail)."""
+    if not data_cfg.get("jpeg_draft", False):
+        return None
+    crops = [n for n in (a if isinstance(a, str) else next(iter(a)) for a in augment or []) if "Crop" in n]
+    return None if crops else data_cfg["image_size"]
 
 
 def seed_everything(seed: int) -> None:

@@ -26,6 +26,13 @@ def table_path(cfg: dict, which: str) -> Path:
 
 
 SPLITS = ("train", "test")
+ADDED = ("train_image", "test_image", "path_column")  # competition keys added later, None by default
+
+
+def competition_key(comp: dict) -> dict:
+    """The competition section as stage keys hash it: keys added later are left out while unset, so the
+    folds, models and feature sets made before they existed stay up to date."""
+    return {k: v for k, v in comp.items() if not (k in ADDED and v is None)}
 
 
 def image_pattern(cfg: dict, split: str) -> str:
@@ -51,10 +58,20 @@ def _path_column(cfg: dict, split: str) -> dict:
 _PATHS: dict = {}
 
 
+def _has_path_column(cfg: dict, split: str) -> bool:
+    """Whether this split's table holds competition.path_column (a class-folder index has it in train.csv
+    only: the test images then follow the split's pattern)."""
+    table = table_path(cfg, split)
+    if not table.exists():
+        return split == "train"
+    header = pd.read_csv(table, nrows=0).columns
+    return cfg["competition"]["path_column"] in header
+
+
 def image_path(cfg: dict, row_id, split: str) -> Path:
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, not {split!r}")
-    if cfg["competition"].get("path_column"):
+    if cfg["competition"].get("path_column") and _has_path_column(cfg, split):
         return root(cfg) / _path_column(cfg, split)[str(row_id)]
     return root(cfg) / image_pattern(cfg, split).format(id=row_id, split=split)
 

@@ -111,7 +111,7 @@ def _suggest(key: str) -> str:
     if not close:
         # also match on the last component alone (e.g. "epoch" typed for "epochs")
         close = [k for k in known_keys() if difflib.SequenceMatcher(None, k.rsplit(".", 1)[-1], last).ratio() > 0.7][:3]
-    return f" Did you mean: {', '.join(close)}?" if close else " See pipeline/schema.py for the known keys."
+    return f" Did you mean: {', '.join(close)}?" if close else " See pipeline/config/schema.py for the known keys."
 
 
 def _merge(base: dict, update: dict, where: str, prefix: str = "") -> dict:

@@ -18,7 +18,7 @@ from pydantic import (
     model_validator,
 )
 
-from pipeline.config.kaggle import Kaggle  # make kaggle (pipeline/bundle.py)
+from pipeline.config.kaggle import Kaggle  # make kaggle (pipeline/stages/kaggle.py)
 from pipeline.config.train import Train
 from pipeline.config.tune import Tune
 from pipeline.config.types import (

@@ -55,7 +55,7 @@ class Predictor:
         """The fold models' mean; ``use_full``: True adds the all-data model (``foldfull``), "only" uses it alone."""
         fm = FoldModels(models_dir)
         trained = sorted(int(p.parent.name[4:]) for p in fm.folder.glob("fold[0-9]*/best.pt"))
-        _, test_models = fm.for_test([k for k in trained if folds is None or k in folds], use_full)
+        _, test_models = fm.for_test([k for k in trained if folds is None or k in folds], use_full, strict=False)
         paths = [fm.checkpoint(k) for k in test_models]
         d = fm.folder
         if not paths:

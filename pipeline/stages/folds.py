@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from pipeline.competition.tables import check_image_files, load_test, load_train, table_path
+from pipeline.competition.tables import check_image_files, competition_key, load_test, load_train, table_path
 from pipeline.errors import InputError
 from pipeline.store import leaderboard, plots
 from pipeline.store.artifacts import ArtifactGroup, stage_lock
@@ -209,7 +209,7 @@ def run(cfg: dict, force: bool = False) -> Path:
     out = folds_file(cfg)
     meta_path = sidecar(out, ".meta.json")
     train_file = table_path(cfg, "train")
-    key_inputs = {"competition": cfg["competition"], "folds": cfg["folds"]}
+    key_inputs = {"competition": competition_key(cfg["competition"]), "folds": cfg["folds"]}
     with stage_lock(out):
         key = config_hash([key_inputs, file_hash(train_file) if train_file.exists() else None])
         if not force and is_up_to_date(meta_path, key, [out]):

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from pipeline.competition.tables import fold_of, load_folds, load_train
+from pipeline.competition.tables import competition_key, fold_of, load_folds, load_train
 from pipeline.errors import InputError
 
 # the rules live in pipeline.level2.rules (shared with the notebook inference); re-exported here
@@ -82,7 +82,7 @@ def _run(cfg: dict, force: bool) -> Path:
             raise InputError(f"features/{e} was made with another folds file; post-processing must be tuned on "
                              "OOF of the current folds. Rebuild it.")
     # "nested OOF": outputs of earlier versions (in-sample OOF handed on) are not up to date
-    key = config_hash([pcfg, comp, folds_hash, [m.get("stage_key") for m in metas.values()], "nested OOF"])
+    key = config_hash([pcfg, competition_key(comp), folds_hash, [m.get("stage_key") for m in metas.values()], "nested OOF"])
     if not force and is_up_to_date(out / "meta.json", key, [out / "oof.parquet", out / "test.parquet"]):
         log(f"[postprocess] up to date: {out}")
         return out

@@ -33,6 +33,7 @@ from pipeline.store.paths import pretrain_file
 from pipeline.training.build import load_backbone_weights
 from pipeline.training.checkpoint import Checkpoint
 from pipeline.training.models import Head, create_backbone
+from pipeline.training.pretrained import with_normalization
 from pipeline.training.trainer import FoldTrainer
 
 
@@ -107,8 +108,8 @@ class JigsawDataset(Dataset):
         self.grid, self.gap, self.tile_norm = pc["grid"], pc["gap"], pc["tile_norm"]
         self.position = pc["formulation"] == "position"
         self.dihedral = pc["dihedral"]
-        self.in_chans, self.size = cfg["data"]["in_chans"], decode_size(cfg["data"])
-        self.transform = build_transform(cfg["data"])
+        self.in_chans, self.decode = cfg["data"]["in_chans"], decode_size(cfg["data"])
+        self.transform = build_transform(with_normalization(cfg)["data"])  # as the fold models will see them
         self.seed = seed
         self.size = cfg["data"]["image_size"]
         if self.size // self.grid - self.gap < 2:
@@ -123,7 +124,7 @@ class JigsawDataset(Dataset):
 
     def __getitem__(self, i: int):
         rng = np.random.default_rng([self.seed if self.train else 12345, i])
-        arr = read_image(self.paths[i], self.in_chans, self.size)
+        arr = read_image(self.paths[i], self.in_chans, self.decode)
         if min(arr.shape[:2]) < self.grid * 2:
             raise InputError(f"pretrain: image {self.paths[i]} is {arr.shape[1]}x{arr.shape[0]}, smaller than a "
                              f"{self.grid}x{self.grid} grid of 2-pixel tiles; lower pretrain.grid or drop it.")
@@ -178,7 +179,9 @@ def _run(cfg: dict, force: bool) -> Path:
     if pc["max_images"]:
         images = images.sample(n=min(pc["max_images"], len(images)), random_state=cfg["seed"]).reset_index(drop=True)
     ids = images["id"]
-    key = config_hash([pc, data_key(cfg["data"]), cfg["model"]["backbone"], cfg["seed"], len(ids), cfg["competition"]["root"]])
+    start = [cfg["model"]["pretrained"]] if cfg["model"]["pretrained"] else []  # (unset: keys of before stay)
+    key = config_hash([pc, data_key(cfg["data"]), cfg["model"]["backbone"], cfg["seed"], len(ids),
+                       cfg["competition"]["root"], *start])
     meta_path = out.with_suffix(".json")
     if not force and is_up_to_date(meta_path, key, [out]):
         log(f"[pretrain] up to date: {out}")

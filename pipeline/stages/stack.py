@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from pipeline.competition.tables import fold_of, load_folds, load_test, load_train
+from pipeline.competition.tables import competition_key, fold_of, load_folds, load_test, load_train
 from pipeline.errors import InputError
 from pipeline.level2.models import LEVEL2_MODELS, SAVED, Level2Data, category_text, stage_models
 from pipeline.metrics import get_metric
@@ -103,7 +103,7 @@ def _run(cfg: dict, force: bool) -> Path:
         oof, test, metas[exp] = load_level1(cfg, exp, folds_df, folds_hash)
         X_parts.append(train_df[[id_col]].merge(oof, on=id_col, how="left").drop(columns=[id_col]))
         T_parts.append(test_df[[id_col]].merge(test, on=id_col, how="left").drop(columns=[id_col]))
-    key = config_hash([scfg, comp, folds_hash, [metas[e].get("stage_key") for e in exps], cfg["seed"]]
+    key = config_hash([scfg, competition_key(comp), folds_hash, [metas[e].get("stage_key") for e in exps], cfg["seed"]]
                       + (["nested choice"] if scfg["model"] == "auto" else []))  # earlier auto stacks are stale
     if not force and is_up_to_date(out / "meta.json", key, [out / "oof.parquet", out / "test.parquet",
                                                           out / "models" / SAVED]):

@@ -80,7 +80,7 @@ def check_space(cfg: dict) -> dict:
     space, tcfg = cfg["tune"]["params"], cfg["tune"]
     if not space:
         raise ConfigError("tune.params is empty: declare the search space, e.g. tune.params.train.lr="
-                          "'{low: 1.0e-4, high: 1.0e-2, log: true}' (see pipeline/tune_schema.py).")
+                          "'{low: 1.0e-4, high: 1.0e-2, log: true}' (see pipeline/config/tune.py).")
     known = set(known_keys())
     for key, spec in space.items():
         if key.split(".")[0] in ("tune", "leaderboard") or key in _FIXED:

@@ -39,11 +39,10 @@ def fold_datasets(cfg: dict, heads: list[Head], train_df: pd.DataFrame, tr_idx, 
     cache, why = resolve_cache(dcfg if cache_images is None else {**dcfg, "cache": cache_images},
                                tr_paths + va_paths, local_world, workers)
     log(f"[train] {why}")
-    size = decode_size(dcfg)
     train = ImageDataset(tr_paths, dcfg["in_chans"], build_transform(dcfg, tcfg["augment"], seed=cfg["seed"]), tr_y,
-                         cache, size)
+                         cache, decode_size(dcfg, tcfg["augment"]))
     valid = ImageDataset(va_paths, dcfg["in_chans"], build_transform(dcfg), {k: v[va_idx] for k, v in ys.items()},
-                         cache, size)
+                         cache, decode_size(dcfg))
     if cache and workers > 0:
         for ds in (train, valid):
             ds.preload(workers)

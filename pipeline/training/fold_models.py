@@ -85,23 +85,26 @@ class FoldModels:
                              "features.use_full=false.")
         return full
 
-    def refuse_mixed_full(self, folds) -> None:
-        """The all-data model joins a mean over fold models only when it was trained with their config (where
-        meta.json files came along: a models folder copied to Kaggle may have none)."""
-        keys = {f"fold{k}": self.meta(k).get("stage_key") for k in [*folds, FULL] if (self.dir(k) / "meta.json").exists()}
+    def refuse_mixed_full(self, folds, strict: bool = True) -> None:
+        """The all-data model joins a mean over fold models only when it was trained with their config. A
+        model without its meta.json did not finish (train removes it while a fold trains) and is refused;
+        ``strict=False`` (the Predictor: a models folder copied to Kaggle may carry no meta.json at all)
+        compares only the models whose meta.json came along."""
+        keys = {f"fold{k}": self.meta(k).get("stage_key") for k in [*folds, FULL]
+                if strict or (self.dir(k) / "meta.json").exists()}
         if len(set(keys.values())) > 1:
             raise InputError(f"{self.folder}/foldfull was trained with another config than the fold models (stage "
                              f"keys {keys}), or did not finish; its test predictions would not match theirs. Retrain "
                              "it with their config (`make train ARGS=\"train.full=true\"`) or leave features.use_full off.")
 
-    def for_test(self, folds: list, use_full: bool | str) -> tuple[list, list]:
+    def for_test(self, folds: list, use_full: bool | str, strict: bool = True) -> tuple[list, list]:
         """(models to run, models whose mean predicts the test rows): the fold models, plus the all-data model
         with ``use_full`` (if trained), or the all-data model alone with ``use_full=only``."""
         if use_full == "only":
             self.require_full()
         with_full = bool(use_full) and self.checkpoint(FULL).exists()
         if with_full:
-            self.refuse_mixed_full(folds)
+            self.refuse_mixed_full(folds, strict)
         models = list(folds) + ([FULL] if with_full else [])
         return models, ([FULL] if use_full == "only" else models)
 

@@ -11,7 +11,7 @@ modification time (one ``stat`` per image on later runs), the hashes kept in
 from __future__ import annotations
 
 from pipeline.competition.images import data_key
-from pipeline.competition.tables import image_paths, table_path
+from pipeline.competition.tables import competition_key, image_paths, table_path
 from pipeline.store.io import config_hash, file_hash, files_fingerprint
 from pipeline.store.paths import under
 from pipeline.training import teachers
@@ -27,7 +27,8 @@ def stage_key(cfg: dict, folds_hash: str, train_hash: str, images_hash: str | No
     if tcfg.get("layer_decay") is None:  # (the same for models trained before layer_decay existed)
         tcfg.pop("layer_decay", None)
     model = {k: v for k, v in cfg["model"].items() if not (k == "pretrained" and v is None)}  # (the same)
-    parts = [cfg["competition"], data_key(cfg["data"]), model, tcfg, cfg["seed"], folds_hash, train_hash]
+    parts = [competition_key(cfg["competition"]), data_key(cfg["data"]), model, tcfg, cfg["seed"], folds_hash,
+             train_hash]
     return config_hash(parts + ([images_hash] if images_hash else []))
 
 
