@@ -40,12 +40,17 @@ def image_pattern(cfg: dict, split: str) -> str:
     return comp.get(f"{split}_image") or comp["image"]
 
 
-def _path_column(cfg: dict, split: str) -> dict:
-    """{id: path} from the split's table's ``competition.path_column`` (read once per table version)."""
+def _path_column(cfg: dict, split: str) -> dict | None:
+    """{id: path} from the split's table's ``competition.path_column`` (read once per table version), or
+    None when a test table lacks the column (a class-folder index has it in train.csv only: the test images
+    then follow the split's pattern)."""
     comp, table = cfg["competition"], table_path(cfg, split)
     stamp = (str(table), table.stat().st_mtime_ns if table.exists() else None, comp["path_column"])
     if _PATHS.get(split, (None,))[0] != stamp:
         df = read_table(table, split, comp["id"])
+        if split == "test" and comp["path_column"] not in df.columns:
+            _PATHS[split] = (stamp, None)
+            return None
         require_columns(df, table, [comp["path_column"]], "competition.path_column")
         empty = df[comp["path_column"]].isna()
         if empty.any():
@@ -58,21 +63,12 @@ def _path_column(cfg: dict, split: str) -> dict:
 _PATHS: dict = {}
 
 
-def _has_path_column(cfg: dict, split: str) -> bool:
-    """Whether this split's table holds competition.path_column (a class-folder index has it in train.csv
-    only: the test images then follow the split's pattern)."""
-    table = table_path(cfg, split)
-    if not table.exists():
-        return split == "train"
-    header = pd.read_csv(table, nrows=0).columns
-    return cfg["competition"]["path_column"] in header
-
-
 def image_path(cfg: dict, row_id, split: str) -> Path:
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, not {split!r}")
-    if cfg["competition"].get("path_column") and _has_path_column(cfg, split):
-        return root(cfg) / _path_column(cfg, split)[str(row_id)]
+    paths = _path_column(cfg, split) if cfg["competition"].get("path_column") else None
+    if paths is not None:
+        return root(cfg) / paths[str(row_id)]
     return root(cfg) / image_pattern(cfg, split).format(id=row_id, split=split)
 
 

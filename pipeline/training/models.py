@@ -147,12 +147,11 @@ def create_backbone(name: str, in_chans: int, image_size: int | None = None, pre
         close = difflib.get_close_matches(name, timm.list_models(), n=5, cutoff=0.6)
         raise InputError(f"model.backbone: unknown timm model '{name}'"
                          + (f"; close names: {', '.join(close)}." if close else "; see timm.list_models()."))
-    kwargs = dict(num_classes=0, global_pool="", in_chans=in_chans)
-
     def make(**extra):
+        headless = dict(num_classes=0, global_pool="", **extra)
         if pretrained:
-            return local_weights(name, in_chans, pretrained, num_classes=0, global_pool="", **extra)
-        return timm.create_model(name, pretrained=False, **kwargs, **extra)
+            return local_weights(name, in_chans, pretrained, **headless)
+        return timm.create_model(name, pretrained=False, in_chans=in_chans, **headless)
 
     if image_size:
         try:
