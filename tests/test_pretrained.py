@@ -61,6 +61,22 @@ def test_every_tensor_equals_what_timms_own_loader_gives(weights, layout, in_cha
     assert "fc.weight" not in ours  # the classifier is dropped: the heads are ours
 
 
+@pytest.mark.parametrize("layout", ["hub", "bare.safetensors"])
+def test_loading_opens_no_network_connection(weights, layout, monkeypatch):
+    """timm.create_model(pretrained=True) is only ever asked for the local file: a socket that refuses every
+    connection (an offline Kaggle notebook) changes nothing."""
+    import socket
+
+    def offline(*args, **kwargs):
+        raise AssertionError("a network connection was attempted")
+
+    monkeypatch.setattr(socket.socket, "connect", offline)
+    monkeypatch.setattr(socket, "create_connection", offline)
+    root, saved = weights
+    net = create_backbone(NAME, 3, None, str(root / layout))
+    assert torch.equal(net.state_dict()["conv1.0.weight"], saved["conv1.0.weight"])
+
+
 def test_a_missing_or_wrong_file_is_named(weights, tmp_path):
     root, _ = weights
     with pytest.raises(InputError, match=r"model.pretrained: .*nope.safetensors does not exist \(no download"):

@@ -110,7 +110,9 @@ def create(name: str, in_chans: int, path: str | Path, **kwargs):
     try:
         if weights.folder is not None:
             return timm.create_model(f"local-dir:{weights.folder}", **args)
-        return timm.create_model(name, pretrained_cfg_overlay=dict(file=str(weights.file)), **args)
+        # the file is the only source timm is given: no url, no Hub id to fall back to
+        return timm.create_model(name, pretrained_cfg_overlay=dict(file=str(weights.file), url=None, hf_hub_id=None),
+                                 **args)
     except RuntimeError as exc:  # tensors of another model or size
         first = str(exc).strip().splitlines()
         raise InputError(f"model.pretrained: {weights.file} does not fit model.backbone '{name}' "
