@@ -129,21 +129,37 @@ def squared_error(y, p, probabilities: bool) -> float:
     return float(((p - np.asarray(y, dtype=float)) ** 2).mean())
 
 
-def fold_mean_estimate(metric: str, y, oof_pred, test_preds: list, probabilities: bool) -> dict:
-    """What the mean of ``test_preds`` (the fold models' test predictions) should score, from the OOF rows'
-    single-model error and the models' disagreement on the test rows (the ambiguity decomposition: the
-    squared error of a mean of models = the mean of their squared errors - the variance among them, exact
-    for every row and so for the mean over rows). ``rmse``: exact, the single-model MSE estimated by CV;
-    ``mae``: an approximation (the MAE scaled as the root of the MSE's reduction); other metrics have no
-    identity, so only the squared error (MSE, or the Brier score of probabilities) is predicted for them."""
+def fold_mean_estimate(metric: str, y, oofs: list, test_preds: list, probabilities: bool) -> dict:
+    """What the mean of ``test_preds`` (the M test models' predictions) should score, from the OOF rows and
+    the models' disagreement on the test rows. ``oofs``: one OOF prediction per repeat of the folds.
+
+    - squared error (MSE, or the Brier score of probabilities): exact, by the ambiguity decomposition (the
+      squared error of a mean of models = the mean of their squared errors - the variance among them, for
+      every row and so for the mean over rows), with CV standing in for the single models' error;
+    - ``rmse``: the root of that; ``mae``: an approximation (CV MAE scaled as the root of the MSE's fall);
+    - any other metric, with repeats (R >= 2 OOF predictions per row, each from a model that never saw the
+      row): an estimate. s1 = the mean of the repeats' CVs (one model), sR = the score of their mean (an
+      honest OOF of an R-model ensemble); the score moves in 1/models, as squared error does in expectation:
+      predicted = s1 + (sR - s1) (1 - 1/M) / (1 - 1/R). Without repeats no estimate is made."""
+    get = get_metric(metric)
     amb = ambiguity(test_preds) if len(test_preds) > 1 else 0.0
-    single = squared_error(y, oof_pred, probabilities)
-    out = {"models": len(test_preds), "ambiguity": amb, "squared_error": "brier" if probabilities else "mse",
+    single = float(np.mean([squared_error(y, o, probabilities) for o in oofs]))
+    m, r = len(test_preds), len(oofs)
+    out = {"models": m, "repeats": r, "ambiguity": amb, "squared_error": "brier" if probabilities else "mse",
            "single_cv": single, "fold_mean": max(single - amb, 0.0), "metric": metric, "predicted": None,
-           "how": "no identity for this metric: the squared error's decomposition is shown"}
+           "how": "none: no identity for this metric (set folds.repeats: 2 for an estimate); the squared error's "
+                  "decomposition is shown"}
+    if r > 1:
+        s1 = float(np.mean([get(y, o) for o in oofs]))
+        sr = get(y, np.mean([np.asarray(o, dtype=float) for o in oofs], axis=0))
+        out.update(single_score=s1, repeat_ensemble=float(sr))
     if metric == "rmse":
         out.update(predicted=float(np.sqrt(out["fold_mean"])), how="exact: sqrt(CV MSE - test ambiguity)")
     elif metric == "mae" and single > 0:
-        out.update(predicted=float(mae(y, oof_pred) * np.sqrt(out["fold_mean"] / single)),
+        out.update(predicted=float(np.mean([mae(y, o) for o in oofs]) * np.sqrt(out["fold_mean"] / single)),
                    how="approximate: CV MAE * sqrt((CV MSE - test ambiguity) / CV MSE)")
+    elif r > 1:
+        out.update(predicted=float(s1 + (sr - s1) * (1 - 1 / max(m, 1)) / (1 - 1 / r)),
+                   how=f"estimate: {r} repeats' CV {s1:.4f} and their OOF mean's {sr:.4f}, extrapolated in "
+                       f"1/models to {m} models")
     return out

@@ -21,12 +21,14 @@ def test_a_version_1_database_is_migrated_and_keeps_its_rows(tmp_path):
                       "'accuracy', 1, 0.7);")
     con.close()
     cfg = load_config(None, [f"leaderboard.path={db}", "name=new"])
-    LB.record(cfg, "tune", time.time(), cv=0.8, trial=4)
+    LB.record(cfg, "tune", time.time(), cv=0.8, trial=4, predicted=0.83, predicted_how="estimate: ...")
     con = sqlite3.connect(db)
     assert con.execute("SELECT version FROM schema").fetchall() == [(lbstore.SCHEMA_VERSION,)]
     assert con.execute("SELECT experiment, cv, trial FROM runs ORDER BY id").fetchall() == [("old", 0.7, None),
                                                                                          ("new", 0.8, 4)]
     assert list(LB.table(db)["experiment"]) == ["new", "old"]
+    assert con.execute("SELECT predicted, predicted_how, repeat_std FROM runs ORDER BY id").fetchall() == [
+        (None, None, None), (0.83, "estimate: ...", None)]
 
 
 def test_a_sqlite_url_is_the_same_file(tmp_path):

@@ -120,7 +120,7 @@ def test_markdown_pattern_and_plots(tmp_path, capsys):
     text = md.read_text()
     assert text.startswith("| experiment |") and "demo-a" in text and "other" not in text
     paths = LB.plot(db, tmp_path, "demo-b")
-    assert [p.name for p in paths] == ["lb_cv_vs_lb.png", "lb_curves_demo-b.png"]
+    assert [p.name for p in paths] == ["lb_cv_vs_lb.png", "lb_scores.png", "lb_curves_demo-b.png"]
     assert all(p.read_bytes()[:4] == b"\x89PNG" for p in paths)
 
 
@@ -131,3 +131,26 @@ def test_mlflow_logging_when_installed(tmp_path, monkeypatch):
     LB.record(cfg, "train", time.time(), cv=0.7, folds={"fold0": 0.7})
     runs = mlflow.search_runs(experiment_names=["m"])
     assert len(runs) == 1 and runs["metrics.cv"].iloc[0] == 0.7
+
+
+def test_the_predicted_submission_score_is_a_column_and_a_series_of_the_plot(tmp_path, capsys):
+    from pipeline.store import plots
+
+    db = tmp_path / "lb.db"
+    LB.record(cfg_for(db, "rmse", "a"), "features", time.time(), cv=1.08, folds={"fold0": 1.07, "fold1": 1.09},
+              predicted=1.012, predicted_how="exact: sqrt(CV MSE - test ambiguity)")
+    LB.record(cfg_for(db, "rmse", "a"), "submit", time.time(), submission="submissions/a.csv")
+    LB.set_score(db, "a", 1.0124, 1.0064)
+    LB.record(cfg_for(db, "accuracy", "b"), "features", time.time(), cv=0.9, predicted=None, repeat_std=0.002)
+    t = LB.table(db).set_index("experiment")
+    assert t.loc["a", "predicted"] == 1.012 and t.loc["a", "how"] == "exact" and pd.isna(t.loc["b", "predicted"])
+    assert t.loc["b", "repeat_std"] == 0.002
+    text = LB.format_table(LB.table(db))
+    assert "predicted sub" in text and "1.0120 (exact)" in text and "0.0020" in text
+    fig = plots.scores_by_experiment(LB.table(db))
+    labels = {line.get_label().split(" (")[0] for ax in fig.axes for line in ax.get_lines()}
+    assert {"CV, one model", "predicted submission", "public LB", "private LB"} <= labels
+    rmse_ax = next(ax for ax in fig.axes if ax.get_ylabel() == "rmse")
+    legend = [t.get_text() for t in rmse_ax.get_legend().get_texts()]
+    # the gap each number leaves to the LB (private here): CV 0.0736, the prediction 0.0056
+    assert any("CV" in x and "0.0736" in x for x in legend) and any("predicted" in x and "0.0056" in x for x in legend)

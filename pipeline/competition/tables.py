@@ -1,5 +1,5 @@
 """The competition as files: train/test/sample submission tables, the images they name, and the
-folds file every stage after ``folds`` reads (``load_folds``, ``fold_of``).
+folds file every stage after ``folds`` reads (``load_folds``, ``fold_of``, ``fold_matrix`` with repeats).
 
 Every loader validates what it reads and raises ``InputError`` naming the file, the column or the
 rows at fault, and what to do about it.
@@ -270,3 +270,35 @@ def fold_of(cfg: dict, train_df: pd.DataFrame, folds_df: pd.DataFrame) -> np.nda
         raise InputError(f"{folds_file(cfg)} does not cover {table_path(cfg, 'train')} (e.g. ids {missing} have no "
                          f"fold, or it has {len(folds_df)} rows for {len(train_df)}); rerun `make folds`.")
     return merged["fold"].astype(int).to_numpy()
+
+
+# ------------------------------------------------------------------ repeated folds (folds.repeats)
+def repeat_columns(folds_df: pd.DataFrame) -> list[str]:
+    """The folds file's fold columns, one per repeat: ``fold`` (repeat 0, models 0..K-1), ``fold_1``
+    (repeat 1, models K..2K-1), ... A model's number is unique over all repeats."""
+    extra = sorted((c for c in folds_df.columns if c.startswith("fold_") and c[5:].isdigit()), key=lambda c: int(c[5:]))
+    return ["fold", *extra]
+
+
+def fold_matrix(cfg: dict, train_df: pd.DataFrame, folds_df: pd.DataFrame) -> np.ndarray:
+    """(rows, repeats): the model that holds out each train row in each repeat, in train.csv order. Model m
+    validates on the rows where any column equals m and trains on every other row."""
+    first = fold_of(cfg, train_df, folds_df)
+    cols = repeat_columns(folds_df)
+    if len(cols) == 1:
+        return first[:, None]
+    merged = train_df[[cfg["competition"]["id"]]].merge(folds_df, on=cfg["competition"]["id"], how="left")
+    k = int(first.max()) + 1
+    out = np.stack([first] + [merged[c].astype(int).to_numpy() for c in cols[1:]], axis=1)
+    for r, c in enumerate(cols):
+        if not ((out[:, r] >= r * k) & (out[:, r] < (r + 1) * k)).all():
+            raise InputError(f"{folds_file(cfg)}: column '{c}' must hold models {r * k}..{(r + 1) * k - 1} (repeat "
+                             f"{r} of {k} folds); rerun `make folds`.")
+    return out
+
+
+def held_out(matrix: np.ndarray, model) -> np.ndarray:
+    """Rows model ``model`` never trained on (its validation rows); none for the all-data model."""
+    if str(model) == "full":
+        return np.zeros(len(matrix), dtype=bool)
+    return (matrix == int(model)).any(axis=1)

@@ -91,6 +91,9 @@ class Folds(_Section):
     bins: int = Field(10, ge=2)  # quantile bins used to stratify a continuous target
     balance: bool = False  # move whole groups (or rows) so fold sizes match
     search: int = Field(1, ge=1)  # try this many seeds and keep the best-stratified split
+    # split R times with different seeds (columns fold, fold_1, ...): R x n_splits models, R OOF predictions per
+    # row from models that never saw it; their mean estimates what an ensemble scores (the fold-mean submission)
+    repeats: int = Field(1, ge=1)
 
 
 class Data(_Section):

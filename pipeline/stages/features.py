@@ -19,8 +19,16 @@ import pandas as pd
 from torch.utils.data import DataLoader
 
 from pipeline.competition.images import ImageDataset, SharedImages, build_transform, decode_size, loader_workers
-from pipeline.competition.tables import fold_of as folds_of_rows
-from pipeline.competition.tables import image_paths, load_folds, load_test, load_train, table_path
+from pipeline.competition.tables import (
+    fold_matrix,
+    held_out,
+    image_paths,
+    load_folds,
+    load_test,
+    load_train,
+    repeat_columns,
+    table_path,
+)
 from pipeline.errors import InputError
 from pipeline.metrics import fold_mean_estimate, get_metric
 from pipeline.predict.tta import aggregate, predict_views, tta_views
@@ -86,8 +94,8 @@ def _run(cfg: dict, force: bool) -> Path:
     train_df = load_train(cfg, check_images=False)
     test_df = load_test(cfg)
     folds_df, folds_hash = load_folds(cfg)
-    fold_of = folds_of_rows(cfg, train_df, folds_df)
-    n_splits = int(fold_of.max()) + 1
+    matrix = fold_matrix(cfg, train_df, folds_df)  # (rows, repeats): folds.repeats splits, models numbered on
+    n_splits = int(matrix.max()) + 1
     fold_models = FoldModels(mdir)
     metas = fold_models.require_folds(n_splits, folds_hash)
     # the rule `train --check` applies: this config, these folds, train.csv, images and teacher
@@ -120,7 +128,7 @@ def _run(cfg: dict, force: bool) -> Path:
     workers = loader_workers(cfg["data"], device)
     test_images = SharedImages(paths_test, cfg["data"], workers, "decode test images")
 
-    run = _FoldRun(cfg, fold_models, fold_of, paths_train, train_df[id_col].to_numpy(), test_df[id_col].to_numpy(),
+    run = _FoldRun(cfg, fold_models, matrix, paths_train, train_df[id_col].to_numpy(), test_df[id_col].to_numpy(),
                    test_images, views, device, workers)
     for k in tqdm(models, desc=f"features {exp}", leave=False):
         part_oof, part_test = parts / f"fold{k}_oof.parquet", parts / f"fold{k}_test.parquet"
@@ -134,23 +142,29 @@ def _run(cfg: dict, force: bool) -> Path:
             oof_parts.append(pd.read_parquet(part_oof))
         test_parts.append(pd.read_parquet(part_test))
 
-    oof = pd.concat(oof_parts, ignore_index=True)
-    check_oof(oof, train_df, folds_df, id_col)
-    oof = train_df[[id_col]].merge(oof, on=id_col, how="left")  # train.csv order
+    k_folds = int(matrix[:, 0].max()) + 1
+    repeat_oofs = []
+    for r, column in enumerate(repeat_columns(folds_df)):  # one full OOF per repeat, each row once
+        one = pd.concat([p for p in oof_parts if int(p["fold"].iloc[0]) // k_folds == r], ignore_index=True)
+        check_oof(one, train_df, folds_df, id_col, column)
+        repeat_oofs.append(train_df[[id_col]].merge(one, on=id_col, how="left"))  # train.csv order
+    oof = repeat_mean(repeat_oofs, id_col)  # with repeats: each row's mean over the models that never saw it
     test = test_mean(test_parts, models, test_models, id_col, parts)
     feat_cols = [c for c in test.columns if c != id_col]
 
     main = Checkpoint.read(fold_models.checkpoint(0), mmap=True).heads[0]
-    cv = score_table(cfg, oof, train_df, exp, main.name, fold_of)
+    tables = [score_table(cfg, o, train_df, exp, main.name, matrix[:, r]) for r, o in enumerate(repeat_oofs)]
+    cv = repeats_table(tables)
     fold_mean = fold_mean_estimate(cfg["competition"]["metric"], train_df[targets(cfg)[0]].to_numpy(),
-                                   head_prediction(oof, exp, main.name, "mean"),
+                                   [head_prediction(o, exp, main.name, "mean") for o in repeat_oofs],
                                    [head_prediction(p, exp, main.name, "mean") for p, m in zip(test_parts, models)
                                     if m in test_models], HEAD_KINDS[main.kind].classes)
+    spread = repeat_spread(tables, fold_mean)
     view_cols = [c for c in oof.columns if (col := parse_column(c)) and col.stat == "view0"]
     meta = provenance(cfg, "features", key, folds_hash=folds_hash, cv=cv, models=[str(m) for m in models],
                       test_models=[str(m) for m in test_models],
                       views=len(views), leak=leak, model_keys={str(k): m.get("stage_key") for k, m in metas.items()},
-                      fold_mean=fold_mean)
+                      fold_mean=fold_mean, repeats=spread)
     with ArtifactGroup(out / "meta.json") as group:
         group.parquet(oof_path, oof.drop(columns=view_cols), meta)
         group.parquet(test_path, test, meta)
@@ -158,17 +172,22 @@ def _run(cfg: dict, force: bool) -> Path:
         group.parquet(out / "test_folds.parquet", pd.concat(
             [p.assign(fold=str(m)) for p, m in zip(test_parts, models)], ignore_index=True), meta)
         group.text(out / "config.yaml", resolved_config_text(cfg))
-        group.json(out / "cv.json", cv)
+        group.json(out / "cv.json", {**cv, "submission": fold_mean, **({"repeats": spread} if spread else {})})
         group.json(out / "fold_mean.json", fold_mean)
         group.commit(meta)
     leaderboard.record(cfg, "features", started, cv=cv["overall"]["tta"],
                        folds={k: v["tta"] for k, v in cv.items() if k != "overall"},
+                       predicted=fold_mean["predicted"], predicted_how=fold_mean["how"],
+                       repeat_std=spread["std"] if spread else None,
                        artifacts=[str(oof_path), str(test_path)], note=f"{len(views)} TTA views; no-TTA CV "
                        f"{cv['overall']['no_tta']:.6f}; {fold_mean_text(fold_mean)}"
                        + ("; test: the all-data model alone" if test_models != models else "")
                        + (f"; {leak}" if leak else ""))
     log(cv_text(cv, get_metric(cfg["competition"]["metric"]).name))
     log(f"[features] {fold_mean_text(fold_mean)}")
+    if spread:
+        log(f"[features] {len(spread['scores'])} repeats: CV " + ", ".join(f"{v:.4f}" for v in spread["scores"])
+            + f" (std {spread['std']:.4f}); their OOF mean scores {spread['ensemble']:.4f}")
     log(f"[features] wrote {oof_path} ({oof.shape[0]} rows) and {test_path} ({test.shape[0]} rows), "
         f"{len(feat_cols)} feature columns")
     return out
@@ -179,7 +198,7 @@ class _FoldRun:
     """What every fold model's pass over the images shares."""
     cfg: dict
     fold_models: FoldModels
-    fold_of: np.ndarray
+    matrix: np.ndarray  # (rows, repeats): the model holding each row out
     paths_train: list
     train_ids: np.ndarray
     test_ids: np.ndarray
@@ -203,7 +222,7 @@ def _dump_fold(run: _FoldRun, k, part_oof: Path, part_test: Path, pkey: str) -> 
     loader = lambda ds, w=run.workers: DataLoader(ds, batch_size=fcfg["batch_size"], shuffle=False, num_workers=w)
     pca = None
     if fcfg["embedding"] and fcfg["pca"]:  # fitted on the model's own training rows (all, for full)
-        own = np.arange(len(run.fold_of)) if k == FULL else np.flatnonzero(run.fold_of != k)
+        own = np.flatnonzero(~held_out(run.matrix, k))
         pca = fit_fold_pca(model, heads, loader, [run.paths_train[i] for i in own], dcfg, tf, run.device,
                            int(fcfg["pca"]), run.cfg["seed"])
 
@@ -211,7 +230,7 @@ def _dump_fold(run: _FoldRun, k, part_oof: Path, part_test: Path, pkey: str) -> 
         return reduce_embedding(predict_views(model, heads, loader(ds), run.views, run.device, fcfg["embedding"]), pca)
 
     if k != FULL:
-        rows = np.flatnonzero(run.fold_of == k)
+        rows = np.flatnonzero(held_out(run.matrix, k))
         o = views_of(ImageDataset([run.paths_train[i] for i in rows], dcfg["in_chans"], tf, size=decode_size(dcfg)))
         ident = {feature_column(exp, h.name, j, "view0"): o[h.name][0][:, j]  # no-TTA output, for the CV table
                  for h in heads for j in range(o[h.name].shape[2])}
@@ -233,18 +252,49 @@ def test_mean(test_parts: list, models: list, test_models: list, id_col: str, pa
     return pd.concat([test_parts[0][[id_col]], pd.DataFrame(mean, columns=feat_cols)], axis=1)
 
 
-def check_oof(oof: pd.DataFrame, train_df: pd.DataFrame, folds_df: pd.DataFrame, id_col: str) -> None:
-    """Every train id exactly once, each from the model of the fold that held it out."""
+def check_oof(oof: pd.DataFrame, train_df: pd.DataFrame, folds_df: pd.DataFrame, id_col: str,
+              column: str = "fold") -> None:
+    """Every train id exactly once, each from the model of the fold that held it out (in the repeat whose
+    folds are ``column``)."""
     counts = oof[id_col].value_counts()
     if (counts > 1).any():
         raise RuntimeError(f"OOF has id '{counts.index[counts > 1][0]}' {counts.max()} times; each must appear once.")
     missing = set(train_df[id_col]) - set(oof[id_col])
     if missing:
         raise RuntimeError(f"OOF misses {len(missing)} train ids (e.g. {sorted(missing)[:3]}).")
-    expected = folds_df.set_index(id_col)["fold"]
+    expected = folds_df.set_index(id_col)[column]
     wrong = oof["fold"].to_numpy() != expected.loc[oof[id_col]].to_numpy()
     if wrong.any():
         raise RuntimeError(f"OOF row '{oof[id_col][wrong].iloc[0]}' came from a model that trained on it.")
+
+
+def repeat_mean(oofs: list, id_col: str) -> pd.DataFrame:
+    """The repeats' OOF frames (train.csv order) averaged column by column; ``fold`` is repeat 0's."""
+    if len(oofs) == 1:
+        return oofs[0]
+    cols = [c for c in oofs[0].columns if c not in (id_col, "fold")]
+    mean = pd.DataFrame(np.mean([o[cols].to_numpy(dtype=float) for o in oofs], axis=0), columns=cols)
+    return pd.concat([oofs[0][[id_col, "fold"]], mean.astype(oofs[0][cols].dtypes.to_dict())], axis=1)
+
+
+def repeats_table(tables: list[dict]) -> dict:
+    """One CV table over the repeats: every model's fold row, and overall the mean of the repeats' CVs
+    (the score of ONE model, as without repeats)."""
+    if len(tables) == 1:
+        return tables[0]
+    rows = {}
+    for t in tables:  # fold rows are named by model: repeat r holds models r*K..
+        rows.update({name: v for name, v in t.items() if name != "overall"})
+    rows["overall"] = {s: float(np.mean([t["overall"][s] for t in tables])) for s in ("no_tta", "tta")}
+    return rows
+
+
+def repeat_spread(tables: list[dict], fold_mean: dict) -> dict | None:
+    """Repeat-to-repeat spread of the CV (None without repeats)."""
+    if len(tables) == 1:
+        return None
+    scores = [t["overall"]["tta"] for t in tables]
+    return {"scores": scores, "std": float(np.std(scores)), "ensemble": fold_mean.get("repeat_ensemble")}
 
 
 def score_table(cfg: dict, oof: pd.DataFrame, train_df: pd.DataFrame, exp: str, head: str, fold_of) -> dict:

@@ -3,7 +3,8 @@
 Splitters: StratifiedGroupKFold (a group column is set), StratifiedKFold, GroupKFold, KFold.
 Continuous targets are binned into quantiles for stratification. Optional balancing moves whole
 groups (or single rows when there are no groups) between folds until the fold sizes match, never
-splitting a group. Writes ``folds/<name>.csv`` (id, fold) plus a report (table, PNG, leakage check).
+splitting a group. Writes ``folds/<name>.csv`` (id, fold; with ``folds.repeats: R`` also fold_1 .. fold_<R-1>,
+splits by other seeds whose models are numbered on) plus a report (table, PNG, leakage check).
 """
 from __future__ import annotations
 
@@ -209,7 +210,8 @@ def run(cfg: dict, force: bool = False) -> Path:
     out = folds_file(cfg)
     meta_path = sidecar(out, ".meta.json")
     train_file = table_path(cfg, "train")
-    key_inputs = {"competition": competition_key(cfg["competition"]), "folds": cfg["folds"]}
+    fcfg = {k: v for k, v in cfg["folds"].items() if not (k == "repeats" and v == 1)}  # (older keys stand)
+    key_inputs = {"competition": competition_key(cfg["competition"]), "folds": fcfg}
     with stage_lock(out):
         key = config_hash([key_inputs, file_hash(train_file) if train_file.exists() else None])
         if not force and is_up_to_date(meta_path, key, [out]):
@@ -218,18 +220,32 @@ def run(cfg: dict, force: bool = False) -> Path:
         started = time.time()
         df = load_train(cfg, check_images=False)
         test = load_test(cfg, check_images=False)
-        fold = make_folds(cfg, df, train_file)
+        repeats = [make_folds(cfg, df, train_file)]
+        for r in range(1, cfg["folds"].get("repeats", 1)):  # another seed per repeat; its models numbered after
+            again = {**cfg, "folds": {**cfg["folds"], "seed": cfg["folds"]["seed"] + 7919 * r}}
+            repeats.append(make_folds(again, df, train_file) + r * cfg["folds"]["n_splits"])
+        fold = repeats[0]
         mode = cfg["competition"]["check_images"]
         if mode:  # every train and test image, before any training
             id_col = cfg["competition"]["id"]
             check_image_files(cfg, df[id_col], train_file, mode)
             check_image_files(cfg, test[id_col], table_path(cfg, "test"), mode, "test")
         table, summary = report(cfg, df, fold)
+        for r, again in enumerate(repeats[1:], 1):  # every repeat keeps groups whole
+            _, rs = report(cfg, df, again - r * cfg["folds"]["n_splits"])
+            summary["groups_in_several_folds"] = summary.get("groups_in_several_folds", 0) + rs.get(
+                "groups_in_several_folds", 0)
         if summary.get("groups_in_several_folds", 0):
             raise RuntimeError(f"internal error: {summary['groups_in_several_folds']} groups span several folds")
         text = report_text(table, summary)
+        if len(repeats) > 1:
+            summary["repeats"] = len(repeats)
+            text += (f"repeats: {len(repeats)} splits with different seeds, columns fold, "
+                     + ", ".join(f"fold_{r}" for r in range(1, len(repeats)))
+                     + f" (models 0..{len(repeats) * cfg['folds']['n_splits'] - 1}); the table is repeat 0's\n")
         id_col = cfg["competition"]["id"]
-        folds_csv = pd.DataFrame({id_col: df[id_col], "fold": fold}).to_csv(index=False)
+        folds_csv = pd.DataFrame({id_col: df[id_col], "fold": fold, **{f"fold_{r}": f for r, f in
+                                                                       enumerate(repeats[1:], 1)}}).to_csv(index=False)
         fig = plots.fold_report(df, fold, targets(cfg)[0], task_of(cfg).classes)
         with ArtifactGroup(meta_path) as group:
             group.text(out, folds_csv)

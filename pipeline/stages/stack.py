@@ -131,12 +131,17 @@ def _run(cfg: dict, force: bool) -> Path:
     guard = versus_best_input(metric, y, fold, oof_pred, {e: head_prediction(x_df, e, head, scfg["stat"])
                                                           for e, x_df in zip(exps, X_parts)})
     result.info = {**result.info, "versus_best_input": guard}
-    inputs = {e: read_json(features_dir(cfg, e) / "cv.json").get("overall", {})
-              if (features_dir(cfg, e) / "cv.json").exists() else {} for e in exps}
+    level1 = {e: read_json(features_dir(cfg, e) / "cv.json") if (features_dir(cfg, e) / "cv.json").exists() else {}
+              for e in exps}
+    inputs = {e: c.get("overall", {}) for e, c in level1.items()}
+    submission = submission_estimate(metric, cv["overall"], {e: c.get("submission") for e, c in level1.items()},
+                                     {e: metric(y, head_prediction(x_df, e, head, "mean")) for e, x_df in zip(exps, X_parts)})
     leak = inherited_leak(metas)
     write_outputs(cfg, out, key, folds_hash, oof_pred, test_pred, fold, train_df, test_df, cv, inputs, best_iters,
-                  result.info, save_models=lambda group: stage_models(group, out / "models", data, result), leak=leak)
+                  result.info, save_models=lambda group: stage_models(group, out / "models", data, result), leak=leak,
+                  submission=submission)
     leaderboard.record(cfg, "stack", started, cv=cv["overall"], folds=per_fold, experiment=name,
+                       predicted=submission["predicted"], predicted_how=submission["how"],
                        artifacts=[str(out / "oof.parquet"), str(out / "test.parquet")],
                        note="; ".join(filter(None, [f"{result.info.get('chosen', model_kind)} on {', '.join(exps)}",
                                                     None if guard["wins"] else
@@ -144,7 +149,10 @@ def _run(cfg: dict, force: bool) -> Path:
     if result.importance is not None:
         plots.save_figure(out / "importance.png", plots.importance(result.importance, name))
     lines = [f"[stack] {name} ({model_kind}) level-2 CV {metric.name}: {cv['overall']:.4f} "
-             f"(folds: {', '.join(f'{v:.4f}' for v in per_fold.values())})"]
+             f"(folds: {', '.join(f'{v:.4f}' for v in per_fold.values())})",
+             "[stack] the fold-mean submission: " + (f"predicted {metric.name} {submission['predicted']:.4f} ("
+                                                      if submission["predicted"] is not None else "")
+             + submission["how"] + (")" if submission["predicted"] is not None else "")]
     for e, c in inputs.items():
         if c:
             no_tta, tta = c.get("no_tta", float("nan")), c.get("tta", float("nan"))
@@ -163,6 +171,20 @@ def _run(cfg: dict, force: bool) -> Path:
     return out
 
 
+def submission_estimate(metric, cv: float, inputs: dict, fed: dict) -> dict:
+    """What the stack's submission should score. Level 2 was scored on its inputs' OOF predictions; its test
+    rows get their fold means, which score better by the lift each input's own estimate predicts. So:
+    level-2 CV + the mean over inputs of (the input's predicted submission - the score of the OOF it fed
+    level 2). An estimate for every metric (no identity carries through a level-2 model)."""
+    missing = [e for e, s in inputs.items() if not s or s.get("predicted") is None]
+    if missing:
+        return {"predicted": None, "how": f"none: input {missing[0]} has no predicted submission score (rebuild its "
+                "features; for accuracy-like metrics set folds.repeats: 2)", "lift": None}
+    lift = float(np.mean([inputs[e]["predicted"] - fed[e] for e in inputs]))
+    return {"predicted": float(cv + lift), "lift": lift, "inputs": {e: inputs[e]["predicted"] for e in inputs},
+            "how": f"estimate: level-2 CV {cv:.4f} + its inputs' mean lift from OOF to fold mean {lift:+.4f}"}
+
+
 def versus_best_input(metric, y, fold, oof_pred, inputs: dict) -> dict:
     """Level 2 against its best input, scored on the same rows with the same folds."""
     scores = {e: metric(y, p) for e, p in inputs.items()}
@@ -176,7 +198,7 @@ def versus_best_input(metric, y, fold, oof_pred, inputs: dict) -> dict:
 
 
 def write_outputs(cfg, out, key, folds_hash, oof_pred, test_pred, fold, train_df, test_df, cv, inputs, best_iters,
-                  info, save_models=None, leak=None):
+                  info, save_models=None, leak=None, submission=None):
     name, id_col, head = stack_name(cfg), cfg["competition"]["id"], targets(cfg)[0]
 
     oof = prediction_frame(train_df[id_col].to_numpy(), id_col, name, head, oof_pred, fold)
@@ -187,7 +209,7 @@ def write_outputs(cfg, out, key, folds_hash, oof_pred, test_pred, fold, train_df
         group.parquet(out / "test.parquet", prediction_frame(test_df[id_col].to_numpy(), id_col, name, head, test_pred),
                       meta)
         group.json(out / "cv.json", {"overall": {"tta": cv["overall"], "no_tta": cv["overall"]}, **{
-            k: {"tta": v, "no_tta": v} for k, v in cv.items() if k != "overall"}})
+            k: {"tta": v, "no_tta": v} for k, v in cv.items() if k != "overall"}, "submission": submission})
         group.text(out / "config.yaml", resolved_config_text(cfg))
         if save_models is not None:  # models/: the fitted level-2 models (per fold, refit), for a Kaggle bundle
             save_models(group)

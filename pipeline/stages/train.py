@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from pipeline.competition.tables import fold_of, load_folds, load_train
+from pipeline.competition.tables import fold_matrix, held_out, load_folds, load_train
 from pipeline.errors import InputError
 from pipeline.metrics import get_metric
 from pipeline.store import leaderboard, plots
@@ -35,18 +35,19 @@ def _plan(cfg: dict):
     """What a run of this config trains: the table, folds, heads, the stage key and the folds to do."""
     train_df = load_train(cfg)
     folds_df, folds_hash = load_folds(cfg)
-    fold = fold_of(cfg, train_df, folds_df)
+    fold = fold_matrix(cfg, train_df, folds_df)  # (rows, repeats): model numbers unique over repeats
     heads = heads_for(cfg, train_df)
     teachers.check_heads(cfg, heads)
     key = train_key(cfg, train_df, folds_hash)
     if teachers.active(cfg):
         log(f"[train] {cfg['name']}: {teachers.describe(cfg)}")
-    n_splits = int(fold.max()) + 1
+    n_models = int(fold.max()) + 1
     chosen = cfg["train"]["folds"]
-    todo: list = list(range(n_splits)) if chosen is None else [int(k) for k in (chosen if isinstance(chosen, list) else [chosen])]
-    bad = [k for k in todo if not 0 <= k < n_splits]
+    todo: list = list(range(n_models)) if chosen is None else [int(k) for k in (chosen if isinstance(chosen, list) else [chosen])]
+    bad = [k for k in todo if not 0 <= k < n_models]
     if bad:
-        raise InputError(f"train.folds names fold(s) {bad}, but the folds file has folds 0..{n_splits - 1}.")
+        raise InputError(f"train.folds names fold(s) {bad}, but the folds file has folds 0..{n_models - 1}"
+                         + (f" ({fold.shape[1]} repeats)." if fold.shape[1] > 1 else "."))
     if cfg["train"]["full"]:
         todo.append("full")
     return train_df, fold, folds_hash, heads, key, todo
@@ -79,8 +80,8 @@ def run(cfg: dict, force: bool = False, on_epoch=()) -> dict:
                 meta_path.unlink()
             if force and (out / "last.pt").exists():
                 (out / "last.pt").unlink()
-            tr = np.flatnonzero(fold != k) if k != "full" else np.arange(len(fold))
-            va = np.flatnonzero(fold == k) if k != "full" else np.array([], dtype=int)
+            va = np.flatnonzero(held_out(fold, k))
+            tr = np.setdiff1d(np.arange(len(fold)), va)
             trainer = FoldTrainer(cfg, heads, train_df, tr, va, k, out, key, folds_hash, on_epoch=on_epoch)
             log(f"[train] {cfg['name']} fold {k}: {len(tr)} train rows, {len(va)} valid rows, device {trainer.device}"
                 + (f", DDP world size {trainer.dist.world}" if trainer.dist.enabled else ""))

@@ -49,9 +49,12 @@ def check(cfg: dict) -> None:
 
 def record(cfg: dict, stage: str, started: float, cv: float | None = None, folds: dict | None = None,
            artifacts: list | dict | None = None, submission: str | None = None, epochs: list[dict] | None = None,
-           experiment: str | None = None, note: str | None = None, trial: int | None = None) -> int | None:
-    """Record one stage run (``trial``: its Optuna trial number); returns its row id (None when the
-    leaderboard is switched off)."""
+           experiment: str | None = None, note: str | None = None, trial: int | None = None,
+           predicted: float | None = None, predicted_how: str | None = None,
+           repeat_std: float | None = None) -> int | None:
+    """Record one stage run (``trial``: its Optuna trial number; ``predicted``: what its fold-mean submission
+    should score, found as ``predicted_how`` says; ``repeat_std``: the CV's spread over ``folds.repeats``);
+    returns its row id (None when the leaderboard is switched off)."""
     lcfg = cfg.get("leaderboard", {})
     if not lcfg.get("enabled", True):
         return None
@@ -66,14 +69,16 @@ def record(cfg: dict, stage: str, started: float, cv: float | None = None, folds
     with connect(db_path(cfg), write=True) as con:
         run_id = insert_id(
             con, "INSERT INTO runs (experiment, stage, config_hash, config, git_commit, git_dirty, started, ended,"
-            " duration, metric, higher_is_better, cv, cv_std, folds, artifacts, submission, note, trial)"
-            " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+            " duration, metric, higher_is_better, cv, cv_std, folds, artifacts, submission, note, trial, predicted,"
+            " predicted_how, repeat_std) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
             (experiment or cfg["name"], stage, config_hash(cfg), json.dumps(redact(cfg), default=str), git["commit"],
              None if git["dirty"] is None else int(git["dirty"]),
              datetime.fromtimestamp(started, timezone.utc).isoformat(timespec="seconds"),
              datetime.fromtimestamp(ended, timezone.utc).isoformat(timespec="seconds"), round(ended - started, 3),
              metric.name, int(metric.higher_is_better), cv, cv_std, json.dumps(folds or {}),
-             json.dumps(artifacts or [], default=str), submission, note, trial))
+             json.dumps(artifacts or [], default=str), submission, note, trial,
+             None if predicted is None else float(predicted), predicted_how,
+             None if repeat_std is None else float(repeat_std)))
         if epochs:
             con.executemany("INSERT INTO epochs VALUES (?,?,?,?,?,?)",
                             [(run_id, str(e.get("fold")), int(e["epoch"]), e.get("train_loss"), e.get("valid_loss"),
@@ -182,6 +187,15 @@ def import_kaggle_csv(path, csv_file) -> list[tuple[str, str]]:
     return matched
 
 
+def _value(v):
+    return None if v is None or (isinstance(v, float) and math.isnan(v)) else float(v)
+
+
+def _how(text) -> str | None:
+    """The kind of a predicted score, for the table: exact, approximate or estimate (the note says more)."""
+    return None if not isinstance(text, str) else text.split(":")[0]
+
+
 def _num(v):
     try:
         f = float(v)
@@ -223,6 +237,8 @@ def table(path, pattern: str | None = None):
                      "hib": bool(r["higher_is_better"]), "cv": r["cv"],
                      "fold_mean": sum(vals) / len(vals) if vals else None,
                      "fold_std": _std(vals) if len(vals) > 1 else None,
+                     "predicted": _value(r.get("predicted")), "how": _how(r.get("predicted_how")),
+                     "repeat_std": _value(r.get("repeat_std")),
                      "public": None if last is None else last["public"],
                      "private": None if last is None else last["private"],
                      "lb_source": None if last is None else last["source"],
@@ -246,11 +262,12 @@ def format_table(df, markdown: bool = False) -> str:
     def f(v, fmt="{:.4f}"):
         return "" if v is None or (isinstance(v, float) and math.isnan(v)) else fmt.format(v)
 
-    headers = ["experiment", "stage", "metric", "CV", "folds mean ± std", "Δ best", "public LB", "private LB",
-               "commit", "when"]
+    headers = ["experiment", "stage", "metric", "CV", "folds mean ± std", "repeats std", "Δ best",
+               "predicted sub", "public LB", "private LB", "commit", "when"]
     body = [[r.experiment, r.stage, r.metric, f(r.cv),
              (f(r.fold_mean) + (" ± " + f(r.fold_std) if r.fold_std is not None and not math.isnan(r.fold_std) else "")),
-             f(r.delta, "{:+.4f}"), f(r.public), f(r.private), r.commit, (r.when or "")[:16]] for r in df.itertuples()]
+             f(r.repeat_std), f(r.delta, "{:+.4f}"), f(r.predicted) + (f" ({r.how})" if f(r.predicted) else ""),
+             f(r.public), f(r.private), r.commit, (r.when or "")[:16]] for r in df.itertuples()]
     if markdown:
         lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
         lines += ["| " + " | ".join(map(str, row)) + " |" for row in body]
@@ -261,7 +278,8 @@ def format_table(df, markdown: bool = False) -> str:
 
 
 def plot(path, out_dir: str | Path, experiment: str | None = None) -> list[Path]:
-    """CV vs public and CV vs private (correlation, y = x), and an experiment's learning curves."""
+    """CV vs public and CV vs private (correlation, y = x), the four scores per experiment, and an
+    experiment's learning curves."""
     from pipeline.store import plots
 
     out_dir = Path(out_dir)
@@ -270,6 +288,9 @@ def plot(path, out_dir: str | Path, experiment: str | None = None) -> list[Path]
     if not df.empty:
         p = out_dir / "lb_cv_vs_lb.png"
         plots.save_figure(p, plots.cv_vs_lb(df))
+        written.append(p)
+        p = out_dir / "lb_scores.png"  # CV, predicted submission, public and private, per experiment
+        plots.save_figure(p, plots.scores_by_experiment(df))
         written.append(p)
     if experiment:
         with connect(path) as con:

@@ -27,7 +27,7 @@ from pathlib import Path
 from pipeline.errors import LeaderboardError
 from pipeline.store.io import redact
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 MIGRATIONS = {
     1: """
     CREATE TABLE runs (
@@ -45,6 +45,9 @@ MIGRATIONS = {
         source TEXT, description TEXT, updated TEXT);
     """,
     2: "ALTER TABLE runs ADD COLUMN trial INTEGER",  # the Optuna trial number of a `tune` run
+    # what the fold-mean submission should score, how that was found, and the repeat-to-repeat CV spread
+    3: """ALTER TABLE runs ADD COLUMN predicted REAL; ALTER TABLE runs ADD COLUMN predicted_how TEXT;
+    ALTER TABLE runs ADD COLUMN repeat_std REAL""",
 }
 _DDL = {"postgresql": [(r"INTEGER PRIMARY KEY AUTOINCREMENT", "SERIAL PRIMARY KEY"), (r"\bREAL\b", "DOUBLE PRECISION")]}
 _LOCK_KEY = 0x4C42_5752  # the server's advisory lock serialising leaderboard writers ("LBWR")

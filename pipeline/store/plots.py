@@ -99,6 +99,34 @@ def cv_vs_lb(df: pd.DataFrame):
     return fig
 
 
+SCORES = (("cv", "CV, one model", "o"), ("predicted", "predicted submission", "^"), ("public", "public LB", "s"),
+          ("private", "private LB", "D"))
+
+
+def scores_by_experiment(df: pd.DataFrame):
+    """Per experiment (one panel per metric): CV, the predicted fold-mean submission score and the public and
+    private LB, so one sees which of CV and prediction the leaderboard follows (mean gap to the LB in the legend)."""
+    groups = list(df.groupby("metric", sort=False))
+    fig, axes = plt.subplots(len(groups), 1, figsize=(max(6.0, 0.9 * df["experiment"].nunique() + 3), 3.6 * len(groups)),
+                             squeeze=False)
+    for ax, (metric, g) in zip(axes[:, 0], groups):
+        g = g.reset_index(drop=True)
+        x = np.arange(len(g))
+        lb = g["private"].where(g["private"].notna(), g["public"]) if "private" in g else None
+        for col, label, marker in SCORES:
+            vals = pd.to_numeric(g[col], errors="coerce") if col in g else pd.Series(np.nan, index=g.index)
+            if vals.notna().any():
+                gap = (vals - lb).abs().mean() if col in ("cv", "predicted") and lb is not None else np.nan
+                ax.plot(x, vals, marker=marker, ls="none", ms=7,
+                        label=label + (f" (mean |gap| to LB {gap:.4f})" if np.isfinite(gap) else ""))
+        ax.set_xticks(x, g["experiment"], rotation=30, ha="right", fontsize=8)
+        ax.set(ylabel=metric, title=f"{metric}: CV, predicted submission and LB per experiment")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
 def optuna_figures(study, metric_name: str, out_dir: str | Path) -> list[Path]:
     """Optuna's own optimisation-history and parameter-importance plots (its matplotlib backend) as
     ``history.png`` and ``importance.png``; importance is left out while it cannot be computed (under two
