@@ -36,7 +36,9 @@ folds: data
 comma := ,
 NGPU ?= $(shell nvidia-smi -L 2>/dev/null | grep -c GPU)
 N_SPLITS = $(shell $(RUN) config -c $(CONFIG) $(ARGS) --get folds.n_splits)
-FOLD_IDS = $(if $(FOLDS),$(subst $(comma), ,$(FOLDS)),$(shell seq 0 $$(( $(N_SPLITS) - 1 ))))
+N_REPEATS = $(shell $(RUN) config -c $(CONFIG) $(ARGS) --get folds.repeats)
+# folds.repeats: R x n_splits fold models, numbered over the repeats
+FOLD_IDS = $(if $(FOLDS),$(subst $(comma), ,$(FOLDS)),$(shell seq 0 $$(( $(N_SPLITS) * $(N_REPEATS) - 1 ))))
 
 # a round of pseudo-labelling or distillation first brings its teacher's features up to date
 TEACHER_ARGS = $(filter-out name=% train.pseudo% train.distill% stack.%,$(ARGS))

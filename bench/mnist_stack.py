@@ -65,7 +65,7 @@ def main():
     for name, (summary, cv, sub) in results.items():
         print(f"{name:26s} {summary['cv_mean']:.4f} ± {summary['cv_std']:.4f}     {cv['overall']['no_tta']:.4f}"
               f"    {cv['overall']['tta']:.4f}   {sub['local']['public']:.4f}   {sub['local']['private']:.4f}")
-    per_fold = [v["tta"] for k, v in s_cv.items() if k != "overall"]
+    per_fold = [v["tta"] for k, v in s_cv.items() if k.startswith("fold")]
     import numpy as np
 
     print(f"{'mnist-stack (LightGBM L2)':26s} {np.mean(per_fold):.4f} ± {np.std(per_fold):.4f}     "

@@ -145,7 +145,7 @@ def pipeline_run(root: Path, name: str, epochs: int, n_folds: int, level1: list[
     summary = json.loads(sub.with_name(sub.name.split(".csv")[0] + ".json").read_text())
     cv_file = work / "features" / (final or names[0]) / "cv.json"
     cv = json.loads(cv_file.read_text())
-    folds = [v["tta"] for k, v in cv.items() if k != "overall"]
+    folds = [v["tta"] for k, v in cv.items() if k.startswith("fold")]
     one = None
     test_folds = work / "features" / (final or names[0]) / "test_folds.parquet"
     if test_folds.exists():  # each fold model alone on the test set (level 1 only)

@@ -163,3 +163,19 @@ def fold_mean_estimate(metric: str, y, oofs: list, test_preds: list, probabiliti
                    how=f"estimate: {r} repeats' CV {s1:.4f} and their OOF mean's {sr:.4f}, extrapolated in "
                        f"1/models to {m} models")
     return out
+
+
+def lifted_estimate(cv: float, inputs: dict, fed: dict, what: str = "level-2") -> dict:
+    """What a model built on other predictions (a stack, post-processing) should score as a submission. It
+    was scored on its inputs' OOF predictions; its test rows get their fold means, which score better by the
+    lift each input's own estimate predicts (``inputs``: each input's estimate; ``fed``: the score of the OOF
+    it was fed). So: CV + the mean over inputs of (predicted submission - fed OOF score). An estimate for every
+    metric: no identity carries through a fitted model."""
+    missing = [e for e, s in inputs.items() if not s or s.get("predicted") is None]
+    if missing:
+        return {"predicted": None, "lift": None,
+                "how": f"none: input {missing[0]} has no predicted submission score (rebuild its features; for "
+                       "accuracy-like metrics set folds.repeats: 2)"}
+    lift = float(np.mean([inputs[e]["predicted"] - fed[e] for e in inputs]))
+    return {"predicted": float(cv + lift), "lift": lift, "inputs": {e: inputs[e]["predicted"] for e in inputs},
+            "how": f"estimate: {what} CV {cv:.4f} + its inputs' mean lift from OOF to fold mean {lift:+.4f}"}

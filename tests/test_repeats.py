@@ -12,6 +12,10 @@ from pipeline.metrics import fold_mean_estimate, get_metric
 from tests.test_task_kinds import brightness_competition
 
 
+def truth_of(root, ids):
+    return pd.read_csv(root / "train.csv", dtype={"id": str}).set_index("id").loc[list(ids), "target"].to_numpy()
+
+
 def test_repeats_split_again_with_another_seed_and_keep_groups_whole(tmp_path, monkeypatch):
     from pipeline.stages import run_stage
 
@@ -91,17 +95,23 @@ def test_repeated_folds_run_the_chain_and_the_bundle(tmp_path, monkeypatch):
     np.testing.assert_allclose(head_prediction(pd.read_parquet(out / "test.parquet"), "rep", "target", "mean"), mean,
                                rtol=1e-5)
 
-    for stage in ("stack", "submit"):
+    cfg = load_config(None, [*over, "postprocess.rounding=true"])
+    for stage in ("stack", "postprocess", "submit"):
         run_stage(stage, cfg)
     scv = json.loads((tmp_path / "features" / "rep-l2" / "cv.json").read_text())
+    # level 2 was scored on its input's OOF; its submission gets the lift the input's estimate predicts
+    fed = get_metric("qwk")(truth_of(root, oof.index), head_prediction(oof.reset_index(), "rep", "target", "mean"))
+    assert scv["submission"]["lift"] == pytest.approx(sub["predicted"] - fed)
     assert scv["submission"]["predicted"] == pytest.approx(scv["overall"]["tta"] + scv["submission"]["lift"])
+    pcv = json.loads((tmp_path / "features" / "rep-l2-pp" / "cv.json").read_text())
+    assert pcv["submission"]["predicted"] == pytest.approx(pcv["overall"]["tta"] + pcv["submission"]["lift"])
     row = LB.table(tmp_path / "submissions" / "leaderboard.db").set_index("experiment")
     assert row.loc["rep", "predicted"] == pytest.approx(sub["predicted"])
     assert row.loc["rep", "repeat_std"] == pytest.approx(cv["repeats"]["std"])
     assert row.loc["rep-l2", "predicted"] == pytest.approx(scv["submission"]["predicted"])
-    bundle = run_stage("kaggle", load_config(None, [*over, "kaggle.source=rep-l2"]))
+    bundle = run_stage("kaggle", load_config(None, [*over, "postprocess.rounding=true", "kaggle.source=rep-l2-pp"]))
     assert len(json.loads((bundle / "bundle.json").read_text())["sets"]["rep"]["models"]) == 4
     frame, _ = predict(bundle, root, device="cpu")
-    submitted = pd.read_csv(tmp_path / "submissions" / "rep-l2.csv")
+    submitted = pd.read_csv(tmp_path / "submissions" / "rep-l2-pp.csv")
     np.testing.assert_allclose(frame["target"].to_numpy(dtype=float), submitted["target"].to_numpy(dtype=float),
                                atol=1e-3)

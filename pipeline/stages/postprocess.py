@@ -37,7 +37,7 @@ from pipeline.level2.rules import (  # noqa: F401
     fit_rules,
     honest_gain,
 )
-from pipeline.metrics import get_metric
+from pipeline.metrics import get_metric, lifted_estimate
 from pipeline.store import leaderboard
 from pipeline.store.artifacts import ArtifactGroup, inherited_leak, require_complete, stage_lock
 from pipeline.store.io import (
@@ -45,6 +45,7 @@ from pipeline.store.io import (
     is_up_to_date,
     log,
     provenance,
+    read_json,
     read_parquet_meta,
     resolved_config_text,
 )
@@ -116,18 +117,22 @@ def _run(cfg: dict, force: bool) -> Path:
 
     cv = {"overall": {"tta": res["nested"], "no_tta": res["nested"]},
           **{k: {"tta": v, "no_tta": v} for k, v in res["per_fold_nested"].items()}}
+    src_cv = read_json(src_dir / "cv.json") if (src_dir / "cv.json").exists() else {}
+    submission = lifted_estimate(res["nested"], {source: src_cv.get("submission")}, {source: res["base"]},
+                                 "post-processed")
     leak = inherited_leak(metas)
     meta = provenance(cfg, "postprocess", key, folds_hash=folds_hash, source=source, gain=res, cv=cv, leak=leak)
     with ArtifactGroup(out / "meta.json") as group:
         group.parquet(out / "oof.parquet", prediction_frame(train_df[id_col].to_numpy(), id_col, name, head, oof_pp,
                                                             fold), meta)
         group.parquet(out / "test.parquet", prediction_frame(test_ids, id_col, name, head, test_pp), meta)
-        group.json(out / "cv.json", cv)
+        group.json(out / "cv.json", {**cv, "submission": submission})
         group.json(out / "postprocess.json", res)
         group.text(out / "config.yaml", resolved_config_text(cfg))
         group.commit(meta)
     leaderboard.record(cfg, "stack", started, cv=res["nested"], folds=res["per_fold_nested"], experiment=name,
                        note="postprocess (nested CV score)" + (f"; {leak}" if leak else ""),
+                       predicted=submission["predicted"], predicted_how=submission["how"],
                        artifacts=[str(out / "oof.parquet"), str(out / "test.parquet")])
     log(f"[postprocess] {name}: {metric.name} {res['base']:.4f} -> in-sample {res['in_sample']:.4f} "
         f"({res['in_sample_gain']:+.4f}), nested CV {res['nested']:.4f} ({res['nested_gain']:+.4f}); "

@@ -19,7 +19,7 @@ import pandas as pd
 from pipeline.competition.tables import competition_key, fold_of, load_folds, load_test, load_train
 from pipeline.errors import InputError
 from pipeline.level2.models import LEVEL2_MODELS, SAVED, Level2Data, category_text, stage_models
-from pipeline.metrics import get_metric
+from pipeline.metrics import get_metric, lifted_estimate
 from pipeline.store import leaderboard, plots
 from pipeline.store.artifacts import ArtifactGroup, inherited_leak, require_complete, stage_lock
 from pipeline.store.io import (
@@ -134,7 +134,7 @@ def _run(cfg: dict, force: bool) -> Path:
     level1 = {e: read_json(features_dir(cfg, e) / "cv.json") if (features_dir(cfg, e) / "cv.json").exists() else {}
               for e in exps}
     inputs = {e: c.get("overall", {}) for e, c in level1.items()}
-    submission = submission_estimate(metric, cv["overall"], {e: c.get("submission") for e, c in level1.items()},
+    submission = lifted_estimate(cv["overall"], {e: c.get("submission") for e, c in level1.items()},
                                      {e: metric(y, head_prediction(x_df, e, head, "mean")) for e, x_df in zip(exps, X_parts)})
     leak = inherited_leak(metas)
     write_outputs(cfg, out, key, folds_hash, oof_pred, test_pred, fold, train_df, test_df, cv, inputs, best_iters,
@@ -169,20 +169,6 @@ def _run(cfg: dict, force: bool) -> Path:
                      f"{abs(cv['overall'] - guard['best_input_cv']):.4f}, on {guard['folds_won']}/{len(per_fold)} folds")
     log("\n".join(lines))
     return out
-
-
-def submission_estimate(metric, cv: float, inputs: dict, fed: dict) -> dict:
-    """What the stack's submission should score. Level 2 was scored on its inputs' OOF predictions; its test
-    rows get their fold means, which score better by the lift each input's own estimate predicts. So:
-    level-2 CV + the mean over inputs of (the input's predicted submission - the score of the OOF it fed
-    level 2). An estimate for every metric (no identity carries through a level-2 model)."""
-    missing = [e for e, s in inputs.items() if not s or s.get("predicted") is None]
-    if missing:
-        return {"predicted": None, "how": f"none: input {missing[0]} has no predicted submission score (rebuild its "
-                "features; for accuracy-like metrics set folds.repeats: 2)", "lift": None}
-    lift = float(np.mean([inputs[e]["predicted"] - fed[e] for e in inputs]))
-    return {"predicted": float(cv + lift), "lift": lift, "inputs": {e: inputs[e]["predicted"] for e in inputs},
-            "how": f"estimate: level-2 CV {cv:.4f} + its inputs' mean lift from OOF to fold mean {lift:+.4f}"}
 
 
 def versus_best_input(metric, y, fold, oof_pred, inputs: dict) -> dict:
