@@ -95,8 +95,29 @@ def build_transform(data_cfg: dict, augment: list | None = None, size: int | Non
     return A.Compose(steps, seed=seed)
 
 
+class EpochSeed:
+    """The current epoch's augmentation seed in shared memory: loader workers that persist between epochs keep
+    their copy of the dataset, and read the seed the main process set for the epoch from here."""
+
+    def __init__(self, seed: int = 0):
+        self._value = torch.full((1,), int(seed), dtype=torch.int64).share_memory_()
+
+    def set(self, seed: int) -> None:
+        self._value[0] = int(seed)
+
+    def get(self) -> int:
+        return int(self._value[0])
+
+
+def worker_seed(epoch_seed: int, worker: int) -> int:
+    """A loader worker's augmentation seed for an epoch: a function of the epoch and the worker only."""
+    return int(np.random.SeedSequence([epoch_seed % 2**63, worker]).generate_state(1)[0])
+
+
 class ImageDataset(Dataset):
-    """Images named by ``paths`` with optional per-row targets (dict of column -> array)."""
+    """Images named by ``paths`` with optional per-row targets (dict of column -> array). Augmentations draw
+    from a seed per epoch (``set_epoch``): in the main process at once, in each loader worker at its first
+    item of the epoch, from (epoch seed, worker id), so persistent workers and a resumed run draw the same."""
 
     def __init__(self, paths: list[Path], in_chans: int, transform=None, targets: dict | None = None,
                  cache: bool = False, size: int | None = None):
@@ -106,6 +127,7 @@ class ImageDataset(Dataset):
         self.transform = transform
         self.targets = targets or {}
         self._cache: dict[int, np.ndarray] | None = {} if cache else None
+        self._epoch, self._seeded = EpochSeed(), None  # (shared by views: with_transform copies the reference)
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -118,8 +140,19 @@ class ImageDataset(Dataset):
 
     def set_epoch(self, seed: int) -> None:
         """Reseed the augmentations so each epoch is reproducible (and a resumed run matches)."""
+        self._epoch.set(seed)
+        self._reseed(seed)
+
+    def _reseed(self, seed: int) -> None:
         if hasattr(self.transform, "set_random_seed"):
             self.transform.set_random_seed(seed)
+
+    def _worker_reseed(self) -> None:
+        """In a loader worker, at the first item of each epoch: this worker's seed for the epoch."""
+        info = torch.utils.data.get_worker_info()
+        if info is not None and self._seeded != (epoch := self._epoch.get()):
+            self._seeded = epoch
+            self._reseed(worker_seed(epoch, info.id))
 
     def preload(self, threads: int = 4, desc: str = "decode images") -> None:
         """Fill the cache in this process before the loader forks its workers, so every worker shares it
@@ -149,6 +182,7 @@ class ImageDataset(Dataset):
 
     def __getitem__(self, i: int):
         img = self.image(i)
+        self._worker_reseed()
         if self.transform is not None:
             x = self.transform(image=img)["image"]
         else:
@@ -307,11 +341,7 @@ def seed_everything(seed: int) -> None:
 
 
 def seed_worker(worker_id: int) -> None:
-    """Loader ``worker_init_fn``: each worker draws its own augmentations (the forked copies of the dataset
-    would otherwise share one random state and repeat each other's draws). The worker's seed comes from
-    the loader's seeded generator, so an epoch stays reproducible."""
-    info = torch.utils.data.get_worker_info()
-    seed = info.seed % 2**31
-    seed_everything(seed)
-    if isinstance(info.dataset, ImageDataset):  # other datasets (jigsaw) seed their items themselves
-        info.dataset.set_epoch(seed)
+    """Loader ``worker_init_fn``: each worker its own Python, NumPy and torch random state (the forked copies
+    would otherwise share one and repeat each other's draws), from the loader's seeded generator. The
+    augmentations reseed per epoch and worker themselves (``ImageDataset``; jigsaw items seed per row)."""
+    seed_everything(torch.utils.data.get_worker_info().seed % 2**31)

@@ -21,7 +21,7 @@ import pandas as pd
 import torch
 from torch.utils.data import Dataset
 
-from pipeline.competition.images import build_transform, data_key, decode_size, read_image
+from pipeline.competition.images import EpochSeed, build_transform, data_key, decode_size, read_image
 from pipeline.competition.tables import image_paths, load_test, load_train
 from pipeline.config.train import Train
 from pipeline.errors import InputError
@@ -110,20 +110,20 @@ class JigsawDataset(Dataset):
         self.dihedral = pc["dihedral"]
         self.in_chans, self.decode = cfg["data"]["in_chans"], decode_size(cfg["data"])
         self.transform = build_transform(with_normalization(cfg)["data"])  # as the fold models will see them
-        self.seed = seed
+        self.epoch = EpochSeed(seed)  # shared with persistent loader workers
         self.size = cfg["data"]["image_size"]
         if self.size // self.grid - self.gap < 2:
             raise InputError(f"pretrain: data.image_size={self.size} is too small for a {self.grid}x{self.grid} grid "
                              f"with gap {self.gap} (tiles need at least 2 pixels); raise data.image_size.")
 
     def set_epoch(self, seed: int) -> None:
-        self.seed = seed
+        self.epoch.set(seed)
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, i: int):
-        rng = np.random.default_rng([self.seed if self.train else 12345, i])
+        rng = np.random.default_rng([self.epoch.get() if self.train else 12345, i])
         arr = read_image(self.paths[i], self.in_chans, self.decode)
         if min(arr.shape[:2]) < self.grid * 2:
             raise InputError(f"pretrain: image {self.paths[i]} is {arr.shape[1]}x{arr.shape[0]}, smaller than a "

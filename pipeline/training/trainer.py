@@ -20,7 +20,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
-from pipeline.competition.images import loader_workers, seed_everything, seed_worker
+from pipeline.competition.images import loader_workers, seed_everything
 from pipeline.errors import PipelineError
 from pipeline.metrics import get_metric
 from pipeline.store.artifacts import kill_point
@@ -32,6 +32,7 @@ from pipeline.training.build import build_model
 from pipeline.training.checkpoint import Checkpoint
 from pipeline.training.distributed import Dist
 from pipeline.training.fold_data import fold_datasets
+from pipeline.training.loaders import Loaders
 from pipeline.training.losses import Criterion
 from pipeline.training.models import Head, activate, freeze_stages, pick_device
 from pipeline.training.optim import SCHEDULERS, build_optimizer, steps_each_batch
@@ -112,6 +113,8 @@ class FoldTrainer:
         plain = {"loss": "auto", "label_smoothing": 0.0, "focal_gamma": 0.0, "ohem": 1.0, "distill": None}
         self.valid_criterion = Criterion(heads, plain, set()).to(self.device)
         self.steps_per_epoch = max(1, math.ceil(len(self.train_ds) / self.tcfg["batch_size"] / self.tcfg["accumulate"]))
+        self.loaders = Loaders(self.tcfg["batch_size"], loader_workers(cfg["data"], self.device),
+                               self.device.type == "cuda", self.dist)
         self.build()
 
     # -- construction
@@ -180,20 +183,7 @@ class FoldTrainer:
 
     # -- loops
     def loader(self, ds, shuffle: bool, epoch: int = 0) -> DataLoader:
-        seed = epoch_seed(self.cfg["seed"], self.fold, epoch)
-        g = torch.Generator().manual_seed(seed + self.dist.rank)  # DDP: each process its own augmentations
-        workers = loader_workers(self.cfg["data"], self.device)
-        sampler = None
-        if shuffle and self.dist.enabled:  # each process trains on its own shard of the fold
-            from torch.utils.data.distributed import DistributedSampler
-
-            sampler = DistributedSampler(ds, num_replicas=self.dist.world, rank=self.dist.rank, shuffle=True, seed=seed)
-        return DataLoader(ds, batch_size=self.tcfg["batch_size"] if shuffle else max(self.tcfg["batch_size"], 64),
-                          shuffle=shuffle and sampler is None, sampler=sampler, generator=g, num_workers=workers,
-                          # a last training batch of one image would break BatchNorm: drop that one image
-                          drop_last=shuffle and len(ds) % self.tcfg["batch_size"] == 1,
-                          pin_memory=self.device.type == "cuda", persistent_workers=False,
-                          worker_init_fn=seed_worker if workers > 0 else None)
+        return self.loaders.get(ds, shuffle, epoch_seed(self.cfg["seed"], self.fold, epoch))
 
     def set_backbone_trainable(self, epoch: int):
         frozen_epochs = self.tcfg["freeze_backbone_epochs"]
@@ -337,6 +327,7 @@ class FoldTrainer:
             self.finish_swa(has_valid)
         if not has_valid:  # the all-data model: its final weights are the ones kept
             self.save_weights(self.eval_model(), "best.pt", None, self.state["epoch"])
+        self.loaders.close()  # the persistent loader workers end with the fold
         return {"fold": self.fold, "best": self.state["best"], "best_epoch": self.state["best_epoch"],
                 "epochs": self.state["epoch"], "rows_train": int(len(self.tr_idx)), "rows_valid": int(len(self.va_idx))}
 
