@@ -160,21 +160,15 @@ def test_embedding_with_pca_fitted_on_fold_train_rows(trained):
     assert set(emb) <= set(test.columns) and oof[emb].notna().all().all()
     # fitted on the fold's training rows: refitting on them reproduces fold 0's OOF coordinates
 
-    from pipeline.competition.images import build_transform
     from pipeline.competition.tables import image_paths
-    from pipeline.training.checkpoint import load_model
+    from pipeline.predict.model_run import ModelRun
 
     folds = pd.read_csv("folds/demo.csv", dtype={"id": str})
-    model, _ = load_model("models/tiny/fold0/best.pt")
+    run = ModelRun("models/tiny/fold0/best.pt", "cpu", fold=0)
     ids_train = folds["id"][folds["fold"] != 0]
-    loader = lambda ds: DataLoader(ds, batch_size=64)
-    pca = FE.fit_fold_pca(model, model.head_specs, loader, image_paths(cfg, ids_train, "train"), cfg["data"],
-                          build_transform(cfg["data"]), "cpu", 3, cfg["seed"])
+    pca = FE.fit_fold_pca(run, image_paths(cfg, ids_train, "train"), 64, 0, 3, cfg["seed"])
     ids_valid = folds["id"][folds["fold"] == 0]
-    from pipeline.competition.images import ImageDataset
-
-    e = TTA.predict_views(model, model.head_specs, loader(ImageDataset(image_paths(cfg, ids_valid, "train"), 1,
-                         build_transform(cfg["data"]))), [lambda x: x], "cpu", embed=True)["embedding"]
+    e = run.predict(image_paths(cfg, ids_valid, "train"), embed=True)["embedding"]
     mine = oof.set_index("id").loc[list(ids_valid), emb].to_numpy()
     assert np.allclose(pca.transform(e), mine, atol=1e-4)
 

@@ -115,7 +115,8 @@ def worker_seed(epoch_seed: int, worker: int) -> int:
 
 
 class ImageDataset(Dataset):
-    """Images named by ``paths`` with optional per-row targets (dict of column -> array). Augmentations draw
+    """Images named by ``paths`` (or given as HxW[xC] uint8 arrays) with optional per-row targets (dict of
+    column -> array). Augmentations draw
     from a seed per epoch (``set_epoch``): in the main process at once, in each loader worker at its first
     item of the epoch, from (epoch seed, worker id), so persistent workers and a resumed run draw the same."""
 
@@ -174,6 +175,9 @@ class ImageDataset(Dataset):
             pool.shutdown(wait=True, cancel_futures=True)
 
     def image(self, i: int) -> np.ndarray:
+        if isinstance(self.paths[i], np.ndarray):  # an image already in memory (the Predictor takes arrays)
+            arr = self.paths[i]
+            return arr[:, :, None] if arr.ndim == 2 else arr
         if self._cache is not None:
             if i not in self._cache:
                 self._cache[i] = read_image(self.paths[i], self.in_chans, self.size)

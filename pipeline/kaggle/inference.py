@@ -114,12 +114,11 @@ def level1_frame(bundle: Path, name: str, spec: dict, cfg: dict, test: pd.DataFr
     """An experiment's test features as ``features`` makes them: per fold model, every TTA view's outputs
     aggregated (mean/var/max/min), then the mean over fold models; keyed by id, in test.csv order. With a
     ``budget`` (seconds), fewer fold models (then fewer TTA views) when the projected time exceeds it."""
-    from torch.utils.data import DataLoader
     from tqdm.auto import tqdm
 
-    from pipeline.competition.images import SharedImages, build_transform, decode_size, loader_workers
-    from pipeline.predict.tta import aggregate, predict_views, tta_views
-    from pipeline.training.checkpoint import load_model
+    from pipeline.competition.images import SharedImages, loader_workers
+    from pipeline.predict.model_run import ModelRun
+    from pipeline.predict.tta import aggregate, tta_views
     from pipeline.training.fold_models import require_one_config
 
     f, id_col = spec["features"], cfg["competition"]["id"]
@@ -133,16 +132,13 @@ def level1_frame(bundle: Path, name: str, spec: dict, cfg: dict, test: pd.DataFr
             log(f"[inference] {name}: time budget {budget:.0f}s: {i} of {len(models)} fold models fit (about "
                 f"{(time.time() - started) / i:.0f}s each); the test mean uses those {i}")
             break
-        model, ckpt = load_model(bundle / rel, str(device))
-        keys[rel] = ckpt.stage_key
+        run = ModelRun(bundle / rel, device)  # the image size/normalisation the model was trained with
+        keys[rel] = run.stage_key
         require_one_config(keys)  # never a mean over models of different configs
-        dcfg = ckpt.data_cfg  # the image size/normalisation the model was trained with
-        view, _ = images.view(dcfg["in_chans"], build_transform(dcfg), decode_size(dcfg))
-        loader = DataLoader(view, batch_size=f["batch_size"], shuffle=False, num_workers=workers)
+        loader = run.loader(images, f["batch_size"], workers)
         if budget is not None and i == 0 and len(views) > 1 and not f["keep_views"]:
-            views = _views_that_fit(model, loader, views, device, budget, len(models), name)
-        batches = tqdm(loader, desc=f"{name}: {rel}", leave=False)
-        outputs = predict_views(model, model.head_specs, batches, views, device, f["embedding"])
+            views = _views_that_fit(run.model, loader, views, device, budget, len(models), name)
+        outputs = run.predict(loader, views, embed=f["embedding"], desc=f"{name}: {rel}")
         parts.append(aggregate(name, outputs, f["stats"], f["keep_views"]))
     cols = list(parts[0].columns)
     mean = np.mean([p[cols].to_numpy() for p in parts], axis=0)

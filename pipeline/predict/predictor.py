@@ -13,29 +13,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
 
-from pipeline.competition.images import build_transform, decode_size, read_image, resolve_cache
+from pipeline.competition.images import decode_size, read_image, resolve_cache
 from pipeline.errors import InputError
-from pipeline.predict.tta import predict_views, tta_views
-from pipeline.training.checkpoint import load_model
+from pipeline.predict.model_run import ModelRun
+from pipeline.predict.tta import tta_views
 from pipeline.training.fold_models import FoldModels, require_one_config
 from pipeline.training.models import pick_device
-
-
-class _Images(Dataset):
-    def __init__(self, items, in_chans: int, transform, size: int | None = None):
-        self.items, self.in_chans, self.transform, self.size = list(items), in_chans, transform, size
-
-    def __len__(self):
-        return len(self.items)
-
-    def __getitem__(self, i):
-        item = self.items[i]
-        arr = item if isinstance(item, np.ndarray) else read_image(item, self.in_chans, self.size)
-        if arr.ndim == 2:
-            arr = arr[:, :, None]
-        return self.transform(image=arr)["image"], {}, i
 
 
 class Predictor:
@@ -43,12 +27,12 @@ class Predictor:
         if not checkpoints:
             raise InputError("Predictor: no checkpoints given.")
         self.device = pick_device(device)
-        loaded = [load_model(p, str(self.device)) for p in checkpoints]
+        self.runs = [ModelRun(p, self.device) for p in checkpoints]
         # never a mean over models of different configs (a resnet10t fold beside a resnet18 one)
-        require_one_config({str(p): ck.stage_key for p, (_, ck) in zip(checkpoints, loaded)})
-        self.models = [m for m, _ in loaded]
-        self.data_cfg = loaded[0][1].data_cfg
-        self.heads = self.models[0].head_specs
+        require_one_config({str(p): run.stage_key for p, run in zip(checkpoints, self.runs)})
+        self.models = [run.model for run in self.runs]
+        self.data_cfg = self.runs[0].data_cfg
+        self.heads = self.runs[0].heads
 
     @classmethod
     def from_experiment(cls, models_dir: str | Path, folds=None, use_full: bool | str = False, device: str = "auto"):
@@ -67,13 +51,11 @@ class Predictor:
         """Activated outputs per head (probabilities / values), averaged over fold models and TTA views."""
         items, c = list(images), self.data_cfg["in_chans"]
         files = [it for it in items if not isinstance(it, np.ndarray)]
-        if len(self.models) > 1 and files and resolve_cache({"cache": "auto", "in_chans": c}, files)[0]:
+        if len(self.runs) > 1 and files and resolve_cache({"cache": "auto", "in_chans": c}, files)[0]:
             items = [it if isinstance(it, np.ndarray) else read_image(it, c, decode_size(self.data_cfg))
                      for it in items]  # once, not per model
-        ds = _Images(items, c, build_transform(self.data_cfg), decode_size(self.data_cfg))
-        loader = DataLoader(ds, batch_size=batch_size, shuffle=False)
         views = tta_views(tta, scales)
-        outs = [predict_views(m, self.heads, loader, views, self.device) for m in self.models]
+        outs = [run.predict(items, views, batch_size) for run in self.runs]
         result = {}
         for h in self.heads:
             arr = np.mean([o[h.name].mean(0) for o in outs], axis=0)  # (N, D)

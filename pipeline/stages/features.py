@@ -16,9 +16,8 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from torch.utils.data import DataLoader
 
-from pipeline.competition.images import ImageDataset, SharedImages, build_transform, decode_size, loader_workers
+from pipeline.competition.images import SharedImages, loader_workers
 from pipeline.competition.tables import (
     fold_matrix,
     held_out,
@@ -31,7 +30,8 @@ from pipeline.competition.tables import (
 )
 from pipeline.errors import InputError
 from pipeline.metrics import fold_mean_estimate, get_metric
-from pipeline.predict.tta import aggregate, predict_views, tta_views
+from pipeline.predict.model_run import ModelRun
+from pipeline.predict.tta import aggregate, tta_views
 from pipeline.store import leaderboard
 from pipeline.store.artifacts import ArtifactGroup, kill_point, stage_lock
 from pipeline.store.io import (
@@ -54,19 +54,18 @@ from pipeline.store.paths import (
 )
 from pipeline.tasks import HEAD_KINDS
 from pipeline.training import teachers
-from pipeline.training.checkpoint import Checkpoint, load_model
+from pipeline.training.checkpoint import Checkpoint
 from pipeline.training.fold_models import FULL, FoldModels
 from pipeline.training.models import pick_device
 from pipeline.training.train_key import images_hash, train_key
 
 
-def fit_fold_pca(model, heads, loader, paths, data_cfg, tf, device, n: int, seed: int = 0):
+def fit_fold_pca(run: ModelRun, paths, batch_size: int, workers: int, n: int, seed: int = 0):
     """PCA of the pooled embedding, fitted on the fold model's own TRAINING rows only (no leak into
     OOF rows); components get a fixed sign (largest loading positive) so folds' bases roughly agree."""
     from sklearn.decomposition import PCA
 
-    ds = ImageDataset(paths, data_cfg["in_chans"], tf, size=decode_size(data_cfg))
-    emb = predict_views(model, heads, loader(ds), [lambda x: x], device, embed=True)["embedding"]
+    emb = run.predict(paths, batch_size=batch_size, workers=workers, embed=True)["embedding"]
     pca = PCA(n_components=min(n, emb.shape[1], len(emb)), random_state=seed).fit(emb)
     signs = np.sign(pca.components_[np.arange(pca.n_components_), np.abs(pca.components_).argmax(1)])
     pca.components_ *= signs[:, None]
@@ -211,33 +210,26 @@ class _FoldRun:
 def _dump_fold(run: _FoldRun, k, part_oof: Path, part_test: Path, pkey: str) -> None:
     """Fold ``k``'s model on its held-out train rows (OOF) and on every test row, each with the TTA views."""
     fcfg, exp, id_col = run.cfg["features"], run.cfg["name"], run.cfg["competition"]["id"]
-    model, ckpt = load_model(run.fold_models.checkpoint(k), str(run.device))
-    ckpt.require_fold(k)
-    heads = model.head_specs
-    dcfg = ckpt.data_cfg  # the image size/normalisation the model was trained with
-    tf = build_transform(dcfg)
-    test_ds, why = run.test_images.view(dcfg["in_chans"], tf, decode_size(dcfg))
-    if why:
-        log(f"[features] test images: {why}")
-    loader = lambda ds, w=run.workers: DataLoader(ds, batch_size=fcfg["batch_size"], shuffle=False, num_workers=w)
+    model = ModelRun(run.fold_models.checkpoint(k), run.device, fold=k)  # as it was trained to see images
+    heads, batch = model.heads, fcfg["batch_size"]
     pca = None
     if fcfg["embedding"] and fcfg["pca"]:  # fitted on the model's own training rows (all, for full)
         own = np.flatnonzero(~held_out(run.matrix, k))
-        pca = fit_fold_pca(model, heads, loader, [run.paths_train[i] for i in own], dcfg, tf, run.device,
-                           int(fcfg["pca"]), run.cfg["seed"])
+        pca = fit_fold_pca(model, [run.paths_train[i] for i in own], batch, run.workers, int(fcfg["pca"]),
+                           run.cfg["seed"])
 
-    def views_of(ds):
-        return reduce_embedding(predict_views(model, heads, loader(ds), run.views, run.device, fcfg["embedding"]), pca)
+    def views_of(images):
+        return reduce_embedding(model.predict(images, run.views, batch, run.workers, fcfg["embedding"]), pca)
 
     if k != FULL:
         rows = np.flatnonzero(held_out(run.matrix, k))
-        o = views_of(ImageDataset([run.paths_train[i] for i in rows], dcfg["in_chans"], tf, size=decode_size(dcfg)))
+        o = views_of([run.paths_train[i] for i in rows])
         ident = {feature_column(exp, h.name, j, "view0"): o[h.name][0][:, j]  # no-TTA output, for the CV table
                  for h in heads for j in range(o[h.name].shape[2])}
         df = pd.concat([pd.DataFrame({id_col: run.train_ids[rows], "fold": k}),
                         aggregate(exp, o, fcfg["stats"], fcfg["keep_views"]), pd.DataFrame(ident)], axis=1)
         write_parquet(part_oof, df, {"key": pkey})
-    t = aggregate(exp, views_of(test_ds), fcfg["stats"], fcfg["keep_views"])
+    t = aggregate(exp, views_of(run.test_images), fcfg["stats"], fcfg["keep_views"])
     write_parquet(part_test, pd.concat([pd.DataFrame({id_col: run.test_ids}), t], axis=1), {"key": pkey})
 
 

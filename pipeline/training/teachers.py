@@ -107,19 +107,11 @@ def distill_targets(cfg: dict, fold, folds_hash: str, train_df: pd.DataFrame, ro
 def _predict(checkpoint: Path, cfg: dict, ids, device, fold) -> np.ndarray:
     """The teacher model's class probabilities (plain view) for the given train ids; the checkpoint must
     say it is fold ``fold``'s model (a models folder whose fold folders were swapped is refused)."""
-    from torch.utils.data import DataLoader
-
-    from pipeline.competition.images import ImageDataset, build_transform, decode_size
     from pipeline.competition.tables import image_paths
-    from pipeline.predict.tta import predict_views
-    from pipeline.training.checkpoint import load_model
+    from pipeline.predict.model_run import ModelRun
 
-    model, ckpt = load_model(checkpoint, str(device))
-    ckpt.require_fold(fold)  # (a teacher's models folder whose fold folders were swapped)
-    dcfg = ckpt.data_cfg  # the teacher's own image size and normalisation
-    ds = ImageDataset(image_paths(cfg, ids, "train"), dcfg["in_chans"], build_transform(dcfg), size=decode_size(dcfg))
-    out = predict_views(model, model.head_specs, DataLoader(ds, batch_size=256), [lambda x: x], device)
-    return out[model.head_specs[0].name][0]
+    run = ModelRun(checkpoint, device, fold=fold)  # the teacher's own image size and normalisation
+    return run.predict(image_paths(cfg, ids, "train"), batch_size=256)[run.heads[0].name][0]
 
 
 def leak_note(cfg: dict) -> str | None:
