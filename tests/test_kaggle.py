@@ -33,22 +33,53 @@ KAGGLE_IMAGE = ("torch", "torchvision", "timm", "numpy", "pandas", "scikit-learn
                 "scipy", "pillow", "pyyaml", "matplotlib", "pyarrow", "tqdm", "pydantic", "ipykernel")
 
 
-def _make(project: Path, *args: str) -> str:
+def _make(project: Path, *args: str, overrides: str = TINY) -> str:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    run = subprocess.run(["make", "--no-print-directory", *args, f"VENV={VENV}", f"ARGS={TINY}"], cwd=project,
+    run = subprocess.run(["make", "--no-print-directory", *args, f"VENV={VENV}", f"ARGS={overrides}"], cwd=project,
                          env=env, capture_output=True, text=True, timeout=1500)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     return run.stdout
 
 
-@pytest.fixture(scope="module")
-def demo(tmp_path_factory):
-    project = tmp_path_factory.mktemp("project")
+def _project(tmp_path_factory, name: str = "project") -> Path:
+    project = tmp_path_factory.mktemp(name)
     for item in ("Makefile", "configs", "requirements.txt", "pyproject.toml"):
         src = ROOT / item
         (shutil.copytree if src.is_dir() else shutil.copy2)(src, project / item)
     for item in ("requirements.txt", "pyproject.toml"):  # older than the venv's stamp: `make setup` does nothing
         os.utime(project / item, (0, 0))
+    return project
+
+
+# an RGB JPEG competition in Kaggle's layout (train_images/ beside test_images/), from an ImageNet-normalised
+# resnet10t: its own config file, as a user writes one
+RGB_CONFIG = """name: rgb
+competition: {{name: rgb, root: {root}, id: image_id, target: label, group: site,
+  train_image: "train_images/{{id}}.jpg", test_image: "test_images/{{id}}.jpg"}}
+folds: {{n_splits: 3}}
+data: {{in_chans: 3, image_size: 32, normalize: imagenet}}
+model: {{backbone: resnet10t}}
+train: {{epochs: 2, batch_size: 16, lr: 0.003}}
+features: {{batch_size: 32}}
+stack: {{model: weighted}}
+"""
+
+
+@pytest.fixture(scope="module")
+def rgb(tmp_path_factory):
+    from tests.test_layouts import split_competition
+
+    project = _project(tmp_path_factory, "rgb")
+    root = split_competition(project / "comp")
+    (project / "configs" / "rgb.yaml").write_text(RGB_CONFIG.format(root=root))
+    _make(project, "folds", "train", "stack", "submit", "CONFIG=configs/rgb.yaml", overrides="")
+    _make(project, "kaggle", "CONFIG=configs/rgb.yaml", overrides="")
+    return project, root
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    project = _project(tmp_path_factory)
     _make(project, "stack", "postprocess", "submit", "CONFIG=configs/demo-stack.yaml")
     _make(project, "submit", "CONFIG=configs/demo.yaml")  # demo-resnet alone (level 1)
     out = {"demo-resnet": _make(project, "kaggle", "CONFIG=configs/demo.yaml", "EXP=demo-resnet"),
@@ -137,11 +168,34 @@ def assert_same_submission(got: pd.DataFrame, want: pd.DataFrame) -> None:
 @pytest.mark.parametrize("source", ["demo-resnet", "demo-stack-pp"])
 def test_notebook_in_a_fresh_offline_env_writes_the_submission_make_submit_wrote(demo, image_links, tmp_path,
                                                                                  monkeypatch, source):
+    project, _ = demo
+    run_notebook(project / "kaggle" / source, project / "data" / "demo", project / f"submissions/{source}.csv",
+                 image_links, tmp_path, monkeypatch)
+
+
+def test_an_rgb_jpeg_competition_runs_make_and_the_offline_notebook(rgb, image_links, tmp_path, monkeypatch):
+    """`make folds train stack submit` on RGB JPEGs in train_images/ and test_images/, then the notebook."""
+    project, root = rgb
+    sub = pd.read_csv(project / "submissions" / "rgb-l2.csv")
+    solution = pd.read_csv(root / "solution.csv")
+    accuracy = float((sub["label"].to_numpy() == solution["label"].to_numpy()).mean())
+    assert accuracy > 0.6, accuracy  # colour classes: a model that learned nothing scores ~0.33
+    run_notebook(project / "kaggle" / "rgb-l2", root, project / "submissions" / "rgb-l2.csv", image_links, tmp_path,
+                 monkeypatch)
+    # ... from the very probabilities features wrote: the bundle preprocesses with the checkpoint's
+    # normalisation (imagenet here), not the default 0.5
+    _, sets = predict(project / "kaggle" / "rgb-l2", root, device="cpu")
+    ours = pd.read_parquet(project / "features" / "rgb" / "test.parquet")
+    cols = [c for c in ours.columns if c != "image_id"]
+    np.testing.assert_allclose(sets["rgb"][cols].to_numpy(), ours[cols].to_numpy(), atol=1e-3)
+
+
+def run_notebook(bundle: Path, competition_dir: Path, made: Path, image_links, tmp_path, monkeypatch) -> None:
+    """Run a bundle's notebook headless in Kaggle's layout and offline; its submission must be ``made``."""
     nbformat = pytest.importorskip("nbformat", reason="nbformat is needed to run the notebook (requirements.txt)")
     nbclient = pytest.importorskip("nbclient", reason="nbclient runs the notebook headless (requirements.txt)")
     pytest.importorskip("ipykernel", reason="ipykernel runs the notebook's kernel (requirements.txt)")
-    project, _ = demo
-    bundle = project / "kaggle" / source
+    source = bundle.name
     dataset = json.loads((bundle / "dataset-metadata.json").read_text())["id"].split("/")[1]
     kernel = json.loads((bundle / "kernel-metadata.json").read_text())
     competition = kernel["competition_sources"][0]
@@ -149,7 +203,7 @@ def test_notebook_in_a_fresh_offline_env_writes_the_submission_make_submit_wrote
     # Kaggle's layout: the dataset and the competition read-only under input/, outputs in working/
     input_dir, working = tmp_path / "kaggle" / "input", tmp_path / "kaggle" / "working"
     shutil.copytree(bundle, input_dir / dataset)
-    shutil.copytree(project / "data" / "demo", input_dir / competition)
+    shutil.copytree(competition_dir, input_dir / competition)
     working.mkdir()
     python = kaggle_python(tmp_path, image_links)
     env = _kernel_env(python, input_dir, working)
@@ -179,7 +233,7 @@ def test_notebook_in_a_fresh_offline_env_writes_the_submission_make_submit_wrote
     assert sorted(p.name for p in working.iterdir()) == ["submission.csv"]
     site = next(python.parent.parent.glob("lib/python*/site-packages"))
     assert (site / "pipeline" / "kaggle" / "inference.py").exists() and (site / "ttach").is_dir()  # from the bundle
-    assert_same_submission(pd.read_csv(working / "submission.csv"), pd.read_csv(project / f"submissions/{source}.csv"))
+    assert_same_submission(pd.read_csv(working / "submission.csv"), pd.read_csv(made))
     size = sum(p.stat().st_size for p in bundle.rglob("*") if p.is_file())
     print(f"\n[kaggle test] {source}: bundle {size / 2**20:.1f} MiB, notebook ran in {elapsed:.1f}s "
           "(kernel start, pip install from the bundle, inference)")

@@ -1,5 +1,5 @@
 """Kaggle's folder layouts with RGB JPEGs: train_images/ beside test_images/, a path column, class folders;
-the chain (folds, train, features, stack, submit, the offline bundle's prediction) runs on them."""
+their chain (`make folds train stack submit` and the offline notebook) is in tests/test_kaggle.py."""
 import numpy as np
 import pandas as pd
 import pytest
@@ -89,36 +89,7 @@ def test_class_folders_are_indexed_into_a_train_csv_read_through_a_path_column(t
         image_paths(cfg, df["id"], "train")
 
 
-def test_an_rgb_jpeg_competition_runs_the_chain_and_the_offline_bundle(tmp_path, monkeypatch):
-    from pipeline.kaggle.inference import predict
-    from pipeline.stages import run_stage
-
-    monkeypatch.chdir(tmp_path)
-    root = split_competition(tmp_path / "comp")
-    cfg = _cfg(root, tmp_path)
-    for stage in ("folds", "train", "features", "stack", "submit"):
-        run_stage(stage, cfg)
-    sub = pd.read_csv(tmp_path / "submissions" / "rgb-l2.csv")
-    solution = pd.read_csv(root / "solution.csv")
-    accuracy = float((sub["label"].to_numpy() == solution["label"].to_numpy()).mean())
-    assert accuracy > 0.6, accuracy  # colour classes: a model that learned nothing scores ~0.33
-    bundle = run_stage("kaggle", load_config(None, [*_overrides(cfg), "kaggle.source=rgb-l2"]))
-    frame, sets = predict(bundle, root, device="cpu")
-    np.testing.assert_array_equal(frame["label"].to_numpy(), sub["label"].to_numpy())  # the notebook's answer
-    # ... from the very probabilities features wrote: the bundle preprocesses with the checkpoint's
-    # normalisation (imagenet here), not the default 0.5
-    ours = pd.read_parquet(tmp_path / "features" / "rgb" / "test.parquet")
-    cols = [c for c in ours.columns if c != "image_id"]
-    np.testing.assert_allclose(sets["rgb"][cols].to_numpy(), ours[cols].to_numpy(), atol=1e-3)
-
-
-def _overrides(cfg):
-    c = cfg["competition"]
-    return [f"workdir={cfg['workdir']}", f"competition.root={c['root']}", "competition.id=image_id",
-            "competition.target=label", "competition.group=site", "competition.train_image=train_images/{id}.jpg",
-            "competition.test_image=test_images/{id}.jpg", "data.in_chans=3", "data.image_size=32",
-            "folds.n_splits=3", "model.backbone=resnet10t", "train.epochs=2", "train.batch_size=16", "train.lr=0.003",
-            "features.batch_size=32", "stack.model=weighted", "data.normalize=imagenet", "name=rgb"]
+# (the RGB competition's chain: `make folds train stack submit` and the offline notebook, tests/test_kaggle.py)
 
 
 def test_jpegs_are_decoded_at_the_smallest_scale_that_covers_the_image_size(tmp_path):
