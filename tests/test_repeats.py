@@ -105,6 +105,9 @@ def test_repeated_folds_run_the_chain_and_the_bundle(tmp_path, monkeypatch):
     assert scv["submission"]["predicted"] == pytest.approx(scv["overall"]["tta"] + scv["submission"]["lift"])
     pcv = json.loads((tmp_path / "features" / "rep-l2-pp" / "cv.json").read_text())
     assert pcv["submission"]["predicted"] == pytest.approx(pcv["overall"]["tta"] + pcv["submission"]["lift"])
+    # the submission's summary carries the three numbers: CV, the predicted score, the local LB
+    summary = json.loads((tmp_path / "submissions" / "rep-l2-pp.json").read_text())
+    assert summary["predicted"] == pytest.approx(pcv["submission"]["predicted"]) and "private" in summary["local"]
     row = LB.table(tmp_path / "submissions" / "leaderboard.db").set_index("experiment")
     assert row.loc["rep", "predicted"] == pytest.approx(sub["predicted"])
     assert row.loc["rep", "repeat_std"] == pytest.approx(cv["repeats"]["std"])

@@ -136,5 +136,7 @@ def _run(cfg: dict, force: bool) -> Path:
                        artifacts=[str(out / "oof.parquet"), str(out / "test.parquet")])
     log(f"[postprocess] {name}: {metric.name} {res['base']:.4f} -> in-sample {res['in_sample']:.4f} "
         f"({res['in_sample_gain']:+.4f}), nested CV {res['nested']:.4f} ({res['nested_gain']:+.4f}); "
-        f"params {res['params']}")
+        f"params {res['params']}"
+        + (f"; predicted submission {submission['predicted']:.4f} ({submission['how']})"
+           if submission["predicted"] is not None else ""))
     return out

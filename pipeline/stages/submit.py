@@ -22,7 +22,7 @@ from pipeline.errors import InputError, SubmissionError  # noqa: F401  (Submissi
 from pipeline.metrics import get_metric
 from pipeline.store import leaderboard
 from pipeline.store.artifacts import ArtifactGroup, require_complete, stage_lock
-from pipeline.store.io import log, read_parquet_meta
+from pipeline.store.io import log, read_json, read_parquet_meta
 from pipeline.store.paths import (
     features_dir,
     head_prediction,
@@ -87,8 +87,11 @@ def run(cfg: dict, force: bool = False) -> Path:
     out = submissions_dir(cfg) / (f"{source}.csv" + (".gz" if cfg["submit"]["gzip"] else ""))
     scores = score_local(cfg, sub)
     overall = (read_parquet_meta(feats).get("cv") or {}).get("overall")
+    cv_file = src / "cv.json"
+    predicted = (read_json(cv_file).get("submission") or {}) if cv_file.exists() else {}
     summary = {"experiment": source, "file": str(out),
                "cv": overall.get("tta") if isinstance(overall, dict) else overall,
+               "predicted": predicted.get("predicted"), "predicted_how": predicted.get("how"),
                "local": scores, "rows": int(len(sub))}
     with stage_lock(out), ArtifactGroup(out.with_name(out.name.split(".csv")[0] + ".json")) as group:
         group.add(out, lambda tmp: sub.to_csv(tmp, index=False, compression="gzip" if cfg["submit"]["gzip"] else None))
@@ -98,6 +101,10 @@ def run(cfg: dict, force: bool = False) -> Path:
         leaderboard.set_score(leaderboard_db(cfg), str(out), scores.get("public"), scores.get("private"),
                               source="local", description="scored against solution.csv")
     msg = f"[submit] wrote {out} ({len(sub)} rows, validated against {sample_path})"
+    if summary["cv"] is not None:  # the three numbers: one model's CV, what the submission should score, the LB
+        msg += f"; CV {summary['cv']:.4f}" + (f", predicted submission {summary['predicted']:.4f} "
+                                              f"({summary['predicted_how'].split(':')[0]})"
+                                              if summary["predicted"] is not None else "")
     if scores:
         msg += f"; local leaderboard {comp['metric']}: public {scores.get('public', float('nan')):.4f}, " \
                f"private {scores.get('private', float('nan')):.4f}"
