@@ -187,6 +187,9 @@ def main():
         "b' previous (b): resnet10t, lr 1e-3, aug, EMA, +1 epoch": lambda: pipeline_run(
             root, "b'", e + 1, args.folds, [small + [AFFINE, *EMA, f"train.valid_from={e + 1}", "data.cache=true"]],
             False, False),
+        "bm (b) with an ArcFace head (model.head=arcface, scale 16): softmax vs margin at equal time": lambda: pipeline_run(
+            root, "bm", eb, args.folds, [tiny + [AFFINE, *EMA, "model.head=arcface", "model.head_scale=16"]], False,
+            False),
         "b-aug  (b) without the augmentation": lambda: pipeline_run(root, "b-aug", eb, args.folds, [tiny + [*EMA]],
                                                                    False, False),
         "b-ema  (b) without EMA": lambda: pipeline_run(root, "b-ema", eb, args.folds, [tiny + [AFFINE]], False, False),

@@ -25,6 +25,7 @@ class HeadKind:
     classes: bool  # targets are class indices 0..K-1 (class weights, one-hot mixing, label smoothing)
     outputs: str  # how many outputs: "classes" (K) | "one" | "columns" (one per target column)
     soft_targets: bool = False  # learns from class probabilities: pseudo-labels and distillation
+    margin: bool = False  # may be a cosine head trained with an angular margin (model.head: arcface | cosface)
 
     def n_outputs(self, n_classes: int | None, columns: list) -> int:
         return {"classes": int(n_classes or 0), "one": 1, "columns": len(columns)}[self.outputs]
@@ -35,7 +36,7 @@ class HeadKind:
 
 
 HEAD_KINDS = {h.name: h for h in (
-    HeadKind("multiclass", "softmax", "ce", True, "classes", soft_targets=True),
+    HeadKind("multiclass", "softmax", "ce", True, "classes", soft_targets=True, margin=True),
     HeadKind("binary", "sigmoid", "bce", True, "one"),
     HeadKind("regression", "value", "mse", False, "one"),
     HeadKind("vector", "values", "mse", False, "columns"),  # several values regressed together

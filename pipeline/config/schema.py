@@ -36,7 +36,7 @@ from pipeline.config.types import (
 )
 from pipeline.errors import ConfigError
 from pipeline.metrics import METRICS
-from pipeline.tasks import HEAD_KINDS, TASKS
+from pipeline.tasks import HEAD_KINDS, TASKS, get_task
 
 # which competition metrics make sense for which task (a metric on the wrong task is refused): tasks.TASKS
 METRIC_TASKS = {m: tuple(name for name, t in TASKS.items() if m in t.metrics) for m in METRICS}
@@ -127,6 +127,12 @@ class Model(_Section):
     bnneck: bool = False
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
     freeze_stages: int = Field(0, ge=0)  # freeze the stem and the first N stages for the whole run
+    # the class head: linear, or class centres on the unit sphere with an angular margin in training (metric
+    # learning: ArcFace cos(theta + m), CosFace cos(theta) - m), logits = head_scale * cos; multiclass heads
+    head: Literal["linear", "arcface", "cosface"] = "linear"
+    head_scale: float = Field(30.0, gt=0)
+    head_margin: float | None = Field(None, ge=0, lt=1.5)  # None: 0.5 (arcface), 0.35 (cosface)
+    head_subcenters: int = Field(1, ge=1)  # centres per class (the closest counts): noisy or multi-modal classes
 
 
 class LrFind(_Section):
@@ -285,6 +291,13 @@ class Config(_Section):
         if t.scheduler == "none" and t.min_lr_ratio:
             raise ValueError("train.min_lr_ratio: scheduler none keeps the lr constant, so there is no floor to set; "
                              "use cosine, restarts, step or plateau, or set min_lr_ratio=0")
+        return self
+
+    @model_validator(mode="after")
+    def _margin_head(self):
+        if self.model.head != "linear" and not get_task(self.competition.task).head_kind.margin:
+            raise ValueError(f"model.head={self.model.head} needs class targets with a softmax head; "
+                             f"competition.task={self.competition.task} has none: use model.head=linear")
         return self
 
     @model_validator(mode="after")

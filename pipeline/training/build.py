@@ -11,7 +11,7 @@ import torch.nn as nn
 
 from pipeline.errors import InputError
 from pipeline.training.checkpoint import Checkpoint
-from pipeline.training.models import Head, Net, create_backbone
+from pipeline.training.models import Head, Net, create_backbone, head_options
 
 
 def init_path(cfg: dict, fold=None) -> str | None:
@@ -48,7 +48,7 @@ def build_model(cfg: dict, heads: list[Head], fold=None, init: str | None = "mod
     """The config's network; its backbone starts from ``init`` (default: ``model.init`` for this fold)."""
     m = cfg["model"]
     backbone = create_backbone(m["backbone"], cfg["data"]["in_chans"], cfg["data"]["image_size"], m.get("pretrained"))
-    net = Net(backbone, heads, m["pool"], m["bnneck"], m["dropout"])
+    net = Net(backbone, heads, m["pool"], m["bnneck"], m["dropout"], *head_options(m))
     path = init_path(cfg, fold) if init == "model.init" else init
     if path:
         report = load_backbone_weights(net.backbone, path)

@@ -16,7 +16,7 @@ import torch
 
 from pipeline.errors import InputError
 from pipeline.store.io import atomic_path, load_checkpoint
-from pipeline.training.models import Head, Net, create_backbone
+from pipeline.training.models import Head, Net, create_backbone, head_options
 
 FORMAT = 1  # written as "format"; files without one are the same layout (written before it was recorded)
 PROVENANCE = ("fold", "epoch", "score", "metric", "stage_key", "folds_hash")
@@ -89,7 +89,7 @@ class Checkpoint:
         """The network, in eval mode on ``device``, with these weights."""
         m, d = self.model_cfg, self.data_cfg
         net = Net(create_backbone(m["backbone"], d["in_chans"], d.get("image_size")), self.heads, m["pool"],
-                  m["bnneck"], 0.0)
+                  m["bnneck"], 0.0, *head_options(m))
         net.load_state_dict(self.weights)
         return net.to(device).eval()
 

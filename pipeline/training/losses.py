@@ -153,6 +153,41 @@ def distillation(logits, teacher_probs, temperature: float):
     return (t * t) * (q * (torch.log(q.clamp_min(1e-8)) - logp)).sum(-1)
 
 
+class Margin(nn.Module):
+    """The angular margin of a cosine head (``model.head``): the main head's logits are ``scale * cos``, and in
+    training the true class's cosine becomes cos(theta + m) (ArcFace) or cos(theta) - m (CosFace) before the
+    softmax, so a class must beat the others by the margin. Soft targets (mixup, pseudo-labels) move each
+    class's cosine by its share of the target."""
+
+    def __init__(self, kind: str, scale: float, margin: float):
+        super().__init__()
+        self.kind, self.scale, self.m = kind, float(scale), float(margin)
+        self.cos_m, self.sin_m = math.cos(self.m), math.sin(self.m)
+        # past theta = pi - m, cos(theta + m) would rise again: continue it as a straight line instead
+        self.threshold, self.fallback = math.cos(math.pi - self.m), math.sin(math.pi - self.m) * self.m
+
+    def forward(self, logits, y):
+        cos = (logits.float() / self.scale).clamp(-1 + 1e-7, 1 - 1e-7)
+        target = y.float() if y.ndim == 2 else F.one_hot(y.long(), cos.shape[1]).float()
+        if self.kind == "cosface":
+            return (cos - self.m * target) * self.scale
+        phi = cos * self.cos_m - (1 - cos * cos).sqrt() * self.sin_m
+        phi = torch.where(cos > self.threshold, phi, cos - self.fallback)
+        return (cos + target * (phi - cos)) * self.scale
+
+
+DEFAULT_MARGIN = {"arcface": 0.5, "cosface": 0.35}
+
+
+def margin_for(model_cfg: dict) -> Margin | None:
+    """The margin ``model.head`` asks for (None for a linear head)."""
+    kind = model_cfg.get("head", "linear")
+    if kind == "linear":
+        return None
+    m = model_cfg.get("head_margin")
+    return Margin(kind, model_cfg.get("head_scale", 30.0), DEFAULT_MARGIN[kind] if m is None else m)
+
+
 class Criterion(nn.Module):
     """Weighted sum over heads of the (optionally top-k) mean per-sample loss.
 
@@ -160,14 +195,17 @@ class Criterion(nn.Module):
     row's) and ``__teacher`` (distillation: the main head's loss becomes
     ``(1 - alpha) * loss + alpha * distillation(logits, teacher, T)``)."""
 
-    def __init__(self, heads: list[Head], tcfg: dict, main: set[str], class_weights=None):
+    def __init__(self, heads: list[Head], tcfg: dict, main: set[str], class_weights=None, margin: Margin | None = None):
         super().__init__()
+        self.margin = margin  # a cosine head's angular margin, on the main head (model.head)
         self.losses = nn.ModuleDict({h.name: HeadLoss(h, tcfg["loss"] if h.name in main else "auto", tcfg,
                                                       class_weights if h.name in main else None) for h in heads})
         self.weights = {h.name: h.weight for h in heads}
         self.rmse = {h.name for h in heads if h.name in main and tcfg["loss"] == "rmse"}
         self.ohem = tcfg["ohem"]
         self.main = next((h.name for h in heads if h.name in main), heads[0].name)
+        if not HEAD_KINDS[next(h.kind for h in heads if h.name == self.main)].margin:
+            self.margin = None  # (a jigsaw puzzle head under a margin config: a plain linear head)
         distill = tcfg.get("distill") or {}
         self.alpha, self.temperature = float(distill.get("alpha", 0.0)), float(distill.get("temperature", 1.0))
 
@@ -178,9 +216,13 @@ class Criterion(nn.Module):
         if w is not None and mixed:
             w = lam * w + (1 - lam) * y2["__weight"]
         for name, fn in self.losses.items():
-            per = fn(out[name], y[name])
+            def loss(target, logits=out[name], name=name, fn=fn):
+                return fn(self.margin(logits, target) if self.margin is not None and name == self.main else logits,
+                          target)
+
+            per = loss(y[name])
             if mixed:
-                per = lam * per + (1 - lam) * fn(out[name], y2[name])
+                per = lam * per + (1 - lam) * loss(y2[name])
             if name == self.main and "__teacher" in y:
                 teacher = lam * y["__teacher"] + (1 - lam) * y2["__teacher"] if mixed else y["__teacher"]
                 per = (1 - self.alpha) * per + self.alpha * distillation(out[name], teacher, self.temperature)

@@ -112,11 +112,35 @@ class Pool(nn.Module):
         return self.spec.factor
 
 
+def head_options(model_cfg: dict) -> tuple[str, float, int]:
+    """(head, head_scale, head_subcenters) of a model section (a checkpoint's from before they existed: linear)."""
+    return model_cfg.get("head", "linear"), model_cfg.get("head_scale", 30.0), model_cfg.get("head_subcenters", 1)
+
+
+class CosineHead(nn.Module):
+    """Class centres on the unit sphere (``subcenters`` per class; the closest one counts): the output is
+    ``scale * cos(embedding, centre)``, a softmax's logits. In training the true class's cosine gets an
+    angular margin first (``losses.Margin``), which pulls each class together and pushes classes apart."""
+
+    def __init__(self, dim: int, out: int, scale: float, subcenters: int = 1):
+        super().__init__()
+        self.out, self.scale, self.subcenters = out, float(scale), int(subcenters)
+        self.weight = nn.Parameter(torch.empty(out * self.subcenters, dim))
+        nn.init.xavier_uniform_(self.weight)
+
+    def forward(self, z):
+        cos = F.normalize(z.float(), dim=-1) @ F.normalize(self.weight.float(), dim=-1).t()
+        if self.subcenters > 1:
+            cos = cos.reshape(len(z), self.out, self.subcenters).amax(-1)
+        return cos * self.scale
+
+
 class Net(nn.Module):
-    """backbone -> pool -> [BNNeck] -> dropout -> {head name: output}."""
+    """backbone -> pool -> [BNNeck] -> dropout -> {head name: output}. ``head``: linear, or ``arcface`` /
+    ``cosface``: a ``CosineHead`` for every head kind that takes a margin (the margin is the loss's)."""
 
     def __init__(self, backbone: nn.Module, heads: list[Head], pool: str = "avg", bnneck: bool = False,
-                 dropout: float = 0.0):
+                 dropout: float = 0.0, head: str = "linear", head_scale: float = 30.0, head_subcenters: int = 1):
         super().__init__()
         self.backbone = backbone
         self.pool = Pool(pool)
@@ -125,7 +149,9 @@ class Net(nn.Module):
         if bnneck:
             self.neck.bias.requires_grad_(False)
         self.drop = nn.Dropout(dropout)
-        self.heads = nn.ModuleDict({h.name: nn.Linear(dim, h.out) for h in heads})
+        cosine = head != "linear"
+        self.heads = nn.ModuleDict({h.name: CosineHead(dim, h.out, head_scale, head_subcenters)
+                                    if cosine and head_kind(h.kind).margin else nn.Linear(dim, h.out) for h in heads})
         self.head_specs = heads
         self.embed_dim = dim
 

@@ -27,6 +27,8 @@ def stage_key(cfg: dict, folds_hash: str, train_hash: str, images_hash: str | No
     if tcfg.get("layer_decay") is None:  # (the same for models trained before layer_decay existed)
         tcfg.pop("layer_decay", None)
     model = {k: v for k, v in cfg["model"].items() if not (k == "pretrained" and v is None)}  # (the same)
+    if model.get("head", "linear") == "linear":  # (and for models from before the margin heads)
+        model = {k: v for k, v in model.items() if not k.startswith("head")}
     parts = [competition_key(cfg["competition"]), data_key(cfg["data"]), model, tcfg, cfg["seed"], folds_hash,
              train_hash]
     return config_hash(parts + ([images_hash] if images_hash else []))

@@ -33,7 +33,7 @@ from pipeline.training.checkpoint import Checkpoint
 from pipeline.training.distributed import Dist
 from pipeline.training.fold_data import fold_datasets
 from pipeline.training.loaders import Loaders
-from pipeline.training.losses import Criterion
+from pipeline.training.losses import Criterion, margin_for
 from pipeline.training.models import Head, activate, freeze_stages, pick_device
 from pipeline.training.optim import SCHEDULERS, build_optimizer, steps_each_batch
 from pipeline.training.pretrained import with_normalization
@@ -107,7 +107,7 @@ class FoldTrainer:
             self.train_ds, self.valid_ds, self.y_valid, cw = data.train, data.valid, data.y_valid, data.class_weights
         else:
             self.train_ds, self.valid_ds, self.y_valid = datasets
-        self.criterion = Criterion(heads, self.tcfg, main_targets, cw).to(self.device)
+        self.criterion = Criterion(heads, self.tcfg, main_targets, cw, margin_for(cfg["model"])).to(self.device)
         # the validation loss is the plain one (each head's default loss; no smoothing, class weights or OHEM),
         # so it compares across configs
         plain = {"loss": "auto", "label_smoothing": 0.0, "focal_gamma": 0.0, "ohem": 1.0, "distill": None}
