@@ -51,14 +51,14 @@ def _project(tmp_path_factory, name: str = "project") -> Path:
     return project
 
 
-# an RGB JPEG competition in Kaggle's layout (train_images/ beside test_images/), from an ImageNet-normalised
-# resnet10t: its own config file, as a user writes one
+# an RGB JPEG competition in Kaggle's layout (train_images/ beside test_images/), an ImageNet-normalised
+# net: its own config file, as a user writes one
 RGB_CONFIG = """name: rgb
 competition: {{name: rgb, root: {root}, id: image_id, target: label, group: site,
   train_image: "train_images/{{id}}.jpg", test_image: "test_images/{{id}}.jpg"}}
 folds: {{n_splits: 3}}
 data: {{in_chans: 3, image_size: 32, normalize: imagenet}}
-model: {{backbone: resnet10t}}
+model: {{backbone: test_resnet}}
 train: {{epochs: 2, batch_size: 16, lr: 0.003}}
 features: {{batch_size: 32}}
 stack: {{model: weighted}}
