@@ -297,6 +297,11 @@ def fold_matrix(cfg: dict, train_df: pd.DataFrame, folds_df: pd.DataFrame) -> np
     return out
 
 
+def repeat_of(matrix: np.ndarray, model: int) -> int:
+    """The repeat (column of ``fold_matrix``) whose split model ``model`` belongs to."""
+    return int((matrix == int(model)).any(axis=0).argmax())
+
+
 def held_out(matrix: np.ndarray, model) -> np.ndarray:
     """Rows model ``model`` never trained on (its validation rows); none for the all-data model."""
     if str(model) == "full":

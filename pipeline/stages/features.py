@@ -26,6 +26,7 @@ from pipeline.competition.tables import (
     load_test,
     load_train,
     repeat_columns,
+    repeat_of,
     table_path,
 )
 from pipeline.errors import InputError
@@ -141,10 +142,9 @@ def _run(cfg: dict, force: bool) -> Path:
             oof_parts.append(pd.read_parquet(part_oof))
         test_parts.append(pd.read_parquet(part_test))
 
-    k_folds = int(matrix[:, 0].max()) + 1
     repeat_oofs = []
     for r, column in enumerate(repeat_columns(folds_df)):  # one full OOF per repeat, each row once
-        one = pd.concat([p for p in oof_parts if int(p["fold"].iloc[0]) // k_folds == r], ignore_index=True)
+        one = pd.concat([p for p in oof_parts if repeat_of(matrix, p["fold"].iloc[0]) == r], ignore_index=True)
         check_oof(one, train_df, folds_df, id_col, column)
         repeat_oofs.append(train_df[[id_col]].merge(one, on=id_col, how="left"))  # train.csv order
     oof = repeat_mean(repeat_oofs, id_col)  # with repeats: each row's mean over the models that never saw it

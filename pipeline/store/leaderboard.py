@@ -187,10 +187,6 @@ def import_kaggle_csv(path, csv_file) -> list[tuple[str, str]]:
     return matched
 
 
-def _value(v):
-    return None if v is None or (isinstance(v, float) and math.isnan(v)) else float(v)
-
-
 def _how(text) -> str | None:
     """The kind of a predicted score, for the table: exact, approximate or estimate (the note says more)."""
     return None if not isinstance(text, str) else text.split(":")[0]
@@ -237,8 +233,8 @@ def table(path, pattern: str | None = None):
                      "hib": bool(r["higher_is_better"]), "cv": r["cv"],
                      "fold_mean": sum(vals) / len(vals) if vals else None,
                      "fold_std": _std(vals) if len(vals) > 1 else None,
-                     "predicted": _value(r.get("predicted")), "how": _how(r.get("predicted_how")),
-                     "repeat_std": _value(r.get("repeat_std")),
+                     "predicted": _num(r.get("predicted")), "how": _how(r.get("predicted_how")),
+                     "repeat_std": _num(r.get("repeat_std")),
                      "public": None if last is None else last["public"],
                      "private": None if last is None else last["private"],
                      "lb_source": None if last is None else last["source"],
