@@ -3,6 +3,7 @@
 - binary: probability of class 1, shape (n,)
 - multiclass: class probabilities, shape (n, C)
 - regression / ordinal: values, shape (n,)
+- multilabel: truth (n, L) 0/1 and a probability per label, shape (n, L)
 
 Label metrics (accuracy, macro-F1, QWK) turn probabilities into labels (argmax, or 0.5 for binary)
 and round regression values; ``higher_is_better`` tells the direction for sorting and early stopping.
@@ -28,10 +29,15 @@ def accuracy(y, p):
     return float(np.mean(np.asarray(y).astype(int) == to_labels(p)))
 
 
+def label_sets(y) -> bool:
+    """Truth given as a 0/1 matrix (rows, labels): a multilabel target."""
+    return np.ndim(y) == 2
+
+
 def logloss(y, p, eps=1e-15):
     y = np.asarray(y).astype(int)
     p = np.asarray(p, dtype=float)
-    if p.ndim == 1:
+    if p.ndim == 1 or label_sets(y):  # (per label: the mean binary log loss over every row and label)
         p = np.clip(p, eps, 1 - eps)
         return float(-np.mean(y * np.log(p) + (1 - y) * np.log(1 - p)))
     p = np.clip(p, eps, 1)
@@ -65,9 +71,47 @@ def qwk(y, p):
 
 
 def macro_f1(y, p):
+    """Classes: sklearn's macro F1 of the argmax. Label sets: the mean over labels of each label's F1 at 0.5
+    (a label neither true nor predicted in these rows scores 0, as sklearn's does)."""
+    if label_sets(y):
+        tp, fp, fn = _counts(y, p)
+        return float(np.mean(2 * tp / np.maximum(2 * tp + fp + fn, 1)))
     from sklearn.metrics import f1_score
 
     return float(f1_score(np.asarray(y).astype(int), to_labels(p), average="macro"))
+
+
+def _counts(y, p):
+    """Per label: true positives, false positives, false negatives of ``p >= 0.5``."""
+    y, on = np.asarray(y).astype(bool), np.asarray(p, dtype=float) >= 0.5
+    return (y & on).sum(0), (~y & on).sum(0), (y & ~on).sum(0)
+
+
+def micro_f1(y, p):
+    """F1 over every (row, label) decision at 0.5."""
+    tp, fp, fn = (c.sum() for c in _counts(y, p))
+    return float(2 * tp / max(2 * tp + fp + fn, 1))
+
+
+def _per_label(score, y, p) -> float:
+    """The mean of ``score`` over the labels that have both values in these rows (others have no score)."""
+    y, p = np.asarray(y), np.asarray(p, dtype=float)
+    keep = [j for j in range(y.shape[1]) if 0 < y[:, j].sum() < len(y)]
+    return float(np.mean([score(y[:, j], p[:, j]) for j in keep])) if keep else float("nan")
+
+
+def mean_auc(y, p):
+    """The mean over labels of each label's ROC AUC (column-wise AUC)."""
+    from sklearn.metrics import roc_auc_score
+
+    return _per_label(roc_auc_score, y, p)
+
+
+def mean_average_precision(y, p):
+    """mAP: the mean over labels of each label's average precision (area under its precision-recall curve)."""
+    from sklearn.metrics import average_precision_score
+
+    return _per_label(average_precision_score, y, p)
 
 
 def _values(p):
@@ -101,6 +145,9 @@ METRICS = {
     "mae": Metric("mae", mae, False),
     "qwk": Metric("qwk", qwk, True),
     "macro_f1": Metric("macro_f1", macro_f1, True),
+    "micro_f1": Metric("micro_f1", micro_f1, True),
+    "map": Metric("map", mean_average_precision, True),
+    "mean_auc": Metric("mean_auc", mean_auc, True),
 }
 
 

@@ -20,7 +20,7 @@ from pipeline.errors import ConfigError
 @dataclass(frozen=True)
 class HeadKind:
     name: str
-    activation: str  # softmax | sigmoid | value | values | grid_softmax (models.activate)
+    activation: str  # softmax | sigmoid | sigmoids | value | values | grid_softmax (models.activate)
     default_loss: str  # train.loss=auto
     classes: bool  # targets are class indices 0..K-1 (class weights, one-hot mixing, label smoothing)
     outputs: str  # how many outputs: "classes" (K) | "one" | "columns" (one per target column)
@@ -40,6 +40,7 @@ HEAD_KINDS = {h.name: h for h in (
     HeadKind("binary", "sigmoid", "bce", True, "one"),
     HeadKind("regression", "value", "mse", False, "one"),
     HeadKind("vector", "values", "mse", False, "columns"),  # several values regressed together
+    HeadKind("multilabel", "sigmoids", "bce", False, "columns"),  # one yes/no per label, any number of them
     HeadKind("position", "grid_softmax", "ce", True, "classes"),  # the jigsaw: a tile's position per tile
 )}
 
@@ -54,13 +55,25 @@ class Task:
     level2: str  # what a level-2 model fits: multiclass | binary | regression
     submission: str  # label (argmax, mapped back to the original labels) | value | rounded (integer values)
     probability_metrics: tuple[str, ...] = ()  # metrics scored on probabilities: submit writes them, not labels
+    stratify: str | None = None  # how folds stratify: classes | bins (quantiles of a value) | labels (label
+    # sets); None: classes when labels are classes, else bins
+
+    def __post_init__(self):
+        if self.stratify is None:
+            object.__setattr__(self, "stratify", "classes" if self.classes else "bins")
+
+    @property
+    def label_sets(self) -> bool:
+        """The target is a set of labels per row (one 0/1 column per label; or one column of space-separated
+        labels, expanded on loading and written back by submit)."""
+        return self.stratify == "labels"
 
     @property
     def head_kind(self) -> HeadKind:
         return HEAD_KINDS[self.head]
 
     def submits_labels(self, metric: str) -> bool:
-        return self.submission == "label" and metric not in self.probability_metrics
+        return self.submission in ("label", "labels") and metric not in self.probability_metrics
 
 
 TASKS = {t.name: t for t in (
@@ -72,6 +85,11 @@ TASKS = {t.name: t for t in (
     # an ordered class label regressed as one value; submitted rounded when the sample's column is integer
     Task("ordinal", "regression", ("accuracy", "macro_f1", "rmse", "mae", "qwk"), True, ("rounding", "clip"),
          "regression", "rounded"),
+    # any number of labels per row; submitted as the competition writes them: 0/1 (or probability) columns,
+    # or one column of space-separated labels
+    Task("multilabel", "multilabel", ("micro_f1", "macro_f1", "map", "mean_auc", "logloss"), False,
+         ("label_thresholds",), "multilabel", "labels", probability_metrics=("map", "mean_auc", "logloss"),
+         stratify="labels"),
 )}
 
 

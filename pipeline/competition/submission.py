@@ -7,6 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
+from pipeline.competition import label_sets
 from pipeline.errors import SubmissionError
 from pipeline.metrics import to_labels
 from pipeline.tasks import get_task
@@ -37,7 +38,7 @@ def submits_integers(cfg: dict, sample: pd.DataFrame) -> bool:
     sample column must be matched; probabilities and regression values are floats whatever the sample's
     placeholder (a sample of 0s for an AUC competition is common)."""
     task = get_task(cfg["competition"]["task"])
-    if len(sample.columns) > 2:  # one probability column per class
+    if len(sample.columns) > 2 and not task.label_sets:  # one probability column per class
         return False
     return task.submits_labels(cfg["competition"]["metric"]) or task.submission == "rounded"
 
@@ -87,9 +88,17 @@ def to_submission(cfg: dict, pred: np.ndarray, ids, sample: pd.DataFrame, labels
     pred_by_id = pred_by_id.reindex(sample[id_col].astype(str))
     out = sample[[id_col]].copy()
     p = pred_by_id.to_numpy()
+    task = get_task(comp["task"])
+    if task.label_sets and task.submits_labels(comp["metric"]):  # yes/no per label (thresholds: postprocess)
+        p = np.where(np.isnan(p), p, (p >= 0.5).astype(float))
+    if task.label_sets and len(cols) > 1 and p.shape[1] != len(cols):
+        raise SubmissionError(f"sample_submission has {len(cols)} prediction columns for {p.shape[1]} labels "
+                              f"({', '.join(map(str, (labels or [])[:6]))}); a label set is submitted as one column "
+                              "per label or as one column of space-separated labels: fix the sample or competition.target")
     if len(cols) > 1 and p.shape[1] == len(cols):  # one probability column per class, matched by label
         for j, c in enumerate(class_columns(cols, p.shape[1], labels)):
-            out[c] = p[:, j]
+            out[c] = p[:, j].astype(int) if task.submits_labels(comp["metric"]) and task.label_sets and \
+                not np.isnan(p[:, j]).any() else p[:, j]
         return out[sample.columns]
     nan = np.isnan(p).any(axis=1)
     if nan.any():  # a prediction that is not a number: name the rows instead of writing a broken file
@@ -97,9 +106,10 @@ def to_submission(cfg: dict, pred: np.ndarray, ids, sample: pd.DataFrame, labels
         raise SubmissionError(f"predictions for {int(nan.sum())} test row(s) are NaN/inf, e.g. id '{bad.iloc[0]}' "
                               "(a diverged model or a broken feature set?); check the source's test predictions.")
     p = p[:, 0] if p.shape[1] == 1 else p
-    task = get_task(comp["task"])
     col = cols[0]
-    if task.submits_labels(comp["metric"]):
+    if task.label_sets:  # one column of space-separated labels
+        out[col] = label_sets.write(p, labels)
+    elif task.submits_labels(comp["metric"]):
         out[col] = to_labels(p) if not np.isnan(p).any() else p
         if labels is not None and not np.isnan(p).any():
             out[col] = np.asarray(labels, dtype=object)[out[col].to_numpy()]

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from pipeline.competition import label_sets
 from pipeline.errors import InputError
 from pipeline.store.io import file_hash
 from pipeline.store.paths import folds_file, targets
@@ -124,6 +125,8 @@ def load_train(cfg: dict, check_images: bool | None = None) -> pd.DataFrame:
     require_columns(df, path, tgt, "competition.target")
     require_columns(df, path, aux_columns(cfg), "competition.aux_targets")
     require_columns(df, path, list(comp["tabular"]), "competition.tabular")
+    if get_task(comp["task"]).label_sets:
+        return _label_set_train(cfg, df, path, check_images)
     labels = class_labels(cfg)
     if labels is not None:  # string class labels: train on their index; submit maps them back
         df = encode_labels(df, tgt[0], labels, path)
@@ -150,6 +153,12 @@ def load_train(cfg: dict, check_images: bool | None = None) -> pd.DataFrame:
                     raise InputError(f"{path}: target column '{col}' has {vals[out].iloc[0]!r} at "
                                      f"{_rows(np.flatnonzero(out))}, outside the declared classes 0..{n_classes - 1} "
                                      "(competition.num_classes).")
+    return _checked_rows(cfg, df, path, check_images)
+
+
+def _checked_rows(cfg: dict, df: pd.DataFrame, path: Path, check_images: bool | None) -> pd.DataFrame:
+    """The group column and the images of every train row."""
+    comp = cfg["competition"]
     group = comp["group"]
     if group:
         require_columns(df, path, [group], "competition.group")
@@ -160,6 +169,57 @@ def load_train(cfg: dict, check_images: bool | None = None) -> pd.DataFrame:
     if comp["check_images"] if check_images is None else check_images:
         check_image_files(cfg, df[comp["id"]], path, "exists")
     return df
+
+
+def _label_set_train(cfg: dict, df: pd.DataFrame, path: Path, check_images: bool | None = None) -> pd.DataFrame:
+    """A label-set train table: a space-separated column expanded into 0/1 columns, then checked."""
+    target = cfg["competition"]["target"]
+    if isinstance(target, str):
+        df = label_sets.expand(df, target, label_names(cfg), path)
+    label_sets.check(df, label_columns(cfg), path, "competition.target")
+    return _checked_rows(cfg, df, path, check_images)
+
+
+_LABELS: dict = {}
+
+
+def label_names(cfg: dict) -> list[str]:
+    """A label set's labels, in the order of the model's outputs: the 0/1 target columns, or every label the
+    train table's space-separated target column holds (sorted)."""
+    target = cfg["competition"]["target"]
+    if not isinstance(target, str):
+        return list(target)
+    path = table_path(cfg, "train")
+    stamp = (str(path), path.stat().st_mtime_ns if path.exists() else None, target)
+    if _LABELS.get("train", (None,))[0] != stamp:
+        column = pd.read_csv(path, usecols=[target], dtype={target: str})[target] if path.exists() else pd.Series([])
+        _LABELS["train"] = (stamp, label_sets.vocabulary(column))
+    return _LABELS["train"][1]
+
+
+def label_columns(cfg: dict) -> list[str]:
+    """The train table's columns (after ``load_train``) that the main head predicts."""
+    target = cfg["competition"]["target"]
+    if not get_task(cfg["competition"]["task"]).label_sets:
+        return targets(cfg)[:1]
+    return label_sets.expanded_columns(target, label_names(cfg)) if isinstance(target, str) else list(target)
+
+
+def label_matrix(cfg: dict, df: pd.DataFrame, where) -> np.ndarray:
+    """A table's label sets as the model's outputs, (rows, labels) in label order: from the 0/1 (or
+    probability) columns, or from the space-separated column (a solution or a submission file)."""
+    target = cfg["competition"]["target"]
+    if isinstance(target, str):
+        return label_sets.matrix(df[target], label_names(cfg), str(where)).astype(float)
+    require_columns(df, Path(str(where)), list(target), "competition.target")
+    return df[list(target)].to_numpy(dtype=float)
+
+
+def truth(cfg: dict, df: pd.DataFrame) -> np.ndarray:
+    """The main target of a loaded train table: (rows,), or (rows, labels) 0/1 for a label set."""
+    if get_task(cfg["competition"]["task"]).label_sets:
+        return df[label_columns(cfg)].to_numpy(dtype=np.int64)
+    return df[targets(cfg)[0]].to_numpy()
 
 
 def aux_columns(cfg: dict) -> list[str]:
@@ -221,8 +281,11 @@ def check_image_files(cfg: dict, ids, table: Path, mode="exists", split: str = "
 
 def class_labels(cfg: dict) -> list | None:
     """The original class labels when a classification target is not numeric ('cat', 'dog'): the
-    stages train on their index in this sorted list, and submit writes the labels back."""
+    stages train on their index in this sorted list, and submit writes the labels back. A label set's
+    labels (``label_names``) always: submit writes them back by name."""
     comp = cfg["competition"]
+    if get_task(comp["task"]).label_sets:  # a label set's outputs, by name
+        return label_names(cfg)
     if not get_task(comp["task"]).classes:
         return None
     path = table_path(cfg, "train")

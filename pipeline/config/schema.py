@@ -208,7 +208,7 @@ class Postprocess(_Section):
     force_from: dict[str, str] | None = None  # {experiment: x, head: y}: force class i when p > t
     force_threshold: float | None = Field(None, gt=0, lt=1)  # fixed t (the author used 0.94); None = tuned
     class_scale: bool = False  # per-class probability multipliers (multiclass)
-    threshold: bool = False  # decision threshold (binary)
+    threshold: bool = False  # decision threshold (binary); one per label (multilabel)
     rounding: bool = False  # optimised rounding thresholds (ordinal / regression, e.g. QWK)
     clip: bool | list[float] = False  # true = clip to the train target's range, or [lo, hi]
 

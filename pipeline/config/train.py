@@ -57,6 +57,8 @@ class Train(_Section):
     label_smoothing: float = Field(0.0, ge=0, lt=1)
     class_weights: None | Literal["balanced"] | list[float] = None  # per-class weights for ce/focal
     focal_gamma: float = Field(2.0, ge=0)
+    asl_gamma_neg: float = Field(4.0, ge=0)  # train.loss=asl (label sets): how fast easy absent labels fade
+    asl_clip: float = Field(0.05, ge=0, lt=1)  # train.loss=asl: absent labels' probability shift
     ohem: float = Field(1.0, gt=0, le=1)  # top-k loss: keep this fraction of the hardest samples of each batch
     loss_weights: dict[str, float] = {}
     grad_clip: float = Field(0.0, ge=0)

@@ -25,7 +25,7 @@ from pipeline.errors import InputError
 from pipeline.level2.models import SAVED, predict_saved
 from pipeline.level2.rules import apply_rules
 from pipeline.store.io import atomic_path, log, read_json
-from pipeline.store.paths import head_prediction, prediction_frame, targets
+from pipeline.store.paths import head_prediction, main_head, prediction_frame
 
 MANIFEST = "bundle.json"
 FORMAT = 1
@@ -161,7 +161,7 @@ def predict(bundle: str | Path, competition: str | Path, device: str = "auto",
     cfg = competition_config(manifest, competition)
     test, sample = check_competition(manifest, cfg)
     comp, device = cfg["competition"], pick_device(device)
-    id_col, head = comp["id"], targets(cfg)[0]
+    id_col, head = comp["id"], main_head(cfg)
     ids = test[id_col].to_numpy()
     frames: dict[str, pd.DataFrame] = {}
     for name, spec in manifest["sets"].items():  # in dependency order
@@ -213,7 +213,7 @@ def _level1_set(s: SetInputs) -> tuple[pd.DataFrame, str]:
 
 
 def _stack_set(s: SetInputs) -> tuple[pd.DataFrame, str]:
-    id_col, head = s.cfg["competition"]["id"], targets(s.cfg)[0]
+    id_col, head = s.cfg["competition"]["id"], main_head(s.cfg)
     folder, exps = s.bundle / s.spec["level2"], s.spec["experiments"]
     l2 = read_json(folder / SAVED)
     T = pd.concat([s.frames[e].drop(columns=[id_col]) for e in exps]
@@ -225,7 +225,7 @@ def _stack_set(s: SetInputs) -> tuple[pd.DataFrame, str]:
 
 
 def _postprocess_set(s: SetInputs) -> tuple[pd.DataFrame, str]:
-    id_col, head, task = s.cfg["competition"]["id"], targets(s.cfg)[0], s.cfg["competition"]["task"]
+    id_col, head, task = s.cfg["competition"]["id"], main_head(s.cfg), s.cfg["competition"]["task"]
     pp = read_json(s.bundle / s.spec["params"])
     src, other, force = pp["source"], pp["blend_with"], pp["force_from"]
     p = head_prediction(s.frames[src], src, head)

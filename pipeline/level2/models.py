@@ -61,21 +61,57 @@ class _Booster:
     def __init__(self, booster, task):
         self.booster, self.task = booster, task
         self.best_iteration = booster.best_iteration or booster.current_iteration()
+        self.iterations = [self.best_iteration]
 
     def predict(self, X):
         return self.booster.predict(X, num_iteration=self.best_iteration)
+
+    def importance(self) -> np.ndarray:
+        return self.booster.feature_importance("gain")
+
+    def text(self) -> str:
+        return self.booster.model_to_string(num_iteration=self.best_iteration)
 
     def save(self, path) -> None:
         """LightGBM's text format, cut at the best iteration (a loaded copy predicts exactly as this one)."""
         self.booster.save_model(str(path), num_iteration=self.best_iteration)
 
 
+# a label set's level 2 is one binary booster per label, saved in one file: their texts in label order
+LABEL_SEPARATOR = "\n### next label ###\n"
+
+
+class _PerLabel:
+    """One binary LightGBM booster per label of a label set; predicts (rows, labels)."""
+
+    def __init__(self, boosters: list[_Booster]):
+        self.boosters = boosters
+        self.iterations = [b.best_iteration for b in boosters]
+        self.best_iteration = int(round(np.mean(self.iterations)))
+
+    def predict(self, X):
+        return np.column_stack([b.predict(X) for b in self.boosters])
+
+    def importance(self) -> np.ndarray:
+        return np.sum([b.importance() for b in self.boosters], axis=0)
+
+    def save(self, path) -> None:
+        Path(path).write_text(LABEL_SEPARATOR.join(b.text() for b in self.boosters))
+
+
 def _lgbm_fit(params, task, n_classes, X, y, Xv=None, yv=None, n_estimators=None, seed=0):
-    """LightGBM through its native API (stable across versions); early stopping on the held-out fold."""
+    """LightGBM through its native API (stable across versions); early stopping on the held-out fold.
+    ``n_estimators``: trees (a list: one per label of a label set, as ``iterations`` gives them)."""
+    if head_kind(task).outputs == "columns":  # a label set: each label is its own binary problem
+        rounds = n_estimators if isinstance(n_estimators, list) else [n_estimators] * y.shape[1]
+        return _PerLabel([_lgbm_fit(params, "binary", 2, X, y[:, j], Xv, None if yv is None else yv[:, j], rounds[j],
+                                    seed) for j in range(y.shape[1])])
     import lightgbm as lgb
 
     p = {**LGBM_DEFAULTS, "seed": seed, **params}
     p.pop("inner_valid", None)
+    if isinstance(n_estimators, list):
+        n_estimators = n_estimators[0]
     rounds = int(n_estimators if n_estimators is not None else p.pop("n_estimators"))
     p.pop("n_estimators", None)
     es = int(p.pop("early_stopping_rounds", 20))
@@ -99,6 +135,8 @@ def _linear(task, X, y, Xt):
     nums = [c for c in X.columns if c not in cats]
     pre = make_column_transformer((StandardScaler(), nums), (OneHotEncoder(handle_unknown="ignore"), cats))
     kind = head_kind(task)
+    if kind.outputs == "columns":  # a label set: a logistic regression per label
+        return np.column_stack([_linear("binary", X, y[:, j], Xt) for j in range(y.shape[1])])
     est = LogisticRegression(max_iter=2000, C=1.0) if kind.classes else Ridge(alpha=1.0)
     model = make_pipeline(pre, est).fit(X, y)
     if kind.outputs == "classes":
@@ -129,7 +167,7 @@ def optimise_weights(preds: list[np.ndarray], y: np.ndarray, task: str) -> np.nd
 
 
 def _empty(d: Level2Data) -> np.ndarray:
-    return np.zeros((len(d.X), d.n_classes) if head_kind(d.task).outputs == "classes" else (len(d.X),))
+    return np.zeros((len(d.X), d.n_classes) if head_kind(d.task).outputs in ("classes", "columns") else (len(d.X),))
 
 
 def _inner_split(tr: np.ndarray, fraction: float, seed: int, k) -> tuple[np.ndarray, np.ndarray]:
@@ -147,7 +185,7 @@ def _fit_fold(d: Level2Data, tr: np.ndarray, k):
     fraction = float(params.get("inner_valid", LGBM_DEFAULTS["inner_valid"]))
     fit, stop = _inner_split(tr, fraction, d.seed, k)
     probe = _lgbm_fit(params, d.task, d.n_classes, d.X.iloc[fit], d.y[fit], d.X.iloc[stop], d.y[stop], seed=d.seed)
-    n_iter = max(1, int(probe.best_iteration))
+    n_iter = [max(1, int(i)) for i in probe.iterations]
     return _lgbm_fit(params, d.task, d.n_classes, d.X[tr], d.y[tr], n_estimators=n_iter, seed=d.seed)
 
 
@@ -160,7 +198,7 @@ def lgbm(d: Level2Data) -> Level2Result:
         iters.append(int(m.best_iteration))
         oof[va] = m.predict(d.X[va])
         tests.append(m.predict(d.T))
-        imps.append(pd.Series(m.booster.feature_importance("gain"), index=d.X.columns))
+        imps.append(pd.Series(m.importance(), index=d.X.columns))
         kill_point(f"stack:fold{k}")
     if d.scfg["test_mode"] == "refit":
         n_iter = max(1, int(np.mean(iters) * d.scfg["refit_coef"]))
@@ -316,4 +354,11 @@ def _saved_lgbm(folder: Path, spec: dict, T: pd.DataFrame, preds) -> np.ndarray:
     for c in [c for c in spec["categorical"] if c not in spec.get("categories", {})]:  # a stack saved before
         T[c] = category_text(T[c]).astype("category")
     names = ["refit"] if spec["test_mode"] == "refit" else [n for n in spec["files"] if n != "refit"]
-    return np.mean([lgb.Booster(model_file=str(folder / spec["files"][n])).predict(T) for n in names], axis=0)
+
+    def predict(file: Path) -> np.ndarray:
+        if head_kind(spec["task"]).outputs == "columns":  # a label set: one booster per label, in one file
+            return np.column_stack([lgb.Booster(model_str=text).predict(T)
+                                    for text in file.read_text().split(LABEL_SEPARATOR)])
+        return lgb.Booster(model_file=str(file)).predict(T)
+
+    return np.mean([predict(folder / spec["files"][n]) for n in names], axis=0)

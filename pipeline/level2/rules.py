@@ -38,9 +38,10 @@ def apply_scale(p, m):
 
 
 def apply_threshold(p, t):
-    """Monotone map sending threshold t to 0.5, so 'p >= 0.5' downstream means 'p >= t'."""
-    p = np.asarray(p, float)
-    return np.where(p >= t, 0.5 + 0.5 * (p - t) / max(1 - t, 1e-12), 0.5 * p / max(t, 1e-12))
+    """Monotone map sending threshold t to 0.5, so 'p >= 0.5' downstream means 'p >= t'. ``t``: one threshold,
+    or one per column (a label set's per-label thresholds)."""
+    p, t = np.asarray(p, float), np.asarray(t, float)
+    return np.where(p >= t, 0.5 + 0.5 * (p - t) / np.maximum(1 - t, 1e-12), 0.5 * p / np.maximum(t, 1e-12))
 
 
 def apply_rounding(p, cuts):
@@ -88,6 +89,9 @@ def fit_rules(pcfg: dict, task: str, metric, y, p, other=None, onehot=None, targ
         grid = np.round(np.linspace(0.02, 0.98, 49), 3)
         params["threshold"] = float(max(grid, key=lambda t: (sign * score(apply_threshold(p, t)), -abs(t - 0.5))))
         p = apply_threshold(p, params["threshold"])
+    if pcfg["threshold"] and "label_thresholds" in get_task(task).rules:
+        params["label_thresholds"] = label_thresholds(p, sign, score).tolist()
+        p = apply_threshold(p, params["label_thresholds"])
     if pcfg["rounding"] and "rounding" in get_task(task).rules:
         lo, hi = (target_range if target_range is not None else (np.floor(p.min()), np.ceil(p.max())))
         cuts = np.arange(lo, hi) + 0.5
@@ -107,6 +111,21 @@ def fit_rules(pcfg: dict, task: str, metric, y, p, other=None, onehot=None, targ
     return params
 
 
+def label_thresholds(p, sign: int, score) -> np.ndarray:
+    """A label set's threshold per label, by coordinate ascent on the whole metric (two sweeps over the labels;
+    micro-F1 couples them), the threshold nearer 0.5 on a tie."""
+    t = np.full(p.shape[1], 0.5)
+    grid = np.round(np.linspace(0.02, 0.98, 49), 3)
+    for _ in range(2):
+        for j in range(p.shape[1]):
+            def s(v, j=j):
+                tt = t.copy()
+                tt[j] = v
+                return sign * score(apply_threshold(p, tt))
+            t[j] = max(grid, key=lambda v: (s(v), -abs(v - 0.5)))
+    return t
+
+
 def apply_rules(params: dict, task: str, p, other=None, onehot=None):
     if "blend" in params and other is not None:
         p = apply_blend(p, params["blend"], other)
@@ -116,6 +135,8 @@ def apply_rules(params: dict, task: str, p, other=None, onehot=None):
         p = apply_scale(p, params["class_scale"])
     if "threshold" in params:
         p = apply_threshold(p, params["threshold"])
+    if "label_thresholds" in params:
+        p = apply_threshold(p, params["label_thresholds"])
     if "rounding" in params:
         p = apply_rounding(p, params["rounding"]["cuts"]) + params["rounding"]["offset"]
     if "clip" in params:

@@ -28,6 +28,7 @@ from pipeline.competition.tables import (
     repeat_columns,
     repeat_of,
     table_path,
+    truth,
 )
 from pipeline.errors import InputError
 from pipeline.metrics import fold_mean_estimate, get_metric
@@ -51,7 +52,6 @@ from pipeline.store.paths import (
     head_prediction,
     models_dir,
     parse_column,
-    targets,
 )
 from pipeline.tasks import HEAD_KINDS
 from pipeline.training import teachers
@@ -154,7 +154,7 @@ def _run(cfg: dict, force: bool) -> Path:
     main = Checkpoint.read(fold_models.checkpoint(0), mmap=True).heads[0]
     tables = [score_table(cfg, o, train_df, exp, main.name, matrix[:, r]) for r, o in enumerate(repeat_oofs)]
     cv = repeats_table(tables)
-    fold_mean = fold_mean_estimate(cfg["competition"]["metric"], train_df[targets(cfg)[0]].to_numpy(),
+    fold_mean = fold_mean_estimate(cfg["competition"]["metric"], truth(cfg, train_df),
                                    [head_prediction(o, exp, main.name, "mean") for o in repeat_oofs],
                                    [head_prediction(p, exp, main.name, "mean") for p, m in zip(test_parts, models)
                                     if m in test_models], HEAD_KINDS[main.kind].classes)
@@ -291,7 +291,7 @@ def repeat_spread(tables: list[dict], fold_mean: dict) -> dict | None:
 
 def score_table(cfg: dict, oof: pd.DataFrame, train_df: pd.DataFrame, exp: str, head: str, fold_of) -> dict:
     metric = get_metric(cfg["competition"]["metric"])
-    y = train_df[targets(cfg)[0]].to_numpy()
+    y = truth(cfg, train_df)
     tta = head_prediction(oof, exp, head, "mean")
     plain = head_prediction(oof, exp, head, "view0")
     rows = {}

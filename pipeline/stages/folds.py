@@ -14,7 +14,16 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from pipeline.competition.tables import check_image_files, competition_key, load_test, load_train, table_path
+from pipeline.competition.tables import (
+    check_image_files,
+    competition_key,
+    label_columns,
+    label_names,
+    load_test,
+    load_train,
+    table_path,
+    truth,
+)
 from pipeline.errors import InputError
 from pipeline.store import leaderboard, plots
 from pipeline.store.artifacts import ArtifactGroup, stage_lock
@@ -31,9 +40,12 @@ def resolve_method(cfg: dict) -> str:
 
 
 def stratify_labels(cfg: dict, df: pd.DataFrame) -> np.ndarray:
-    """Labels used for stratification: the class, or the quantile bin of a continuous target."""
+    """Labels used for stratification: the class, the quantile bin of a continuous target, or a label set's
+    (rows, labels) 0/1 matrix."""
+    if task_of(cfg).stratify == "labels":
+        return truth(cfg, df)
     y = df[targets(cfg)[0]]
-    if task_of(cfg).classes:
+    if task_of(cfg).stratify == "classes":
         return y.astype(int).to_numpy()
     bins = pd.qcut(y.rank(method="first"), q=min(cfg["folds"]["bins"], len(y)), labels=False, duplicates="drop")
     return np.asarray(bins, dtype=int)
@@ -42,6 +54,12 @@ def stratify_labels(cfg: dict, df: pd.DataFrame) -> np.ndarray:
 def _check_splittable(cfg: dict, method: str, labels: np.ndarray | None, groups: np.ndarray | None, path) -> None:
     k = cfg["folds"]["n_splits"]
     comp = cfg["competition"]
+    if labels is not None and labels.ndim == 2:  # a label set: rare labels cannot be in every fold
+        rare = [(c, int(n)) for c, n in zip(label_columns(cfg), labels.sum(0)) if n < k]
+        if rare:
+            log("[folds] warning: " + ", ".join(f"label '{c}' is present in {n} row(s)" for c, n in rare)
+                + f", fewer than folds.n_splits={k}; it cannot appear in every fold")
+        labels = None
     if method in ("stratified_group", "group"):
         if groups is None:
             raise InputError(f"folds.method '{method}' needs competition.group (a column of {path}); "
@@ -76,6 +94,8 @@ def split(method: str, n_splits: int, seed: int, labels: np.ndarray | None, grou
 
     n = len(labels) if labels is not None else len(groups)
     X = np.zeros(n)
+    if labels is not None and labels.ndim == 2 and method in ("stratified", "stratified_group"):
+        return label_set_split(labels, groups if method == "stratified_group" else None, n_splits, seed)
     if method == "stratified_group":
         splitter, args = StratifiedGroupKFold(n_splits, shuffle=True, random_state=seed), (X, labels, groups)
     elif method == "stratified":
@@ -91,6 +111,33 @@ def split(method: str, n_splits: int, seed: int, labels: np.ndarray | None, grou
     for k, (_, valid) in enumerate(splitter.split(*args)):
         fold[valid] = k
     return fold
+
+
+def label_set_split(Y: np.ndarray, groups: np.ndarray | None, n_splits: int, seed: int) -> np.ndarray:
+    """Iterative stratification of a label set over whole groups (each row its own group without groups).
+    As in Sechidis, Tsoumakas & Vlahavas (2011) the rarest labels are placed first: groups are taken in the
+    order of the rarest label they hold (larger groups first, then at random by seed). Each joins the fold it
+    fills best: the one where the squared shortfall of every label's quota (relative to the quota, so a rare
+    label counts as much as a common one) and of the row quota falls most."""
+    rng = np.random.default_rng(seed)
+    units = groups if groups is not None else np.arange(len(Y))
+    uniq, unit_of = np.unique(units, return_inverse=True)
+    counts = np.zeros((len(uniq), Y.shape[1]))
+    np.add.at(counts, unit_of, Y)
+    size = np.bincount(unit_of).astype(float)
+    quota, row_quota = np.maximum(counts.sum(0) / n_splits, 1e-9), len(Y) / n_splits
+    short, short_rows = np.tile(quota, (n_splits, 1)), np.full(n_splits, row_quota)
+    groups_with = (counts > 0).sum(0)
+    rarest = np.where(counts > 0, groups_with[None, :], np.inf).min(axis=1)
+    unit_fold = np.empty(len(uniq), dtype=int)
+    for u in np.lexsort((rng.random(len(uniq)), -size, rarest)):
+        change = ((counts[u] ** 2 - 2 * counts[u] * short) / quota ** 2).sum(axis=1) \
+            + (size[u] ** 2 - 2 * size[u] * short_rows) / row_quota ** 2
+        f = int(np.argmin(change + rng.random(n_splits) * 1e-9))  # (a random tie-break)
+        unit_fold[u] = f
+        short[f] -= counts[u]
+        short_rows[f] -= size[u]
+    return unit_fold[unit_of]
 
 
 def balance(fold: np.ndarray, groups: np.ndarray | None, labels: np.ndarray | None, n_splits: int,
@@ -124,9 +171,12 @@ def balance(fold: np.ndarray, groups: np.ndarray | None, labels: np.ndarray | No
 
 
 def stratification_error(fold: np.ndarray, labels: np.ndarray | None) -> float:
-    """Largest gap, in percentage points, between a class's share in a fold and overall."""
+    """Largest gap, in percentage points, between a class's (or a label's) share in a fold and overall."""
     if labels is None:
         return 0.0
+    if labels.ndim == 2:
+        overall = labels.mean(0)
+        return 100 * max(float(np.abs(labels[fold == k].mean(0) - overall).max()) for k in np.unique(fold))
     n_cls = labels.max() + 1
     overall = np.bincount(labels, minlength=n_cls) / len(labels)
     worst = 0.0
@@ -150,7 +200,7 @@ def make_folds(cfg: dict, df: pd.DataFrame, path="train.csv") -> np.ndarray:
     for trial in range(max(1, int(fc["search"]))):
         fold = split(method, fc["n_splits"], fc["seed"] + trial, strat, use_groups)
         if fc["balance"]:
-            fold = balance(fold, use_groups, strat, fc["n_splits"])
+            fold = balance(fold, use_groups, strat if strat is None or strat.ndim == 1 else None, fc["n_splits"])
         err = stratification_error(fold, strat)
         if best is None or err < best_err:
             best, best_err = fold, err
@@ -170,7 +220,15 @@ def report(cfg: dict, df: pd.DataFrame, fold: np.ndarray) -> tuple[pd.DataFrame,
         per_group = pd.Series(fold).groupby(g).nunique()
         summary["groups"] = int(len(per_group))
         summary["groups_in_several_folds"] = int((per_group > 1).sum())
-    if task_of(cfg).classes:
+    if task_of(cfg).stratify == "labels":
+        Y = pd.DataFrame(truth(cfg, df), columns=label_names(cfg))
+        shares = Y.groupby(fold).mean() * 100
+        for c in shares.columns:
+            table[f"{c} %"] = shares[c].round(2)
+        summary["max_share_deviation_pp"] = round(float((shares - Y.mean() * 100).abs().to_numpy().max()), 3)
+        summary["shares_of"] = "label"
+        summary["overall_share_pct"] = {str(k): round(float(v) * 100, 2) for k, v in Y.mean().items()}
+    elif task_of(cfg).classes:
         y = df[target].astype(int).to_numpy()
         shares = pd.crosstab(fold, y, normalize="index") * 100
         overall = pd.Series(y).value_counts(normalize=True).sort_index() * 100
@@ -197,7 +255,7 @@ def report_text(table: pd.DataFrame, summary: dict) -> str:
         lines.append(f"leakage check: {summary['groups']} groups, {leak} in more than one fold "
                      + ("(OK)" if leak == 0 else "(LEAK!)"))
     if "max_share_deviation_pp" in summary:
-        lines.append(f"stratification: largest class-share deviation from overall = "
+        lines.append(f"stratification: largest {summary.get('shares_of', 'class')}-share deviation from overall = "
                      f"{summary['max_share_deviation_pp']:.3f} pp")
     if "max_mean_deviation" in summary:
         lines.append(f"stratification: largest fold-mean deviation from overall = {summary['max_mean_deviation']}")
@@ -246,7 +304,8 @@ def run(cfg: dict, force: bool = False) -> Path:
         id_col = cfg["competition"]["id"]
         folds_csv = pd.DataFrame({id_col: df[id_col], "fold": fold, **{f"fold_{r}": f for r, f in
                                                                        enumerate(repeats[1:], 1)}}).to_csv(index=False)
-        fig = plots.fold_report(df, fold, targets(cfg)[0], task_of(cfg).classes)
+        fig = plots.fold_report(df, fold, targets(cfg)[0], task_of(cfg).classes,
+                                label_columns(cfg) if task_of(cfg).label_sets else None)
         with ArtifactGroup(meta_path) as group:
             group.text(out, folds_csv)
             group.figure(sidecar(out, ".report.png"), fig)

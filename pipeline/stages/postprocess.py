@@ -5,7 +5,8 @@ Rules (each a config switch, applied in this order):
 - ``blend_with``: blend the source with a level-1 experiment, ``w·source + (1-w)·other`` (w tuned, or fixed)
 - ``force_from``: force class i when a one-hot (multiclass) head's probability exceeds t (t tuned)
 - ``class_scale``: per-class probability multipliers (multiclass)
-- ``threshold``: the decision threshold of a binary target (for F1, accuracy, ...)
+- ``threshold``: the decision threshold of a binary target (for F1, accuracy, ...); a label set's threshold per
+  label
 - ``rounding``: optimised rounding thresholds of an ordinal/regression target (QWK)
 - ``clip``: clip regression values to the train target's range (or a given [lo, hi])
 
@@ -21,7 +22,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from pipeline.competition.tables import competition_key, fold_of, load_folds, load_train
+from pipeline.competition.tables import competition_key, fold_of, load_folds, load_train, truth
 from pipeline.errors import InputError
 
 # the rules live in pipeline.level2.rules (shared with the notebook inference); re-exported here
@@ -49,7 +50,7 @@ from pipeline.store.io import (
     read_parquet_meta,
     resolved_config_text,
 )
-from pipeline.store.paths import features_dir, head_prediction, prediction_frame, stack_name, targets
+from pipeline.store.paths import features_dir, head_prediction, main_head, prediction_frame, stack_name
 
 
 # ------------------------------------------------------------------------------------------- stage
@@ -64,7 +65,7 @@ def _run(cfg: dict, force: bool) -> Path:
     pcfg, comp = cfg["postprocess"], cfg["competition"]
     task = comp["task"]
     metric = get_metric(comp["metric"])
-    id_col, head = comp["id"], targets(cfg)[0]
+    id_col, head = comp["id"], main_head(cfg)
     source = pcfg["source"] or (stack_name(cfg) if (features_dir(cfg, stack_name(cfg)) / "oof.parquet").exists()
                                 else cfg["name"])
     name = pcfg["name"] or f"{source}-pp"
@@ -108,7 +109,7 @@ def _run(cfg: dict, force: bool) -> Path:
         if onehot.ndim != 2:
             raise InputError(f"postprocess.force_from: head '{ff.get('head', head)}' of {ff['experiment']} is not a "
                              "multiclass (one-hot) head.")
-    y = train_df[head].to_numpy()
+    y = truth(cfg, train_df)
     fold = fold_of(cfg, train_df, folds_df)
     # the OOF written is the nested one (fold k by rules tuned on the other folds), so level 2, a blend or
     # another round of post-processing can train on it; the test gets the rules tuned on every row

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from pipeline.competition.tables import competition_key, fold_of, load_folds, load_test, load_train
+from pipeline.competition.tables import competition_key, fold_of, load_folds, load_test, load_train, truth
 from pipeline.errors import InputError
 from pipeline.level2.models import LEVEL2_MODELS, SAVED, Level2Data, category_text, stage_models
 from pipeline.metrics import get_metric, lifted_estimate
@@ -34,10 +34,10 @@ from pipeline.store.io import (
 from pipeline.store.paths import (
     features_dir,
     head_prediction,
+    main_head,
     prediction_frame,
     stack_inputs,
     stack_name,
-    targets,
 )
 from pipeline.tasks import head_kind, task_of
 
@@ -88,7 +88,7 @@ def run(cfg: dict, force: bool = False) -> Path:
 def _run(cfg: dict, force: bool) -> Path:
     scfg = cfg["stack"]
     comp = cfg["competition"]
-    name, id_col, target = stack_name(cfg), comp["id"], targets(cfg)[0]
+    name, id_col, head = stack_name(cfg), comp["id"], main_head(cfg)
     task = task_of(cfg).level2  # what level 2 fits (an ordinal target is regressed)
     metric = get_metric(comp["metric"])
     exps = stack_inputs(cfg)
@@ -115,10 +115,10 @@ def _run(cfg: dict, force: bool) -> Path:
         tr_tab, te_tab, _ = tabular(cfg, train_df, test_df)
         X, T = pd.concat([X, tr_tab], axis=1), pd.concat([T, te_tab.reset_index(drop=True)], axis=1)
     X.columns = T.columns = [str(c) for c in X.columns]
-    y = train_df[target].to_numpy()
-    n_classes = int(comp["num_classes"] or (y.max() + 1)) if head_kind(task).outputs == "classes" else 1
+    y = truth(cfg, train_df)
+    n_classes = {"classes": lambda: int(comp["num_classes"] or (y.max() + 1)), "columns": lambda: y.shape[1]}.get(
+        head_kind(task).outputs, lambda: 1)()  # outputs: a probability per class or per label, else one
     model_kind = scfg["model"]
-    head = targets(cfg)[0]
     blend = model_kind in ("weighted", "auto")
     data = Level2Data(X, T, y, fold, task, n_classes, exps,
                       [head_prediction(x_df, e, head, scfg["stat"]) for e, x_df in zip(exps, X_parts)] if blend else [],
@@ -185,7 +185,7 @@ def versus_best_input(metric, y, fold, oof_pred, inputs: dict) -> dict:
 
 def write_outputs(cfg, out, key, folds_hash, oof_pred, test_pred, fold, train_df, test_df, cv, inputs, best_iters,
                   info, save_models=None, leak=None, submission=None):
-    name, id_col, head = stack_name(cfg), cfg["competition"]["id"], targets(cfg)[0]
+    name, id_col, head = stack_name(cfg), cfg["competition"]["id"], main_head(cfg)
 
     oof = prediction_frame(train_df[id_col].to_numpy(), id_col, name, head, oof_pred, fold)
     meta = provenance(cfg, "stack", key, folds_hash=folds_hash, cv=cv, inputs=inputs, best_iterations=best_iters,

@@ -17,7 +17,7 @@ from pipeline.competition.submission import (  # shared with pipeline.kaggle.inf
     to_submission,
     validate,
 )
-from pipeline.competition.tables import class_labels, encode_labels, read_table, table_path
+from pipeline.competition.tables import class_labels, encode_labels, label_matrix, read_table, table_path
 from pipeline.errors import InputError, SubmissionError  # noqa: F401  (SubmissionError: re-exported)
 from pipeline.metrics import get_metric
 from pipeline.store import leaderboard
@@ -27,10 +27,12 @@ from pipeline.store.paths import (
     features_dir,
     head_prediction,
     leaderboard_db,
+    main_head,
     submission_source,
     submissions_dir,
     targets,
 )
+from pipeline.tasks import get_task
 
 
 def score_local(cfg: dict, sub: pd.DataFrame) -> dict | None:
@@ -43,6 +45,11 @@ def score_local(cfg: dict, sub: pd.DataFrame) -> dict | None:
     if "Usage" not in sol.columns:
         return None
     metric = get_metric(comp["metric"])
+    if get_task(comp["task"]).label_sets:  # both tables as 0/1 (or probability) matrices, in label order
+        ids = sub[comp["id"]].astype(str)
+        aligned = sub.set_index(ids).loc[sol[comp["id"]].astype(str)].reset_index(drop=True)
+        y, pred, usage = label_matrix(cfg, sol, path), label_matrix(cfg, aligned, "submission"), sol["Usage"].to_numpy()
+        return {u.lower(): metric(y[usage == u], pred[usage == u]) for u in ("Public", "Private") if (usage == u).any()}
     target = targets(cfg)[0]
     labels = class_labels(cfg)
     if labels is not None:  # string labels: score on their indices, as the stages do
@@ -81,7 +88,7 @@ def run(cfg: dict, force: bool = False) -> Path:
                          + ("; " if only_sample and only_test else "")
                          + (f"{len(only_test)} only in test, e.g. {only_test[:3]}" if only_test else "")
                          + "); the submission must have one row per test id: fix whichever file is wrong.")
-    pred = head_prediction(test, source, targets(cfg)[0], cfg["submit"]["stat"])
+    pred = head_prediction(test, source, main_head(cfg), cfg["submit"]["stat"])
     sub = to_submission(cfg, pred, test[comp["id"]].astype(str), sample, class_labels(cfg))
     validate(sub, sample, comp["id"], where=f"submission for '{source}'", integers=submits_integers(cfg, sample))
     out = submissions_dir(cfg) / (f"{source}.csv" + (".gz" if cfg["submit"]["gzip"] else ""))

@@ -15,13 +15,13 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from pipeline.competition.tables import fold_matrix, held_out, load_folds, load_train
+from pipeline.competition.tables import fold_matrix, held_out, load_folds, load_train, truth
 from pipeline.errors import InputError
 from pipeline.metrics import get_metric
 from pipeline.store import leaderboard, plots
 from pipeline.store.artifacts import stage_lock
 from pipeline.store.io import log, provenance, read_json, write_json, write_resolved_config
-from pipeline.store.paths import models_dir, targets, valid_prediction
+from pipeline.store.paths import models_dir, valid_prediction
 from pipeline.training import teachers
 from pipeline.training.build import init_leak
 from pipeline.training.distributed import Dist
@@ -134,10 +134,10 @@ def summarize(cfg: dict, exp: Path, key: str, folds_hash: str) -> dict:
     if oof:
         train_df = load_train(cfg, check_images=False)
         id_col = cfg["competition"]["id"]
-        o = pd.concat(oof).merge(train_df[[id_col, targets(cfg)[0]]], on=id_col)
+        o = pd.concat(oof).merge(train_df[[id_col]].assign(_row=np.arange(len(train_df))), on=id_col)
         head = heads_for(cfg, train_df)[0].name
         pred = valid_prediction(o, head)
-        summary["oof_score"] = metric(o[targets(cfg)[0]].to_numpy(), pred)
+        summary["oof_score"] = metric(truth(cfg, train_df)[o["_row"].to_numpy()], pred)
         summary["oof_rows"] = int(len(o))
     write_json(exp / "summary.json", provenance(cfg, "train", key, folds_hash=folds_hash, summary=summary))
     if logs:

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 from pipeline.errors import InputError
+from pipeline.tasks import get_task
 
 SEP = "__"
 
@@ -80,6 +81,15 @@ def tune_dir(cfg: dict, study: str) -> Path:
 def targets(cfg: dict) -> list[str]:
     t = cfg["competition"]["target"]
     return [t] if isinstance(t, str) else list(t)
+
+
+def main_head(cfg: dict) -> str:
+    """The name of the head that predicts the competition's target, as its prediction columns say it: the
+    target column; for a label set given as several 0/1 columns, ``labels`` (one head over all of them)."""
+    t = cfg["competition"]["target"]
+    if get_task(cfg["competition"]["task"]).label_sets and not isinstance(t, str):
+        return "labels"
+    return targets(cfg)[0]
 
 
 def stack_inputs(cfg: dict) -> list[str]:

@@ -20,13 +20,20 @@ def save_figure(path: str | Path, fig) -> None:
     plt.close(fig)
 
 
-def fold_report(df: pd.DataFrame, fold: np.ndarray, target: str, classification: bool):
-    """Rows per fold, and the target's share (classes) or spread (continuous) per fold."""
+def fold_report(df: pd.DataFrame, fold: np.ndarray, target: str, classification: bool, labels: list | None = None):
+    """Rows per fold, and the target's share (classes), each label's share (``labels``: a label set's 0/1
+    columns) or spread (continuous) per fold."""
     fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
     sizes = pd.Series(fold).value_counts().sort_index()
     axes[0].bar(sizes.index.astype(str), sizes.to_numpy(), color="tab:blue")
     axes[0].set(title="rows per fold", xlabel="fold", ylabel="rows")
-    if classification:
+    if labels:
+        shares = df[labels].groupby(fold).mean() * 100
+        for c in labels:
+            axes[1].plot(shares.index.astype(str), shares[c], marker="o", label=str(c))
+        axes[1].set(title="each label's share per fold (%)", xlabel="fold", ylabel="% of rows")
+        axes[1].legend(fontsize=7, ncol=2, bbox_to_anchor=(1.01, 1), loc="upper left")
+    elif classification:
         shares = pd.crosstab(fold, df[target].astype(int), normalize="index") * 100
         bottom = np.zeros(len(shares))
         for c in shares.columns:

@@ -1,4 +1,4 @@
-"""Head losses: a table per head kind (multiclass, binary, regression, vector, position), class
+"""Head losses: a table per head kind (multiclass, binary, regression, vector, multilabel, position), class
 weights, and the criterion that sums the heads.
 
 Every loss returns one value per sample (so OHEM and mixing work on any of them). ``train.loss``
@@ -73,6 +73,26 @@ def binary_focal(logits, y, head: Head, opts: dict, cw=None):
                            y, cw)
 
 
+@LOSSES["multilabel"].register("bce")
+def multilabel_bce(logits, y, head: Head, opts: dict, cw=None):
+    """Binary cross-entropy of every label, averaged over the labels."""
+    return F.binary_cross_entropy_with_logits(logits.float(), _binary_target(y, opts), reduction="none").mean(-1)
+
+
+@LOSSES["multilabel"].register("asl")
+def asymmetric(logits, y, head: Head, opts: dict, cw=None):
+    """Asymmetric loss for label sets where most labels are absent from most rows (Ridnik et al., 2021): an
+    absent label's term is down-weighted by p^gamma (``train.asl_gamma_neg``, easy negatives fade) and its
+    probability shifted down by ``train.asl_clip`` (a negative below the clip costs nothing), while a present
+    label keeps its full cross-entropy."""
+    z, t = logits.float(), _binary_target(y, opts)
+    p = torch.sigmoid(z)
+    shifted = (p - opts["asl_clip"]).clamp(min=0)
+    pos = t * F.logsigmoid(z)
+    neg = (1 - t) * shifted.pow(opts["asl_gamma_neg"]) * torch.log((1 - shifted).clamp(min=1e-8))
+    return -(pos + neg).mean(-1)
+
+
 def _flat(logits, y):
     return logits.float().reshape(len(y), -1), y.float().reshape(len(y), -1)
 
@@ -137,7 +157,8 @@ class HeadLoss(nn.Module):
         super().__init__()
         self.head, self.name = head, resolve(head, name)
         self.fn = LOSSES[head.kind][self.name]
-        self.opts = {"label_smoothing": tcfg["label_smoothing"], "focal_gamma": tcfg["focal_gamma"]}
+        self.opts = {"label_smoothing": tcfg["label_smoothing"], "focal_gamma": tcfg["focal_gamma"],
+                     "asl_gamma_neg": tcfg.get("asl_gamma_neg", 4.0), "asl_clip": tcfg.get("asl_clip", 0.05)}
         self.register_buffer("cw", class_weights if class_weights is not None else torch.empty(0))
 
     def forward(self, logits, y):

@@ -13,17 +13,19 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from pipeline.competition.tables import label_columns
 from pipeline.errors import ConfigError, InputError
 from pipeline.registry import Registry
 from pipeline.store.io import log
-from pipeline.store.paths import targets
-from pipeline.tasks import head_kind, head_kind_for
+from pipeline.store.paths import main_head, targets
+from pipeline.tasks import get_task, head_kind, head_kind_for
 from pipeline.training.pretrained import create as local_weights
 
 
 @dataclass
 class Head:
-    """One output of the network: ``kind`` is multiclass, binary, regression, vector or position (jigsaw)."""
+    """One output of the network: ``kind`` is multiclass, binary, regression, vector, multilabel or position
+    (jigsaw)."""
 
     name: str
     columns: list[str]
@@ -41,7 +43,10 @@ def heads_for(cfg: dict, train=None) -> list[Head]:
     comp = cfg["competition"]
     weights = cfg["train"]["loss_weights"] or {}
     heads = []
-    for col in targets(cfg):
+    if get_task(comp["task"]).label_sets:  # one head over every label (its columns, in label order)
+        name = main_head(cfg)
+        heads.append(_head(name, label_columns(cfg), comp["task"], None, train, weights.get(name, 1.0), cfg))
+    for col in [] if heads else targets(cfg):
         heads.append(_head(col, [col], comp["task"], comp["num_classes"], train, weights.get(col, 1.0), cfg))
     for aux in comp["aux_targets"]:
         if isinstance(aux, str):
@@ -227,6 +232,8 @@ def activate(head: Head, logits: torch.Tensor) -> torch.Tensor:
         return logits.softmax(-1)
     if how == "sigmoid":
         return logits.sigmoid().squeeze(-1)
+    if how == "sigmoids":  # one probability per label
+        return logits.sigmoid()
     if how == "value":
         return logits.squeeze(-1)
     if how == "grid_softmax":  # one softmax over positions per tile

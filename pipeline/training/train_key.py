@@ -24,6 +24,8 @@ def stage_key(cfg: dict, folds_hash: str, train_hash: str, images_hash: str | No
     tcfg = {k: v for k, v in cfg["train"].items() if k not in RUN_ONLY}
     if not tcfg["ema"]:  # (a key added later leaves models trained without EMA up to date)
         tcfg.pop("ema_warmup")
+    if tcfg["loss"] != "asl":  # (the asymmetric loss's options, added later, count only for it)
+        tcfg = {k: v for k, v in tcfg.items() if not k.startswith("asl_")}
     if tcfg.get("layer_decay") is None:  # (the same for models trained before layer_decay existed)
         tcfg.pop("layer_decay", None)
     model = {k: v for k, v in cfg["model"].items() if not (k == "pretrained" and v is None)}  # (the same)

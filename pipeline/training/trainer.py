@@ -25,7 +25,7 @@ from pipeline.errors import PipelineError
 from pipeline.metrics import get_metric
 from pipeline.store.artifacts import kill_point
 from pipeline.store.io import log, write_parquet
-from pipeline.store.paths import targets, valid_column
+from pipeline.store.paths import main_head, targets, valid_column
 from pipeline.training import resume
 from pipeline.training.averaging import ModelEma, warmup_steps
 from pipeline.training.build import build_model
@@ -99,7 +99,7 @@ class FoldTrainer:
         self.device = self.dist.setup(pick_device(self.tcfg["device"]))
         self.ids = train_df[cfg["competition"]["id"]].to_numpy()
         self.tr_idx, self.va_idx = np.asarray(tr_idx), np.asarray(va_idx)
-        main_targets = {h.name for h in heads if h.name in targets(cfg)} or {heads[0].name}
+        main_targets = {h.name for h in heads if h.name in (*targets(cfg), main_head(cfg))} or {heads[0].name}
         cw = None
         if datasets is None:
             data = fold_datasets(cfg, heads, train_df, self.tr_idx, self.va_idx, fold, folds_hash, self.device,

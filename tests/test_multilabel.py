@@ -1,0 +1,230 @@
+"""Label sets (``competition.task: multilabel``): both ways a competition writes them, the metrics, the
+asymmetric loss, folds stratified over labels with groups, per-label thresholds, level 2 per label, and the
+whole chain with the bundle. (The space-separated form through the offline notebook: tests/test_kaggle.py.)"""
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from PIL import Image
+
+from pipeline.config.loading import load_config
+from pipeline.errors import InputError
+from pipeline.metrics import get_metric
+
+LABELS = ("top", "left", "centre")
+
+
+def label_set_competition(root, form: str, n: int = 180, n_test: int = 40, seed: int = 0):
+    """Grey 16 px images; each label brightens its own region (the top half, the left half, a centre square).
+    ``form``: ``columns`` (one 0/1 column per label) or ``tags`` (one column of space-separated labels)."""
+    rng = np.random.default_rng(seed)
+    Y = (rng.random((n + n_test, 3)) < [0.5, 0.35, 0.2]).astype(int)
+    (root / "images").mkdir(parents=True)
+    ids = [f"r{i}" for i in range(n)] + [f"t{i}" for i in range(n_test)]
+    for i, y in zip(ids, Y):
+        arr = rng.normal(60, 10, (16, 16))
+        arr[:8] += 110 * y[0]
+        arr[:, :8] += 110 * y[1]
+        arr[5:11, 5:11] += 120 * y[2]
+        Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8), mode="L").save(root / "images" / f"{i}.png")
+
+    def table(rows, labels):
+        if form == "columns":
+            return pd.DataFrame({"id": rows, **{c: labels[:, j] for j, c in enumerate(LABELS)}})
+        return pd.DataFrame({"id": rows, "tags": [" ".join(c for c, x in zip(LABELS, y) if x) for y in labels]})
+
+    table(ids[:n], Y[:n]).assign(grp=rng.integers(0, 20, n)).to_csv(root / "train.csv", index=False)
+    pd.DataFrame({"id": ids[n:]}).to_csv(root / "test.csv", index=False)
+    sample = table(ids[n:], np.zeros((n_test, 3), int))
+    if form == "tags":
+        sample["tags"] = "top"  # a placeholder label, as Kaggle's samples have
+    sample.to_csv(root / "sample_submission.csv", index=False)
+    table(ids[n:], Y[n:]).assign(Usage=["Public", "Private"] * (n_test // 2)).to_csv(root / "solution.csv", index=False)
+    return root, Y[n:]
+
+
+def overrides(tmp_path, root, form: str, metric: str) -> list[str]:
+    target = "[top,left,centre]" if form == "columns" else "tags"
+    return [f"workdir={tmp_path}", f"competition.root={root}", "competition.task=multilabel",
+            f"competition.target={target}", f"competition.metric={metric}", "competition.group=grp",
+            "data.in_chans=1", "data.image_size=16", "folds.n_splits=3", "model.backbone=test_resnet",
+            "train.epochs=5", "train.batch_size=16", "train.lr=0.005", "features.batch_size=64",
+            "postprocess.threshold=true", "name=ml"]
+
+
+# ------------------------------------------------------------------------- the two forms
+def test_a_space_separated_column_is_a_label_matrix_and_submit_writes_it_back(tmp_path):
+    from pipeline.competition.submission import to_submission
+    from pipeline.competition.tables import class_labels, label_matrix, load_train, truth
+
+    root, _ = label_set_competition(tmp_path / "comp", "tags", n=30, n_test=6)
+    cfg = load_config(None, [*overrides(tmp_path, root, "tags", "micro_f1")[:6], "data.in_chans=1"])
+    train = load_train(cfg)
+    raw = pd.read_csv(root / "train.csv")
+    assert class_labels(cfg) == ["centre", "left", "top"]  # sorted: the order of the model's outputs
+    y = truth(cfg, train)
+    assert y.shape == (30, 3)
+    for row, cell in zip(y, raw["tags"].fillna("")):
+        assert set(np.asarray(class_labels(cfg))[row.astype(bool)]) == set(cell.split())
+    sample = pd.read_csv(root / "sample_submission.csv")
+    p = np.array([[0.9, 0.2, 0.7], [0.1, 0.2, 0.3], [0.6, 0.6, 0.6], [0.1, 0.9, 0.1], [0.5, 0.1, 0.1], [0, 0, 1.0]])
+    sub = to_submission(cfg, p, sample["id"], sample, class_labels(cfg))
+    assert sub["tags"].tolist() == ["centre top", "", "centre left top", "left", "centre", "top"]
+    np.testing.assert_array_equal(label_matrix(cfg, sub, "sub"), (p >= 0.5).astype(float))  # and back
+
+
+def test_label_columns_submit_yes_no_for_f1_and_probabilities_for_ranking_metrics(tmp_path):
+    from pipeline.competition.submission import submits_integers, to_submission, validate
+    from pipeline.competition.tables import class_labels
+
+    root, _ = label_set_competition(tmp_path / "comp", "columns", n=30, n_test=4)
+    sample = pd.read_csv(root / "sample_submission.csv")[["id", "centre", "top", "left"]]  # any column order
+    p = np.array([[0.9, 0.2, 0.7], [0.1, 0.6, 0.3], [0.6, 0.6, 0.6], [0.1, 0.9, 0.1]])  # top, left, centre
+    for metric, want in (("micro_f1", (p >= 0.5).astype(int)), ("mean_auc", p)):
+        cfg = load_config(None, overrides(tmp_path, root, "columns", metric)[:6])
+        sub = to_submission(cfg, p, sample["id"], sample, class_labels(cfg))
+        validate(sub, sample, "id", integers=submits_integers(cfg, sample))
+        np.testing.assert_allclose(sub[list(LABELS)].to_numpy(), want)  # matched by name, not position
+        assert all(pd.api.types.is_integer_dtype(sub[c]) for c in LABELS) == (metric == "micro_f1")
+
+
+@pytest.mark.parametrize("bad, message", [
+    ({"top": [0, 2, 1, 0]}, "must hold 0 or 1"),
+    ({"left": [1, 1, 1, 1]}, "present in all 4 rows"),
+])
+def test_a_bad_label_column_is_named(tmp_path, bad, message):
+    from pipeline.competition.tables import load_train
+
+    root, _ = label_set_competition(tmp_path / "comp", "columns", n=4, n_test=2)
+    train = pd.read_csv(root / "train.csv")
+    train.assign(**bad).to_csv(root / "train.csv", index=False)
+    cfg = load_config(None, overrides(tmp_path, root, "columns", "micro_f1")[:6])
+    with pytest.raises(InputError, match=f"train.csv: label .*'{next(iter(bad))}'.*{message}"):
+        load_train(cfg, check_images=False)
+    one = load_config(None, [*overrides(tmp_path, root, "columns", "micro_f1")[:5], "competition.target=[top]"])
+    with pytest.raises(InputError, match="at least 2 labels.*competition.task=binary"):
+        load_train(one, check_images=False)
+
+
+# ------------------------------------------------------------------------- metrics and the loss
+def test_the_label_set_metrics_are_the_usual_ones():
+    from sklearn.metrics import average_precision_score, f1_score, log_loss, roc_auc_score
+
+    rng = np.random.default_rng(0)
+    y = (rng.random((200, 4)) < [0.5, 0.3, 0.1, 0.05]).astype(int)
+    p = np.clip(y * 0.35 + rng.random((200, 4)) * 0.65, 0, 1)
+    on = (p >= 0.5).astype(int)
+    assert get_metric("micro_f1")(y, p) == pytest.approx(f1_score(y, on, average="micro"))
+    assert get_metric("macro_f1")(y, p) == pytest.approx(f1_score(y, on, average="macro", zero_division=0))
+    assert get_metric("mean_auc")(y, p) == pytest.approx(roc_auc_score(y, p, average="macro"))
+    assert get_metric("map")(y, p) == pytest.approx(average_precision_score(y, p, average="macro"))
+    assert get_metric("logloss")(y, p) == pytest.approx(np.mean([log_loss(y[:, j], p[:, j]) for j in range(4)]))
+    assert get_metric("macro_f1")(y[:, 0], np.column_stack([1 - p[:, 0], p[:, 0]])) == pytest.approx(
+        f1_score(y[:, 0], on[:, 0], average="macro"))  # classes: as before
+
+
+def test_the_asymmetric_loss_fades_easy_absent_labels_and_keeps_present_ones():
+    from pipeline.training.losses import LOSSES
+    from pipeline.training.models import Head
+
+    head = Head("labels", ["a", "b"], "multilabel", 2)
+    opts = {"label_smoothing": 0.0, "asl_gamma_neg": 4.0, "asl_clip": 0.05}
+    bce, asl = LOSSES["multilabel"]["bce"], LOSSES["multilabel"]["asl"]
+    logits, y = torch.tensor([[2.0, -1.0], [-1.0, 0.5]]), torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    plain = {**opts, "asl_gamma_neg": 0.0, "asl_clip": 0.0}
+    torch.testing.assert_close(asl(logits, y, head, plain), bce(logits, y, head, plain))  # gamma 0, no clip: BCE
+    # a present label alone costs the same; an easy absent one (p = 0.27) much less than under BCE
+    present, absent = torch.tensor([[2.0, -30.0]]), torch.tensor([[30.0, -1.0]])
+    yy = torch.tensor([[1.0, 0.0]])
+    torch.testing.assert_close(asl(present, yy, head, opts), bce(present, yy, head, opts), atol=1e-6, rtol=0)
+    assert asl(absent, yy, head, opts) < 0.05 * bce(absent, yy, head, opts)
+    below = torch.tensor([[30.0, -4.0]])  # p = 0.018 < the clip: costs nothing at all
+    assert asl(below, yy, head, opts).item() == pytest.approx(0.0, abs=1e-6)
+
+
+# ------------------------------------------------------------------------- folds
+def test_label_set_folds_keep_groups_whole_and_every_label_in_every_fold():
+    from sklearn.model_selection import GroupKFold
+
+    from pipeline.stages.folds import label_set_split, stratification_error
+
+    rng = np.random.default_rng(1)
+    groups = rng.integers(0, 120, 600)
+    Y = (rng.random((600, 6)) < [0.5, 0.3, 0.15, 0.06, 0.03, 0.02]).astype(int)
+    ours = label_set_split(Y, groups, 5, seed=0)
+    assert all(len(set(ours[groups == g])) == 1 for g in np.unique(groups))  # groups whole
+    assert (np.bincount(ours, minlength=5) > 0).all()
+    positives = np.array([[Y[ours == k, j].sum() for j in range(6)] for k in range(5)])
+    assert (positives > 0).all()  # even the rarest label (12 rows) is in every fold
+    plain = np.empty(600, int)
+    for k, (_, va) in enumerate(GroupKFold(5).split(Y, groups=groups)):
+        plain[va] = k
+    err, err_plain = stratification_error(ours, Y), stratification_error(plain, Y)
+    print(f"\n[label folds] largest label-share gap: iterative {err:.2f} pp, GroupKFold {err_plain:.2f} pp")
+    assert err < 0.5 * err_plain
+    sizes = np.bincount(ours)
+    assert sizes.max() - sizes.min() < 0.2 * sizes.mean()
+
+
+# ------------------------------------------------------------------------- thresholds and level 2
+def test_per_label_thresholds_are_tuned_on_oof_with_their_nested_gain():
+    from pipeline.level2.rules import apply_rules, honest_gain
+
+    rng = np.random.default_rng(2)
+    y = (rng.random((400, 3)) < [0.4, 0.2, 0.3]).astype(int)
+    scale = np.array([1.0, 0.5, 0.3])  # labels 1 and 2 are under-confident: their best thresholds are low
+    p = np.clip((y * 0.6 + rng.random((400, 3)) * 0.4) * scale, 0, 1)
+    pcfg = load_config(None, ["postprocess.threshold=true"])["postprocess"]
+    metric = get_metric("macro_f1")
+    res, nested = honest_gain(pcfg, "multilabel", metric, y, p, np.arange(400) % 4)
+    t = np.array(res["params"]["label_thresholds"])
+    assert 0.3 <= t[0] <= 0.7 and t[1] < 0.4 and t[2] < 0.25, t
+    assert res["nested_gain"] > 0.2 and res["in_sample_gain"] >= res["nested_gain"] - 1e-9
+    assert metric(y, apply_rules(res["params"], "multilabel", p)) == pytest.approx(res["in_sample"])
+    assert nested.shape == p.shape
+
+
+def test_level_2_fits_each_label_and_its_saved_models_redo_the_test_predictions(tmp_path):
+    from pipeline.level2.models import LEVEL2_MODELS, Level2Data, predict_saved, stage_models
+    from pipeline.store.artifacts import ArtifactGroup
+
+    rng = np.random.default_rng(3)
+    y = (rng.random((300, 3)) < 0.4).astype(int)
+    X = pd.DataFrame(np.clip(y + rng.normal(0, 0.6, y.shape), -1, 2), columns=["a__l__0__mean", "a__l__1__mean",
+                                                                                "a__l__2__mean"])
+    T = X.iloc[:50].reset_index(drop=True)
+    scfg = load_config(None, ["stack.model=lgbm"])["stack"]
+    d = Level2Data(X, T, y, np.arange(300) % 3, "multilabel", 3, ["a"], [], [], scfg, 0, get_metric("mean_auc"))
+    result = LEVEL2_MODELS["lgbm"](d)
+    assert result.oof.shape == (300, 3) and result.test.shape == (50, 3)
+    assert get_metric("mean_auc")(y, result.oof) > 0.8
+    per_label = [np.corrcoef(result.oof[:, j], X.iloc[:, j])[0, 1] for j in range(3)]
+    assert min(per_label) > 0.7  # each label's column follows its own input
+    with ArtifactGroup(tmp_path / "meta.json") as group:
+        stage_models(group, tmp_path / "models", d, result)
+        group.commit({})
+    np.testing.assert_allclose(predict_saved(tmp_path / "models", T), result.test, atol=1e-9)
+
+
+# ------------------------------------------------------------------------- the whole chain
+def test_a_label_set_competition_runs_the_whole_chain_and_the_bundle(tmp_path, monkeypatch):
+    from pipeline.kaggle.inference import predict
+    from pipeline.stages import run_stage
+
+    monkeypatch.chdir(tmp_path)
+    root, truth = label_set_competition(tmp_path / "comp", "columns")
+    over = overrides(tmp_path, root, "columns", "mean_auc")
+    cfg = load_config(None, [*over, "train.loss=asl"])
+    for stage in ("folds", "train", "features", "stack", "postprocess", "submit"):
+        run_stage(stage, cfg)
+    report = (tmp_path / "folds" / "demo.report.txt").read_text()
+    assert "top %" in report and "label-share deviation" in report
+    sub = pd.read_csv(tmp_path / "submissions" / "ml-l2-pp.csv")
+    assert list(sub.columns) == ["id", *LABELS]
+    score = get_metric("mean_auc")(truth, sub[list(LABELS)].to_numpy())
+    print(f"\n[multilabel] mean column-wise AUC of the submission on solution.csv: {score:.4f} (chance 0.5)")
+    assert score > 0.85
+    assert sub[list(LABELS)].stack().between(0, 1).all() and sub["top"].nunique() > 2  # probabilities (AUC)
+    bundle = run_stage("kaggle", load_config(None, [*over, "train.loss=asl", "kaggle.source=ml-l2-pp"]))
+    frame, _ = predict(bundle, root, device="cpu")
+    np.testing.assert_allclose(frame[list(LABELS)].to_numpy(), sub[list(LABELS)].to_numpy(), atol=1e-3)
