@@ -161,8 +161,8 @@ def assert_same_submission(got: pd.DataFrame, want: pd.DataFrame) -> None:
     for c in want.columns[1:]:
         if want[c].dtype.kind == "f":
             np.testing.assert_allclose(got[c].to_numpy(), want[c].to_numpy(), rtol=0, atol=1e-5)
-        else:
-            assert got[c].tolist() == want[c].tolist(), c
+        else:  # (an empty label set is an empty cell: NaN on reading)
+            assert got[c].fillna("").tolist() == want[c].fillna("").tolist(), c
 
 
 @pytest.mark.parametrize("source", ["demo-resnet", "demo-stack-pp"])
@@ -237,6 +237,31 @@ def run_notebook(bundle: Path, competition_dir: Path, made: Path, image_links, t
     size = sum(p.stat().st_size for p in bundle.rglob("*") if p.is_file())
     print(f"\n[kaggle test] {source}: bundle {size / 2**20:.1f} MiB, notebook ran in {elapsed:.1f}s "
           "(kernel start, pip install from the bundle, inference)")
+
+
+def test_a_label_set_competition_runs_the_chain_and_the_offline_notebook(image_links, tmp_path, monkeypatch):
+    """Multi-label with one column of space-separated labels: the chain, then the bundle's notebook offline
+    writes the same labels back in that column."""
+    from pipeline.config.loading import load_config
+    from pipeline.metrics import get_metric
+    from pipeline.stages import run_stage
+    from tests.test_multilabel import LABELS, label_set_competition, overrides
+
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    root, truth = label_set_competition(tmp_path / "comp", "tags")
+    over = [*overrides(work, root, "tags", "micro_f1"), "kaggle.source=ml-l2-pp"]
+    for stage in ("folds", "train", "features", "stack", "postprocess", "submit", "kaggle"):
+        run_stage(stage, load_config(None, over))
+    made = work / "submissions" / "ml-l2-pp.csv"
+    sub = pd.read_csv(made)
+    assert set(" ".join(sub["tags"].fillna("")).split()) <= set(LABELS)
+    pred = np.array([[c in str(cell).split() for c in LABELS] for cell in sub["tags"]], dtype=float)
+    score, everything = get_metric("micro_f1")(truth, pred), get_metric("micro_f1")(truth, np.ones_like(pred))
+    print(f"\n[multilabel] micro-F1 of the submission on solution.csv: {score:.4f} (every label: {everything:.4f})")
+    assert score > everything + 0.15
+    run_notebook(work / "kaggle" / "ml-l2-pp", root, made, image_links, tmp_path, monkeypatch)
 
 
 # ------------------------------------------------------------------------- what a bundle holds

@@ -228,3 +228,28 @@ def test_a_label_set_competition_runs_the_whole_chain_and_the_bundle(tmp_path, m
     bundle = run_stage("kaggle", load_config(None, [*over, "train.loss=asl", "kaggle.source=ml-l2-pp"]))
     frame, _ = predict(bundle, root, device="cpu")
     np.testing.assert_allclose(frame[list(LABELS)].to_numpy(), sub[list(LABELS)].to_numpy(), atol=1e-3)
+
+
+def test_the_readme_task_table_is_the_task_registry():
+    """Every task kind has its README row, and the row's losses, metrics and rules are the registry's."""
+    import re
+    from pathlib import Path
+
+    from pipeline.tasks import TASKS
+    from pipeline.training.losses import LOSSES
+
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    start = text.index("| task | target |")
+    table = text[start:text.index("\n\n", start)]
+    rows = {m.group(1): [c.strip() for c in m.group(2).split("|")]
+            for m in re.finditer(r"^\| `(\w+)` \|(.*)\|$", table, re.M)}
+    assert set(rows) >= set(TASKS), sorted(set(TASKS) - set(rows))
+
+    def names(cell):
+        return {w.strip() for w in cell.split(",")}
+
+    for name, task in TASKS.items():
+        target, head, losses, metrics, rules, *_ = rows[name]
+        assert names(losses) == set(LOSSES[task.head]), name
+        assert names(metrics) == set(task.metrics), name
+        assert names(rules) == set(task.rules), name
