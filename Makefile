@@ -15,7 +15,7 @@ RUN = $(PY) -m pipeline
 FOLDS_ARG = $(if $(FOLDS),train.folds=[$(FOLDS)])
 FLAGS = -c $(CONFIG) $(if $(FORCE),--force) $(ARGS)
 
-.PHONY: setup demo data folds pretrain train features stack postprocess submit kaggle lb lb-plot lr-find tune test clean
+.PHONY: setup demo data folds pretrain train features knn stack postprocess submit kaggle lb lb-plot lr-find tune test clean
 
 setup: $(VENV)/.installed
 
@@ -66,6 +66,10 @@ tune: folds
 
 features: train
 	$(RUN) features $(FLAGS)
+
+# nearest-neighbour class scores from the fold models' embeddings: features/<name>-knn/ (metric learning)
+knn: train
+	$(RUN) knn $(FLAGS)
 
 # level 2 reads the features of stack.experiments (default: this config's own experiment): each is
 # brought up to date first, with the config that defines it (`pipeline inputs` finds it by name)

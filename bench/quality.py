@@ -104,7 +104,7 @@ EMA = "train.ema=true", "train.ema_decay=0.99"
 
 def pipeline_run(root: Path, name: str, epochs: int, n_folds: int, level1: list[list[str]], stack: bool,
                  post: bool, pseudo: list[str] | None = None, distill: list[str] | None = None,
-                 jigsaw: list[str] | None = None) -> dict:
+                 jigsaw: list[str] | None = None, knn: list[str] | None = None) -> dict:
     """Level-1 experiments (+ optional jigsaw init, one pseudo-label or distillation round, level 2,
     post-processing) in one workdir; everything is timed, pretraining included."""
     from pipeline import load_config, run_stage
@@ -131,6 +131,9 @@ def pipeline_run(root: Path, name: str, epochs: int, n_folds: int, level1: list[
             run_stage("features", cfg)
             names[0] = exp
     final = names[-1] if len(names) == 1 else None
+    if knn is not None:  # the one experiment's embeddings, searched fold by fold (make knn): submitted instead
+        run_stage("knn", load_config(None, [*common, f"name={names[0]}", *level1[0], *knn]))
+        final = f"{names[0]}-knn"
     if stack:
         cfg = load_config(None, [*common, f"name={name}", f"stack.experiments=[{', '.join(names)}]",
                                  "stack.model=auto", f"stack.name={name}-l2"])
@@ -190,6 +193,13 @@ def main():
         "bm (b) with an ArcFace head (model.head=arcface, scale 16): softmax vs margin at equal time": lambda: pipeline_run(
             root, "bm", eb, args.folds, [tiny + [AFFINE, *EMA, "model.head=arcface", "model.head_scale=16"]], False,
             False),
+        # (bk, bsk: bm's and b's own workdirs, so their fold models are reused when they are there; the wall is
+        # then the kNN pass's alone)
+        "bk (bm) + kNN on its embeddings (make knn, k 20), submitted instead of its softmax": lambda: pipeline_run(
+            root, "bm", eb, args.folds, [tiny + [AFFINE, *EMA, "model.head=arcface", "model.head_scale=16"]], False,
+            False, knn=["knn.k=20"]),
+        "bsk (b) + kNN on its softmax-trained embeddings (k 20)": lambda: pipeline_run(
+            root, "b", eb, args.folds, [tiny + [AFFINE, *EMA]], False, False, knn=["knn.k=20"]),
         "b-aug  (b) without the augmentation": lambda: pipeline_run(root, "b-aug", eb, args.folds, [tiny + [*EMA]],
                                                                    False, False),
         "b-ema  (b) without EMA": lambda: pipeline_run(root, "b-ema", eb, args.folds, [tiny + [AFFINE]], False, False),

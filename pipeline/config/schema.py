@@ -161,6 +161,16 @@ class Pretrain(_Section):
     output: str = "models/pretrain/{name}-{backbone}.pt"  # relative to workdir
 
 
+class Knn(_Section):
+    """``make knn``: nearest-neighbour class scores from the fold models' embeddings (pipeline.stages.knn)."""
+    name: SafeName | None = None  # the feature set written; default <name>-knn
+    k: int = Field(20, ge=1)  # neighbours searched per row
+    scale: float = Field(30.0, gt=0)  # softmax scale of the neighbours' cosine similarities
+    batch_size: int = Field(256, ge=1)
+    new_label: str | int | None = None  # the class meaning "not a known individual" (e.g. new_whale)
+    new_threshold: float | None = Field(None, ge=-1, le=1)  # its similarity threshold; None: tuned on OOF, nested
+
+
 class Features(_Section):
     tta: TtaSet = "none"  # registry: pipeline.predict.tta.TTA_SETS (identity view first)
     scales: list[float] = [1.0]  # multi-scale TTA: input scale factors, e.g. [0.875, 1.0, 1.125]
@@ -261,6 +271,7 @@ class Config(_Section):
     lr_find: LrFind = LrFind()
     pretrain: Pretrain = Pretrain()
     features: Features = Features()
+    knn: Knn = Knn()
     stack: Stack = Stack()
     postprocess: Postprocess = Postprocess()
     leaderboard: Leaderboard = Leaderboard()

@@ -236,5 +236,25 @@ def _postprocess_set(s: SetInputs) -> tuple[pd.DataFrame, str]:
     return prediction_frame(s.test[id_col].to_numpy(), id_col, s.name, head, pred), f"rules {sorted(pp['params'])} on {src}"
 
 
+def _knn_set(s: SetInputs) -> tuple[pd.DataFrame, str]:
+    """Each fold model embeds the test rows and searches its own saved index; the mean over the models."""
+    from pipeline.competition.images import SharedImages, loader_workers
+    from pipeline.predict import neighbours
+    from pipeline.predict.model_run import ModelRun
+
+    id_col, info = s.cfg["competition"]["id"], read_json(s.bundle / s.spec["params"])
+    workers = loader_workers({"num_workers": "auto"}, s.device)
+    images = SharedImages(image_paths(s.cfg, s.test[id_col], "test"), {"cache": "auto"}, workers,
+                          f"{s.name}: decode test images")
+    preds = []
+    for rel, index in zip(s.spec["models"], s.spec["indexes"]):
+        emb = ModelRun(s.bundle / rel, s.device).predict(images, batch_size=info["batch_size"], workers=workers,
+                                                         embed=True)["embedding"]
+        preds.append(neighbours.predict(neighbours.Index.load(s.bundle / index), emb, info["k"], info["scale"],
+                                        info["n_classes"], info["new_class"], info["test_threshold"]))
+    frame = prediction_frame(s.test[id_col].to_numpy(), id_col, s.name, main_head(s.cfg), np.mean(preds, axis=0))
+    return frame, f"kNN (k={info['k']}) over {len(preds)} fold index(es)"
+
+
 # each kind of set a bundle holds -> how the notebook redoes it (the bundle's side: pipeline.stages.kaggle.SET_KINDS)
-SET_KINDS = {"features": _level1_set, "stack": _stack_set, "postprocess": _postprocess_set}
+SET_KINDS = {"features": _level1_set, "stack": _stack_set, "postprocess": _postprocess_set, "knn": _knn_set}

@@ -22,6 +22,7 @@ STAGES = {
     "lr-find": "lr_find",
     "tune": "tune",  # Optuna search: trials run the train stage through run_stage
     "features": "features",
+    "knn": "knn",  # nearest-neighbour class scores from the fold models' embeddings (metric learning)
     "stack": "stack",
     "postprocess": "postprocess",
     "submit": "submit",

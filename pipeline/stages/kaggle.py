@@ -185,7 +185,22 @@ def _postprocess_set(cfg: dict, name: str, d: Path, meta: dict, saved: dict, spe
     spec.update(kind="postprocess", params=f"postprocess/{name}.json")
 
 
-SET_KINDS = {"features": _level1_set, "stack": _stack_set, "postprocess": _postprocess_set}
+def _knn_set(cfg: dict, name: str, d: Path, meta: dict, saved: dict, spec: dict, sets: dict, files: dict) -> None:
+    """The fold models (to embed the test rows) and each one's neighbour index."""
+    exp = saved["name"]
+    spec.update(kind="knn", models=[], indexes=[], params=f"knn/{name}.json")
+    for k in meta["test_models"]:
+        ckpt, index = fold_dir(cfg, k, exp) / "best.pt", d / "index" / f"fold{k}.npz"
+        for f in (ckpt, index):
+            if not f.exists():
+                raise InputError(f"{f}: missing, but {d} was made with it; remake it (`make train`, `make knn`).")
+        files[f"models/{exp}/fold{k}.pt"], files[f"knn/{name}/fold{k}.npz"] = ckpt, index
+        spec["models"].append(f"models/{exp}/fold{k}.pt")
+        spec["indexes"].append(f"knn/{name}/fold{k}.npz")
+    files[f"knn/{name}.json"] = read_json(d / "knn.json")
+
+
+SET_KINDS = {"features": _level1_set, "stack": _stack_set, "postprocess": _postprocess_set, "knn": _knn_set}
 
 def copy_checkpoint(src: Path, dst: Path, fp16: bool) -> None:
     """The checkpoint's slim copy (weights, heads, model and image settings), floats in half precision with

@@ -1,0 +1,183 @@
+"""``make knn``: a nearest-neighbour feature set from the fold models' embeddings, out of fold.
+
+Fold model k embeds the rows it trained on (its **index**), the rows it held out, and every test row. A
+held-out row's neighbours are searched in fold k's index alone, so no row's score comes from a model, or an
+index, that saw its label: the OOF rule of level 1 (``pipeline.predict.neighbours`` scores them). Test rows
+get the mean over the fold models, each searching its own index. With ``knn.new_label`` (a class meaning "not
+a known individual", e.g. ``new_whale``) that class competes at a similarity threshold, tuned on OOF rows
+with the same nesting as post-processing: fold k's rows by the threshold tuned on the other folds' rows.
+
+Writes ``features/<name>-knn/`` (``knn.name``): ``oof.parquet`` (with ``fold``), ``test.parquet``, ``cv.json``,
+``knn.json`` and ``index/fold<k>.npz`` (each fold's index, which a Kaggle bundle carries). Its columns are
+the main head's, ``<set>__<head>__<class>__mean``: it can be submitted, blended and stacked like any set.
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+
+from pipeline.competition.images import SharedImages, loader_workers
+from pipeline.competition.tables import (
+    class_labels,
+    fold_matrix,
+    held_out,
+    image_paths,
+    load_folds,
+    load_test,
+    load_train,
+    num_classes,
+    repeat_columns,
+    repeat_of,
+    table_path,
+    truth,
+)
+from pipeline.errors import InputError
+from pipeline.metrics import fold_mean_estimate, get_metric
+from pipeline.predict import neighbours
+from pipeline.predict.model_run import ModelRun
+from pipeline.store import leaderboard
+from pipeline.store.artifacts import ArtifactGroup, stage_lock
+from pipeline.store.io import config_hash, file_hash, is_up_to_date, log, provenance, resolved_config_text
+from pipeline.store.paths import features_dir, main_head, models_dir, prediction_frame
+from pipeline.tasks import task_of
+from pipeline.training.fold_models import FoldModels
+from pipeline.training.models import pick_device
+from pipeline.training.train_key import images_hash, train_key
+
+
+def knn_name(cfg: dict) -> str:
+    return cfg["knn"]["name"] or f"{cfg['name']}-knn"
+
+
+def new_class(cfg: dict) -> int | None:
+    """The index of ``knn.new_label`` among the classes (a string label, or a class number)."""
+    label = cfg["knn"]["new_label"]
+    if label is None:
+        return None
+    labels = class_labels(cfg)
+    if labels is not None:
+        if str(label) not in labels:
+            raise InputError(f"knn.new_label '{label}' is not a class of {table_path(cfg, 'train')} "
+                             f"(classes: {', '.join(labels[:8])}...).")
+        return labels.index(str(label))
+    return int(label)
+
+
+def run(cfg: dict, force: bool = False) -> Path:
+    with stage_lock(features_dir(cfg, knn_name(cfg))):
+        return _run(cfg, force)
+
+
+# (over 60 lines on purpose: the stage's story in order, inputs -> key -> up-to-date check -> work -> one
+# commit; the neighbour search itself is pipeline.predict.neighbours')
+def _run(cfg: dict, force: bool) -> Path:
+    kc, id_col, name = cfg["knn"], cfg["competition"]["id"], knn_name(cfg)
+    if task_of(cfg).head_kind.outputs != "classes":
+        raise InputError(f"make knn: neighbours vote for classes; competition.task={cfg['competition']['task']} "
+                         "has none (use a multiclass competition)")
+    out = features_dir(cfg, name)
+    train_df, test_df = load_train(cfg, check_images=False), load_test(cfg)
+    folds_df, folds_hash = load_folds(cfg)
+    matrix = fold_matrix(cfg, train_df, folds_df)
+    models = list(range(int(matrix.max()) + 1))
+    fold_models = FoldModels(models_dir(cfg))
+    metas = fold_models.require_folds(len(models), folds_hash)
+    fold_models.require_current(models, train_key(cfg, train_df, folds_hash))
+    y, n_classes, new = truth(cfg, train_df).astype(int), num_classes(cfg, train_df), new_class(cfg)
+    key = config_hash([kc, [metas[k]["stage_key"] for k in models], folds_hash,
+                       file_hash(table_path(cfg, "test")), images_hash(cfg, test_df[id_col], "test")])
+    if not force and is_up_to_date(out / "meta.json", key, [out / "oof.parquet", out / "test.parquet"]):
+        log(f"[knn] up to date: {out}")
+        return out
+    started = time.time()
+    device = pick_device(cfg["train"]["device"])
+    workers = loader_workers(cfg["data"], device)
+    paths = image_paths(cfg, train_df[id_col], "train")
+    test_images = SharedImages(image_paths(cfg, test_df[id_col], "test"), cfg["data"], workers, "decode test images")
+    indexes, oof_score, test_score = {}, {}, {}
+    from tqdm.auto import tqdm
+
+    for m in tqdm(models, desc=f"knn {name}", leave=False):  # each model: its index, its held-out rows, test
+        run = ModelRun(fold_models.checkpoint(m), device, fold=m)
+
+        def embed(images, run=run):
+            return run.predict(images, batch_size=kc["batch_size"], workers=workers, embed=True)["embedding"]
+
+        own, rows = np.flatnonzero(~held_out(matrix, m)), np.flatnonzero(held_out(matrix, m))
+        indexes[m] = neighbours.Index(neighbours.normalise(embed([paths[i] for i in own])), y[own],
+                                      train_df[id_col].to_numpy()[own])
+        oof_score[m] = _scores(indexes[m], embed([paths[i] for i in rows]), kc["k"], n_classes)
+        test_score[m] = _scores(indexes[m], embed(test_images), kc["k"], n_classes)
+    metric = get_metric(cfg["competition"]["metric"])
+    thresholds = {}
+    repeats = [[m for m in models if repeat_of(matrix, m) == r] for r in range(len(repeat_columns(folds_df)))]
+    oofs = []
+    for r, owners in enumerate(repeats):  # one full OOF per repeat, each row from the model that held it out
+        score = np.full((len(y), n_classes), -np.inf)
+        for m in owners:
+            score[matrix[:, r] == m] = oof_score[m]
+        if new is not None and kc["new_threshold"] is None:  # nested: each fold's by the other folds' rows
+            for m in owners:
+                rest = matrix[:, r] != m
+                thresholds[m] = neighbours.tune_threshold(metric, y[rest], score[rest], kc["scale"], new)
+        probs = np.empty(score.shape)
+        for m in owners:
+            mine = matrix[:, r] == m
+            probs[mine] = _probs(score[mine], kc, new, thresholds.get(m, kc["new_threshold"]))
+        oofs.append(probs)
+    test_threshold = kc["new_threshold"]
+    if new is not None and test_threshold is None:  # the test rows: tuned on every OOF row of repeat 0
+        whole = np.full((len(y), n_classes), -np.inf)
+        for m in repeats[0]:
+            whole[matrix[:, 0] == m] = oof_score[m]
+        test_threshold = neighbours.tune_threshold(metric, y, whole, kc["scale"], new)
+    tests = [_probs(test_score[m], kc, new, test_threshold) for m in models]
+    oof, test = np.mean(oofs, axis=0), np.mean(tests, axis=0)
+    head = main_head(cfg)
+    cv = {f"fold{m}": {"tta": metric(y[matrix[:, 0] == m], oof[matrix[:, 0] == m]),
+                       "no_tta": metric(y[matrix[:, 0] == m], oof[matrix[:, 0] == m])} for m in repeats[0]}
+    cv["overall"] = {"tta": metric(y, oof), "no_tta": metric(y, oof)}
+    fold_mean = fold_mean_estimate(metric.name, y, oofs, tests, True)
+    info = {"k": kc["k"], "scale": kc["scale"], "n_classes": n_classes, "batch_size": kc["batch_size"],
+            "new_class": new, "test_threshold": test_threshold,
+            "fold_thresholds": {str(m): t for m, t in thresholds.items()},
+            "index_rows": {str(m): len(i.classes) for m, i in indexes.items()}}
+    meta = provenance(cfg, "knn", key, folds_hash=folds_hash, cv=cv, models=[str(m) for m in models],
+                      test_models=[str(m) for m in models], model_keys={str(m): metas[m]["stage_key"] for m in models},
+                      knn=info, fold_mean=fold_mean)
+    with ArtifactGroup(out / "meta.json") as group:
+        group.parquet(out / "oof.parquet", prediction_frame(train_df[id_col].to_numpy(), id_col, name, head, oof,
+                                                            matrix[:, 0]), meta)
+        group.parquet(out / "test.parquet", prediction_frame(test_df[id_col].to_numpy(), id_col, name, head, test), meta)
+        for m, index in indexes.items():
+            group.add(out / "index" / f"fold{m}.npz", index.save)
+        group.json(out / "knn.json", info)
+        group.json(out / "cv.json", {**cv, "submission": fold_mean})
+        group.text(out / "config.yaml", resolved_config_text(cfg))
+        group.commit(meta)
+    leaderboard.record(cfg, "features", started, cv=cv["overall"]["tta"], experiment=name,
+                       folds={k: v["tta"] for k, v in cv.items() if k != "overall"},
+                       predicted=fold_mean["predicted"], predicted_how=fold_mean["how"],
+                       artifacts=[str(out / "oof.parquet"), str(out / "test.parquet")],
+                       note=f"kNN (k={kc['k']}) on {cfg['name']}'s embeddings"
+                            + (f"; new-individual threshold {test_threshold:.3f}" if new is not None else ""))
+    log(f"[knn] {name}: CV {metric.name} {cv['overall']['tta']:.4f} (folds: "
+        + ", ".join(f"{v['tta']:.4f}" for k, v in cv.items() if k != "overall") + ")"
+        + (f"; new-individual threshold {test_threshold:.3f} (per fold: {info['fold_thresholds']})"
+           if new is not None else "") + f"; wrote {out}")
+    return out
+
+
+def _scores(index: neighbours.Index, queries: np.ndarray, k: int, n_classes: int) -> np.ndarray:
+    """Each row's class scores (the best neighbour similarity per class), before any threshold."""
+    sims, rows = index.search(queries, k)
+    return neighbours.class_scores(sims, index.classes[rows], n_classes)
+
+
+def _probs(score: np.ndarray, kc: dict, new: int | None, threshold: float | None) -> np.ndarray:
+    score = score.copy()
+    if new is not None and threshold is not None:
+        score[:, new] = np.maximum(score[:, new], threshold)
+    return neighbours.probabilities(score, kc["scale"])
