@@ -75,7 +75,8 @@ knn: train
 # brought up to date first, with the config that defines it (`pipeline inputs` finds it by name)
 stack: folds
 	@inputs=$$($(RUN) inputs -c $(CONFIG) $(ARGS)) || exit 2; \
-	for c in $$inputs; do $(MAKE) --no-print-directory features CONFIG=$$c ARGS="$(TEACHER_ARGS)" || exit 2; done
+	for c in $$inputs; do case $$c in knn=*) t=knn; c=$${c#knn=};; *) t=features;; esac; \
+	  $(MAKE) --no-print-directory $$t CONFIG=$$c ARGS="$(TEACHER_ARGS)" || exit 2; done
 	$(RUN) stack $(FLAGS)
 
 postprocess: setup

@@ -142,7 +142,7 @@ def _inputs(argv: list[str]) -> int:
     """``inputs [--for stack|train] -c x.yaml [key=value ...]``: one config file per experiment whose
     features x.yaml reads: the level-1 experiments of its stack, or the teachers of its training
     (pseudo-labels, distillation). Make brings their features up to date first."""
-    from pipeline.config.loading import config_for_experiment, load_config
+    from pipeline.config.loading import config_for_experiment, knn_config, load_config
     from pipeline.errors import ConfigError
     from pipeline.store.paths import stack_inputs
 
@@ -158,8 +158,11 @@ def _inputs(argv: list[str]) -> int:
         if cfg["name"] in exps:
             raise ConfigError(f"experiment '{cfg['name']}' names itself as its teacher (train.pseudo.source / "
                               "train.distill.teacher); a round's teacher is an earlier experiment.")
-    else:
-        exps = stack_inputs(cfg)
+    else:  # a kNN set is made by `make knn` with its config: printed as knn=<config>
+        for exp in stack_inputs(cfg):
+            knn = knn_config(exp, args.config, cfg)
+            print(f"knn={knn}" if knn else config_for_experiment(exp, args.config, cfg))
+        return 0
     for exp in exps:
         print(config_for_experiment(exp, args.config, cfg))
     return 0

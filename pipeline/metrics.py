@@ -170,6 +170,8 @@ def ambiguity(preds: list) -> float:
 def squared_error(y, p, probabilities: bool) -> float:
     """MSE of values, or the Brier score of class probabilities (summed over classes, one-hot truth)."""
     p = np.asarray(p, dtype=float)
+    if label_sets(y):  # summed over labels, as the ambiguity is
+        return float(((p - np.asarray(y, dtype=float)) ** 2).sum(axis=1).mean())
     if probabilities and p.ndim == 2:
         truth = np.eye(p.shape[1])[np.asarray(y).astype(int)]
         return float(((p - truth) ** 2).sum(axis=1).mean())

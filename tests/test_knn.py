@@ -102,3 +102,27 @@ def test_fold_k_searches_only_its_own_training_rows_and_the_bundle_reproduces_th
     np.testing.assert_allclose(frames["arc-knn"].drop(columns="id").to_numpy(), test.drop(columns="id").to_numpy(),
                                atol=1e-5)  # the bundle's indexes give the kNN test predictions
     assert (sub["target"].to_numpy() == head_prediction(test, "arc-knn", "target").argmax(1)).all()
+
+
+def test_a_new_label_outside_the_classes_is_named(tmp_path):
+    from pipeline.errors import InputError
+    from pipeline.stages.knn import new_class
+
+    root, _ = brightness_competition(tmp_path / "comp", "ordinal", n=20, n_test=4)
+    base = [f"competition.root={root}", "competition.task=multiclass", "competition.metric=accuracy"]
+    assert new_class(load_config(None, [*base, "knn.new_label=4"])) == 4
+    for bad in ("9", "-1", "whale"):
+        with pytest.raises(InputError, match=r"knn.new_label .* is not a class .*0\.\.4"):
+            new_class(load_config(None, [*base, f"knn.new_label={bad}"]))
+
+
+def test_make_stack_brings_a_knn_input_up_to_date_with_make_knn(tmp_path):
+    import subprocess
+    import sys
+
+    (tmp_path / "configs").mkdir()
+    (tmp_path / "configs" / "arc.yaml").write_text("name: arc\nmodel: {head: arcface}\n")
+    (tmp_path / "configs" / "st.yaml").write_text("name: st\nstack: {experiments: [arc, arc-knn]}\n")
+    out = subprocess.run([sys.executable, "-m", "pipeline", "inputs", "-c", "configs/st.yaml"], cwd=tmp_path,
+                         capture_output=True, text=True, check=True).stdout.split()
+    assert out == ["configs/arc.yaml", "knn=configs/arc.yaml"]  # the Makefile runs `make knn` for the second

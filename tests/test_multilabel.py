@@ -225,6 +225,8 @@ def test_a_label_set_competition_runs_the_whole_chain_and_the_bundle(tmp_path, m
     print(f"\n[multilabel] mean column-wise AUC of the submission on solution.csv: {score:.4f} (chance 0.5)")
     assert score > 0.85
     assert sub[list(LABELS)].stack().between(0, 1).all() and sub["top"].nunique() > 2  # probabilities (AUC)
+    with pytest.raises(InputError, match="force_from forces one class.*label set"):  # a label set has no one class
+        run_stage("postprocess", load_config(None, [*over, "postprocess.force_from={experiment: ml}", "postprocess.name=f"]))
     bundle = run_stage("kaggle", load_config(None, [*over, "train.loss=asl", "kaggle.source=ml-l2-pp"]))
     frame, _ = predict(bundle, root, device="cpu")
     np.testing.assert_allclose(frame[list(LABELS)].to_numpy(), sub[list(LABELS)].to_numpy(), atol=1e-3)
@@ -253,3 +255,94 @@ def test_the_readme_task_table_is_the_task_registry():
         assert names(losses) == set(LOSSES[task.head]), name
         assert names(metrics) == set(task.metrics), name
         assert names(rules) == set(task.rules), name
+
+
+def test_f1_thresholds_from_counts_are_the_full_rescoring_ones():
+    from pipeline.level2.rules import label_thresholds
+    from pipeline.metrics import Metric
+
+    rng = np.random.default_rng(4)
+    y = (rng.random((300, 12)) < rng.uniform(0.02, 0.5, 12)).astype(int)
+    p = np.clip(y * rng.uniform(0.1, 0.6, 12) + rng.random((300, 12)) * 0.5, 0, 1)
+    for name in ("micro_f1", "macro_f1"):
+        fast = label_thresholds(get_metric(name), y, p)
+        slow = label_thresholds(Metric("rescored", get_metric(name).fn, True), y, p)  # the generic path
+        np.testing.assert_array_equal(fast, slow)
+    np.testing.assert_array_equal(label_thresholds(get_metric("mean_auc"), y, p), 0.5)  # ranks: nothing to tune
+
+
+def test_make_folds_routes_a_label_set_to_the_label_stratification(tmp_path):
+    from pipeline.competition.tables import load_train, truth
+    from pipeline.stages.folds import label_set_split, make_folds
+
+    root, _ = label_set_competition(tmp_path / "comp", "tags", n=90, n_test=4)
+    cfg = load_config(None, overrides(tmp_path, root, "tags", "micro_f1"))
+    train = load_train(cfg, check_images=False)
+    want = label_set_split(truth(cfg, train), train["grp"].astype(str).to_numpy(), 3, cfg["folds"]["seed"])
+    np.testing.assert_array_equal(make_folds(cfg, train), want)
+
+
+def test_numeric_labels_in_one_column_and_a_numeric_sample_placeholder(tmp_path):
+    from pipeline.competition.submission import text_columns, to_submission, validate
+    from pipeline.competition.tables import class_labels, label_matrix, load_train, truth
+
+    root = tmp_path / "comp"
+    root.mkdir()
+    pd.DataFrame({"id": ["a", "b", "c", "d"], "Target": ["1", "2", "", "10 2"]}).to_csv(root / "train.csv", index=False)
+    pd.DataFrame({"id": ["t0", "t1"], "Target": [0, 0]}).to_csv(root / "sample_submission.csv", index=False)
+    pd.DataFrame({"id": ["t0", "t1"]}).to_csv(root / "test.csv", index=False)
+    cfg = load_config(None, [f"competition.root={root}", "competition.task=multilabel", "competition.target=Target",
+                             "competition.metric=macro_f1", "competition.check_images=false"])
+    assert class_labels(cfg) == ["1", "2", "10"]  # numeric order
+    np.testing.assert_array_equal(truth(cfg, load_train(cfg, check_images=False)),
+                                  [[1, 0, 0], [0, 1, 0], [0, 0, 0], [0, 1, 1]])
+    np.testing.assert_array_equal(label_matrix(cfg, pd.DataFrame({"Target": [2.0, 1.0]}), "x"), [[0, 1, 0], [1, 0, 0]])
+    sample = pd.read_csv(root / "sample_submission.csv")
+    sub = to_submission(cfg, np.array([[0.9, 0.1, 0.8], [0.1, 0.1, 0.1]]), sample["id"], sample, class_labels(cfg))
+    validate(sub, sample, "id", text=text_columns(cfg))  # the sample's 0s do not make the labels numbers
+    assert sub["Target"].tolist() == ["1 10", ""]
+
+
+def test_a_probability_metric_with_one_label_column_is_refused_and_the_fold_mean_sums_over_labels():
+    from pipeline.errors import ConfigError
+    from pipeline.metrics import ambiguity, squared_error
+
+    with pytest.raises(ConfigError, match="scores a probability per label.*0/1 columns"):
+        load_config(None, ["competition.task=multilabel", "competition.target=tags", "competition.metric=mean_auc"])
+    rng = np.random.default_rng(5)
+    y = (rng.random((50, 4)) < 0.3).astype(int)
+    models = [rng.random((50, 4)) for _ in range(3)]
+    single = np.mean([squared_error(y, m, False) for m in models])
+    assert single - ambiguity(models) == pytest.approx(squared_error(y, np.mean(models, axis=0), False))
+
+
+def test_the_asymmetric_loss_without_a_clip_still_pushes_a_confident_wrong_label():
+    from pipeline.training.losses import LOSSES
+    from pipeline.training.models import Head
+
+    head = Head("labels", ["a", "b"], "multilabel", 2)
+    logits = torch.tensor([[30.0, 0.0]], requires_grad=True)  # label a: absent, yet p = 1 - 1e-13
+    LOSSES["multilabel"]["asl"](logits, torch.tensor([[0.0, 1.0]]), head,
+                                {"label_smoothing": 0.0, "asl_gamma_neg": 0.0, "asl_clip": 0.0}).sum().backward()
+    assert logits.grad[0, 0] > 0.4  # d/dz of -log(1 - sigmoid(z)) / 2 labels -> 0.5
+
+
+def test_level_2_per_label_refits_each_label_with_its_own_trees_and_a_linear_fit_survives_a_one_fold_label():
+    from pipeline.level2.models import LEVEL2_MODELS, Level2Data
+
+    rng = np.random.default_rng(6)
+    y = (rng.random((300, 3)) < 0.4).astype(int)
+    fold = np.arange(300) % 3
+    y[:, 2] = 0
+    y[np.flatnonzero(fold == 0)[:5], 2] = 1  # a rare label, only in fold 0: folds 1 and 2 train without it
+    noise = [0.2, 1.5, 1.0]  # label 0 is easy (few trees), label 1 is hard
+    X = pd.DataFrame(np.column_stack([y[:, j] + rng.normal(0, noise[j], 300) for j in range(3)]),
+                     columns=[f"a__l__{j}__mean" for j in range(3)])
+    refit = load_config(None, ["stack.model=lgbm", "stack.test_mode=refit"])["stack"]
+    d = Level2Data(X, X.iloc[:20], y, fold, "multilabel", 3, ["a"], [], [], refit, 0, get_metric("micro_f1"))
+    result = LEVEL2_MODELS["lgbm"](d)
+    want = [max(1, int(np.mean([result.models[f"fold{k}"].iterations[j] for k in range(3)]))) for j in range(3)]
+    assert result.models["refit"].iterations == want and len(set(want)) > 1, want
+    linear = LEVEL2_MODELS["linear"](Level2Data(X, X.iloc[:20], y, fold, "multilabel", 3, ["a"], [], [],
+                                                load_config(None, ["stack.model=linear"])["stack"], 0, None))
+    assert linear.oof.shape == (300, 3) and (linear.oof[fold == 0, 2] == 0).all()  # trained on folds 1, 2: never

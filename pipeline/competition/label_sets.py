@@ -20,6 +20,8 @@ def tokens(cell) -> list[str]:
     """The labels of one cell: whitespace-separated; a blank or missing cell has none."""
     if cell is None or (isinstance(cell, float) and np.isnan(cell)):
         return []
+    if isinstance(cell, (int, np.integer)) or (isinstance(cell, (float, np.floating)) and float(cell).is_integer()):
+        return [str(int(cell))]  # a column of single numeric labels is read as numbers: 1.0 is label '1'
     return str(cell).split()
 
 

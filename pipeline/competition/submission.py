@@ -43,10 +43,17 @@ def submits_integers(cfg: dict, sample: pd.DataFrame) -> bool:
     return task.submits_labels(cfg["competition"]["metric"]) or task.submission == "rounded"
 
 
+def text_columns(cfg: dict) -> list[str]:
+    """Submission columns that hold text whatever the sample's placeholder: a label set's space-separated
+    column (a sample of 0s reads as numbers)."""
+    comp = cfg["competition"]
+    return [comp["target"]] if get_task(comp["task"]).label_sets and isinstance(comp["target"], str) else []
+
+
 def validate(sub: pd.DataFrame, sample: pd.DataFrame, id_col: str, where: str = "submission",
-             integers: bool = True) -> None:
+             integers: bool = True, text: list | tuple = ()) -> None:
     """The submission has sample_submission's ids, order and columns, finite values, and (``integers``)
-    integers where the sample's column holds integers."""
+    integers where the sample's column holds integers; ``text``: columns of labels (``text_columns``)."""
     if list(sub.columns) != list(sample.columns):
         raise SubmissionError(f"{where}: columns {list(sub.columns)} differ from sample_submission's {list(sample.columns)}.")
     ids, want = sub[id_col].astype(str), sample[id_col].astype(str)
@@ -63,6 +70,8 @@ def validate(sub: pd.DataFrame, sample: pd.DataFrame, id_col: str, where: str = 
         if c == id_col:
             continue
         v = sub[c]
+        if c in text:  # space-separated labels; an empty cell is the empty set
+            continue
         if not pd.api.types.is_numeric_dtype(sample[c]) and not pd.api.types.is_numeric_dtype(v):
             if v.isna().any():  # string class labels: every row needs one
                 raise SubmissionError(f"{where}: column '{c}' is empty at {int(v.isna().sum())} row(s), e.g. id "

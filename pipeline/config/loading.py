@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import difflib
+import json
 import re
 from collections.abc import Iterable
 from pathlib import Path
@@ -207,6 +208,37 @@ def load_config(path: str | Path | None = None, overrides: Iterable[str] = ()) -
     cfg = apply_overrides(cfg, overrides)
     where = " + ".join(([str(path)] if path is not None else []) + (["command line"] if overrides else [])) or "config"
     return _validate_schema(cfg, where=where)
+
+
+def knn_config(experiment: str, config_path: str | Path, cfg: dict) -> str | None:
+    """The config whose ``make knn`` writes the feature set ``experiment`` (its ``knn.name``, by default
+    ``<name>-knn``), or None when ``experiment`` is no kNN set: the given config, a YAML beside it, or the
+    config an earlier ``make knn`` saved beside it."""
+    def knn_name(data: dict) -> str | None:
+        return (data.get("knn") or {}).get("name") or (f"{data['name']}-knn" if data.get("name") else None)
+
+    if cfg["name"] == experiment:
+        return None
+    if knn_name(cfg) == experiment:
+        return str(config_path)
+    found = []
+    for candidate in sorted(Path(config_path).parent.glob("*.y*ml")):
+        try:
+            data = _read_yaml(candidate)
+        except ConfigError:
+            continue
+        if data.get("name") == experiment:  # an experiment of that very name: its features
+            return None
+        if knn_name(data) == experiment:
+            found.append(str(candidate))
+    if found:
+        return found[0]
+    from pipeline.store.paths import features_dir
+
+    meta = features_dir(cfg, experiment) / "meta.json"
+    if meta.exists() and json.loads(meta.read_text()).get("stage") == "knn":
+        return str(features_dir(cfg, experiment) / "config.yaml")
+    return None
 
 
 def config_for_experiment(experiment: str, config_path: str | Path, cfg: dict) -> str:

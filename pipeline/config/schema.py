@@ -312,6 +312,17 @@ class Config(_Section):
         return self
 
     @model_validator(mode="after")
+    def _label_column_holds_labels(self):
+        task = get_task(self.competition.task)
+        if task.label_sets and isinstance(self.competition.target, str) and self.competition.metric in \
+                task.probability_metrics:
+            raise ValueError(f"competition.metric={self.competition.metric} scores a probability per label, but "
+                             f"competition.target={self.competition.target} is one column of space-separated labels, "
+                             "which holds no probabilities: give the labels as 0/1 columns (competition.target: "
+                             "[a, b, ...]) or use micro_f1 / macro_f1")
+        return self
+
+    @model_validator(mode="after")
     def _one_normalisation(self):
         d = self.data
         mode = ("model" if self.model.pretrained else "dataset") if d.normalize == "auto" else d.normalize

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from pipeline.competition.submission import submits_integers, to_submission, validate
+from pipeline.competition.submission import submits_integers, text_columns, to_submission, validate
 from pipeline.competition.tables import image_paths, load_test, read_table, table_path
 from pipeline.errors import InputError
 from pipeline.level2.models import SAVED, predict_saved
@@ -176,7 +176,8 @@ def predict(bundle: str | Path, competition: str | Path, device: str = "auto",
     source = manifest["source"]
     pred = head_prediction(frames[source], source, head, manifest["submit"]["stat"])
     sub = to_submission(cfg, pred, test[id_col].astype(str), sample, manifest.get("class_labels"))
-    validate(sub, sample, id_col, where=f"submission of bundle '{source}'", integers=submits_integers(cfg, sample))
+    validate(sub, sample, id_col, where=f"submission of bundle '{source}'", integers=submits_integers(cfg, sample),
+             text=text_columns(cfg))
     return sub, frames
 
 

@@ -135,8 +135,10 @@ def _linear(task, X, y, Xt):
     nums = [c for c in X.columns if c not in cats]
     pre = make_column_transformer((StandardScaler(), nums), (OneHotEncoder(handle_unknown="ignore"), cats))
     kind = head_kind(task)
-    if kind.outputs == "columns":  # a label set: a logistic regression per label
-        return np.column_stack([_linear("binary", X, y[:, j], Xt) for j in range(y.shape[1])])
+    if kind.outputs == "columns":  # a label set: a logistic regression per label (a label these rows hold only
+        # one value of, e.g. a rare one held by one fold: that value)
+        return np.column_stack([_linear("binary", X, y[:, j], Xt) if len(np.unique(y[:, j])) > 1
+                                else np.full(len(Xt), float(y[0, j])) for j in range(y.shape[1])])
     est = LogisticRegression(max_iter=2000, C=1.0) if kind.classes else Ridge(alpha=1.0)
     model = make_pipeline(pre, est).fit(X, y)
     if kind.outputs == "classes":
@@ -200,8 +202,10 @@ def lgbm(d: Level2Data) -> Level2Result:
         tests.append(m.predict(d.T))
         imps.append(pd.Series(m.importance(), index=d.X.columns))
         kill_point(f"stack:fold{k}")
-    if d.scfg["test_mode"] == "refit":
-        n_iter = max(1, int(np.mean(iters) * d.scfg["refit_coef"]))
+    if d.scfg["test_mode"] == "refit":  # (each label of a label set its own mean)
+        per_output = np.mean([models[f"fold{k}"].iterations for k in sorted(np.unique(d.fold))], axis=0)
+        n_iter = [max(1, int(i * d.scfg["refit_coef"])) for i in per_output]
+        n_iter = n_iter[0] if len(n_iter) == 1 else n_iter
         log(f"[stack] refit on all rows with {n_iter} iterations (mean best iteration × {d.scfg['refit_coef']})")
         models["refit"] = _lgbm_fit(d.scfg["lgbm"] or {}, d.task, d.n_classes, d.X, d.y, n_estimators=n_iter,
                                     seed=d.seed)
@@ -356,7 +360,7 @@ def _saved_lgbm(folder: Path, spec: dict, T: pd.DataFrame, preds) -> np.ndarray:
     names = ["refit"] if spec["test_mode"] == "refit" else [n for n in spec["files"] if n != "refit"]
 
     def predict(file: Path) -> np.ndarray:
-        if head_kind(spec["task"]).outputs == "columns":  # a label set: one booster per label, in one file
+        if spec.get("task") and head_kind(spec["task"]).outputs == "columns":  # a label set: a booster per label
             return np.column_stack([lgb.Booster(model_str=text).predict(T)
                                     for text in file.read_text().split(LABEL_SEPARATOR)])
         return lgb.Booster(model_file=str(file)).predict(T)

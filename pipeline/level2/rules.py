@@ -90,7 +90,7 @@ def fit_rules(pcfg: dict, task: str, metric, y, p, other=None, onehot=None, targ
         params["threshold"] = float(max(grid, key=lambda t: (sign * score(apply_threshold(p, t)), -abs(t - 0.5))))
         p = apply_threshold(p, params["threshold"])
     if pcfg["threshold"] and "label_thresholds" in get_task(task).rules:
-        params["label_thresholds"] = label_thresholds(p, sign, score).tolist()
+        params["label_thresholds"] = label_thresholds(metric, y, p).tolist()
         p = apply_threshold(p, params["label_thresholds"])
     if pcfg["rounding"] and "rounding" in get_task(task).rules:
         lo, hi = (target_range if target_range is not None else (np.floor(p.min()), np.ceil(p.max())))
@@ -111,19 +111,57 @@ def fit_rules(pcfg: dict, task: str, metric, y, p, other=None, onehot=None, targ
     return params
 
 
-def label_thresholds(p, sign: int, score) -> np.ndarray:
+LABEL_GRID = np.round(np.linspace(0.02, 0.98, 49), 3)
+RANK_METRICS = ("map", "mean_auc")  # a label's ranking: no threshold changes them
+
+
+def label_thresholds(metric, y, p) -> np.ndarray:
     """A label set's threshold per label, by coordinate ascent on the whole metric (two sweeps over the labels;
-    micro-F1 couples them), the threshold nearer 0.5 on a tie."""
+    micro-F1 couples them), the threshold nearer 0.5 on a tie. F1 is computed from each label's counts at every
+    grid threshold (a sort per label, then sums), so thousands of labels take seconds; ranking metrics keep
+    0.5; any other metric is rescored in full per candidate."""
+    y, p = np.asarray(y), np.asarray(p, dtype=float)
+    if metric.name in RANK_METRICS:
+        return np.full(p.shape[1], 0.5)
+    if metric.name in ("micro_f1", "macro_f1"):
+        return _f1_thresholds(y, p, micro=metric.name == "micro_f1")
+    sign = 1 if metric.higher_is_better else -1
     t = np.full(p.shape[1], 0.5)
-    grid = np.round(np.linspace(0.02, 0.98, 49), 3)
     for _ in range(2):
         for j in range(p.shape[1]):
             def s(v, j=j):
                 tt = t.copy()
                 tt[j] = v
-                return sign * score(apply_threshold(p, tt))
-            t[j] = max(grid, key=lambda v: (s(v), -abs(v - 0.5)))
+                return sign * metric(y, apply_threshold(p, tt))
+            t[j] = max(LABEL_GRID, key=lambda v: (s(v), -abs(v - 0.5)))
     return t
+
+
+def _f1_thresholds(y, p, micro: bool) -> np.ndarray:
+    positives = y.astype(bool)
+    tp, fp, fn = (np.zeros((p.shape[1], len(LABEL_GRID))) for _ in range(3))
+    for j in range(p.shape[1]):  # rows at or above each threshold: all of them, and the label's positives
+        on = len(p) - np.searchsorted(np.sort(p[:, j]), LABEL_GRID, side="left")
+        hit = positives[:, j].sum() - np.searchsorted(np.sort(p[positives[:, j], j]), LABEL_GRID, side="left")
+        tp[j], fp[j], fn[j] = hit, on - hit, positives[:, j].sum() - hit
+    tie = -np.abs(LABEL_GRID - 0.5)  # (max over (score, tie) takes the first of equal keys, as max() does)
+
+    def best(scores: np.ndarray) -> int:
+        keys = np.lexsort((-np.arange(len(scores)), tie, scores))
+        return int(keys[-1])
+
+    f1 = 2 * tp / np.maximum(2 * tp + fp + fn, 1)
+    if not micro:  # the mean of per-label F1s: each label on its own
+        return LABEL_GRID[[best(f1[j]) for j in range(len(f1))]]
+    pick = np.full(p.shape[1], int(np.argmin(np.abs(LABEL_GRID - 0.5))))
+    for _ in range(2):
+        for j in range(p.shape[1]):
+            rows = np.arange(p.shape[1]) != j
+            TP = tp[rows, pick[rows]].sum() + tp[j]
+            FP = fp[rows, pick[rows]].sum() + fp[j]
+            FN = fn[rows, pick[rows]].sum() + fn[j]
+            pick[j] = best(2 * TP / np.maximum(2 * TP + FP + FN, 1))
+    return LABEL_GRID[pick]
 
 
 def apply_rules(params: dict, task: str, p, other=None, onehot=None):

@@ -42,10 +42,12 @@ class Index:
         with np.load(path) as z:
             return cls(z["embeddings"], z["classes"], z["ids"])
 
-    def search(self, queries: np.ndarray, k: int, block: int = 2048) -> tuple[np.ndarray, np.ndarray]:
-        """(similarities, row indices) of each query's ``k`` nearest index rows, most similar first."""
+    def search(self, queries: np.ndarray, k: int, block: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """(similarities, row indices) of each query's ``k`` nearest index rows, most similar first; queries go
+        in blocks of about 2**25 similarities (128 MiB) at a time."""
         q = normalise(queries)
         k = min(k, len(self.embeddings))
+        block = block or max(1, min(4096, 2 ** 25 // max(len(self.embeddings), 1)))
         sims, rows = [], []
         for start in range(0, len(q), block):
             s = q[start:start + block] @ self.embeddings.T

@@ -42,6 +42,7 @@ from pipeline.store.artifacts import ArtifactGroup, stage_lock
 from pipeline.store.io import config_hash, file_hash, is_up_to_date, log, provenance, resolved_config_text
 from pipeline.store.paths import features_dir, main_head, models_dir, prediction_frame
 from pipeline.tasks import task_of
+from pipeline.training import teachers
 from pipeline.training.fold_models import FoldModels
 from pipeline.training.models import pick_device
 from pipeline.training.train_key import images_hash, train_key
@@ -62,7 +63,14 @@ def new_class(cfg: dict) -> int | None:
             raise InputError(f"knn.new_label '{label}' is not a class of {table_path(cfg, 'train')} "
                              f"(classes: {', '.join(labels[:8])}...).")
         return labels.index(str(label))
-    return int(label)
+    try:
+        new = int(label)
+    except ValueError:
+        new = -1
+    if not 0 <= new < num_classes(cfg, load_train(cfg, check_images=False)):
+        raise InputError(f"knn.new_label {label!r} is not a class of {table_path(cfg, 'train')} (its classes are "
+                         f"0..{num_classes(cfg, load_train(cfg, check_images=False)) - 1}).")
+    return new
 
 
 def run(cfg: dict, force: bool = False) -> Path:
@@ -144,7 +152,9 @@ def _run(cfg: dict, force: bool) -> Path:
             "new_class": new, "test_threshold": test_threshold,
             "fold_thresholds": {str(m): t for m, t in thresholds.items()},
             "index_rows": {str(m): len(i.classes) for m, i in indexes.items()}}
-    meta = provenance(cfg, "knn", key, folds_hash=folds_hash, cv=cv, models=[str(m) for m in models],
+    # a leaky model's neighbours are leaky (models trained before the mark was recorded: their config says it)
+    leak = next((metas[m]["leak"] for m in models if metas[m].get("leak")), None) or teachers.leak_note(cfg)
+    meta = provenance(cfg, "knn", key, folds_hash=folds_hash, cv=cv, leak=leak, models=[str(m) for m in models],
                       test_models=[str(m) for m in models], model_keys={str(m): metas[m]["stage_key"] for m in models},
                       knn=info, fold_mean=fold_mean)
     with ArtifactGroup(out / "meta.json") as group:
@@ -162,7 +172,8 @@ def _run(cfg: dict, force: bool) -> Path:
                        predicted=fold_mean["predicted"], predicted_how=fold_mean["how"],
                        artifacts=[str(out / "oof.parquet"), str(out / "test.parquet")],
                        note=f"kNN (k={kc['k']}) on {cfg['name']}'s embeddings"
-                            + (f"; new-individual threshold {test_threshold:.3f}" if new is not None else ""))
+                            + (f"; new-individual threshold {test_threshold:.3f}" if new is not None else "")
+                            + (f"; {leak}" if leak else ""))
     log(f"[knn] {name}: CV {metric.name} {cv['overall']['tta']:.4f} (folds: "
         + ", ".join(f"{v['tta']:.4f}" for k, v in cv.items() if k != "overall") + ")"
         + (f"; new-individual threshold {test_threshold:.3f} (per fold: {info['fold_thresholds']})"

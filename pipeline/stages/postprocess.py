@@ -51,6 +51,7 @@ from pipeline.store.io import (
     resolved_config_text,
 )
 from pipeline.store.paths import features_dir, head_prediction, main_head, prediction_frame, stack_name
+from pipeline.tasks import task_of
 
 
 # ------------------------------------------------------------------------------------------- stage
@@ -102,6 +103,9 @@ def _run(cfg: dict, force: bool) -> Path:
     other = other_t = onehot = onehot_t = None
     if pcfg["blend_with"]:
         other, other_t = load(pcfg["blend_with"], "oof")[1], load(pcfg["blend_with"], "test")[1]
+    if pcfg["force_from"] and task_of(cfg).label_sets:
+        raise InputError("postprocess.force_from forces one class where a head is sure of it; a label set "
+                         f"(competition.task={comp['task']}) has no single class: remove force_from.")
     if pcfg["force_from"]:
         ff = pcfg["force_from"]
         onehot = load(ff["experiment"], "oof", ff.get("head", head))[1]

@@ -14,6 +14,7 @@ import pandas as pd
 from pipeline.competition.submission import (  # shared with pipeline.kaggle.inference (a Kaggle notebook)
     class_columns,
     submits_integers,
+    text_columns,
     to_submission,
     validate,
 )
@@ -90,7 +91,8 @@ def run(cfg: dict, force: bool = False) -> Path:
                          + "); the submission must have one row per test id: fix whichever file is wrong.")
     pred = head_prediction(test, source, main_head(cfg), cfg["submit"]["stat"])
     sub = to_submission(cfg, pred, test[comp["id"]].astype(str), sample, class_labels(cfg))
-    validate(sub, sample, comp["id"], where=f"submission for '{source}'", integers=submits_integers(cfg, sample))
+    validate(sub, sample, comp["id"], where=f"submission for '{source}'", integers=submits_integers(cfg, sample),
+             text=text_columns(cfg))
     out = submissions_dir(cfg) / (f"{source}.csv" + (".gz" if cfg["submit"]["gzip"] else ""))
     scores = score_local(cfg, sub)
     overall = (read_parquet_meta(feats).get("cv") or {}).get("overall")

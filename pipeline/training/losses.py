@@ -89,7 +89,8 @@ def asymmetric(logits, y, head: Head, opts: dict, cw=None):
     p = torch.sigmoid(z)
     shifted = (p - opts["asl_clip"]).clamp(min=0)
     pos = t * F.logsigmoid(z)
-    neg = (1 - t) * shifted.pow(opts["asl_gamma_neg"]) * torch.log((1 - shifted).clamp(min=1e-8))
+    log_absent = F.logsigmoid(-z) if not opts["asl_clip"] else torch.log((1 - shifted).clamp(min=1e-8))
+    neg = (1 - t) * shifted.pow(opts["asl_gamma_neg"]) * log_absent
     return -(pos + neg).mean(-1)
 
 
