@@ -79,3 +79,16 @@ def test_an_arcface_model_trains_predicts_and_round_trips_through_its_checkpoint
     pred = Predictor.from_experiment(tmp_path / "models/arc").predict(
         [root / "images" / f"{i}.png" for i in test["id"]])["target"]
     np.testing.assert_allclose(pred, probs, atol=1e-5)
+
+
+def test_the_cosine_head_computes_in_float32_under_mixed_precision():
+    from pipeline.training.models import CosineHead
+
+    torch.manual_seed(0)
+    head, z = CosineHead(64, 10, 30.0), torch.randn(8, 64)
+    plain = head(z)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed = head(z.bfloat16())
+    assert mixed.dtype == torch.float32
+    torch.testing.assert_close(mixed, head(z.bfloat16().float()), atol=1e-5, rtol=0)  # bf16 only in its input
+    assert (mixed - plain).abs().max() < 0.5  # (a bf16 matmul would err by ~0.1-1 on logits of scale 30)

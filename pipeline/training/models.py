@@ -134,7 +134,8 @@ class CosineHead(nn.Module):
         nn.init.xavier_uniform_(self.weight)
 
     def forward(self, z):
-        cos = F.normalize(z.float(), dim=-1) @ F.normalize(self.weight.float(), dim=-1).t()
+        with torch.autocast(z.device.type, enabled=False):  # in float32 under AMP: the margin needs full cosines
+            cos = F.normalize(z.float(), dim=-1) @ F.normalize(self.weight.float(), dim=-1).t()
         if self.subcenters > 1:
             cos = cos.reshape(len(z), self.out, self.subcenters).amax(-1)
         return cos * self.scale
