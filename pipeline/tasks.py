@@ -40,7 +40,7 @@ HEAD_KINDS = {h.name: h for h in (
     HeadKind("binary", "sigmoid", "bce", True, "one"),
     HeadKind("regression", "value", "mse", False, "one"),
     HeadKind("vector", "values", "mse", False, "columns"),  # several values regressed together
-    HeadKind("multilabel", "sigmoids", "bce", False, "columns"),  # one yes/no per label, any number of them
+    HeadKind("multilabel", "sigmoids", "bce", False, "columns", soft_targets=True),  # a yes/no per label
     HeadKind("position", "grid_softmax", "ce", True, "classes"),  # the jigsaw: a tile's position per tile
 )}
 

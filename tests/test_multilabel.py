@@ -346,3 +346,42 @@ def test_level_2_per_label_refits_each_label_with_its_own_trees_and_a_linear_fit
     linear = LEVEL2_MODELS["linear"](Level2Data(X, X.iloc[:20], y, fold, "multilabel", 3, ["a"], [], [],
                                                 load_config(None, ["stack.model=linear"])["stack"], 0, None))
     assert linear.oof.shape == (300, 3) and (linear.oof[fold == 0, 2] == 0).all()  # trained on folds 1, 2: never
+
+
+def test_a_label_set_takes_pseudo_labels_and_distillation(tmp_path, monkeypatch):
+    from pipeline.competition.tables import load_train
+    from pipeline.stages import run_stage
+    from pipeline.store.paths import head_prediction
+    from pipeline.training import teachers
+    from pipeline.training.losses import distillation
+    from pipeline.training.models import heads_for
+
+    monkeypatch.chdir(tmp_path)
+    root, _ = label_set_competition(tmp_path / "comp", "columns", n=120, n_test=40)
+    over = overrides(tmp_path, root, "columns", "micro_f1")
+    for stage in ("folds", "train", "features"):
+        run_stage(stage, load_config(None, over))
+    student = load_config(None, [*over, "name=ml-r1", "train.pseudo.source=ml", "train.pseudo.threshold=0.9",
+                                 "train.pseudo.soft=false", "train.epochs=2"])
+    train = load_train(student, check_images=False)
+    folds = pd.read_csv(tmp_path / "folds" / "demo.csv")
+    rows = np.flatnonzero(train[["id"]].merge(folds, on="id")["fold"].to_numpy() != 0)
+    heads = heads_for(student, train)
+    ys = {"labels": train[list(LABELS)].to_numpy(np.float32)[rows]}
+    folds_hash = pd.read_json(tmp_path / "features" / "ml" / "meta.json", typ="series")["folds_hash"]
+    paths, out = teachers.extend(student, heads, 0, folds_hash, train, rows, [None] * len(rows), ys, "cpu")
+    mine = pd.read_parquet(tmp_path / "features" / "ml" / "test_folds.parquet").query("fold == '0'")
+    probs = head_prediction(mine, "ml", "labels")
+    sure = np.maximum(probs, 1 - probs).min(axis=1) >= 0.9  # every label's yes or no is confident
+    assert 0 < sure.sum() < len(sure)
+    assert [p.name for p in paths[len(rows):]] == [f"{i}.png" for i in mine["id"][sure]]
+    np.testing.assert_array_equal(out["labels"][len(rows):], (probs[sure] >= 0.5).astype(np.float32))
+    assert (out["__weight"][len(rows):] == student["train"]["pseudo"]["weight"]).all()
+    run_stage("train", student)  # the round trains
+    # distillation per label: a binary KL per label, zero where the student already says what the teacher does
+    p = torch.tensor([[0.9, 0.2, 0.5]])
+    same = distillation(torch.log(p / (1 - p)), p, 2.0, per_label=True)
+    assert same.abs().max() < 1e-5
+    z = torch.zeros(1, 3)
+    kl = (p * torch.log(p / 0.5) + (1 - p) * torch.log((1 - p) / 0.5)).mean()
+    torch.testing.assert_close(distillation(z, p, 1.0, per_label=True)[0], kl)

@@ -166,10 +166,18 @@ class HeadLoss(nn.Module):
         return self.fn(logits, y, self.head, self.opts, self.cw if self.cw.numel() else None)
 
 
-def distillation(logits, teacher_probs, temperature: float):
+def distillation(logits, teacher_probs, temperature: float, per_label: bool = False):
     """Per-sample T^2 * KL(teacher_T || student_T): the teacher's probabilities and the student's logits
-    both softened by the temperature T (Hinton et al.); T^2 keeps its gradient scale comparable."""
+    both softened by the temperature T (Hinton et al.); T^2 keeps its gradient scale comparable. ``per_label``
+    (a label set): each label's yes/no is its own two-class distribution, and the KLs are averaged."""
     t = float(temperature)
+    if per_label:
+        p = teacher_probs.float().clamp(1e-6, 1 - 1e-6)
+        q = torch.sigmoid(torch.log(p / (1 - p)) / t)  # the teacher's logit, softened
+        z = logits.float() / t
+        kl = q * (torch.log(q.clamp_min(1e-8)) - F.logsigmoid(z)) + (1 - q) * (
+            torch.log((1 - q).clamp_min(1e-8)) - F.logsigmoid(-z))
+        return (t * t) * kl.mean(-1)
     q = torch.softmax(torch.log(teacher_probs.float().clamp_min(1e-8)) / t, dim=-1)
     logp = torch.log_softmax(logits.float() / t, dim=-1)
     return (t * t) * (q * (torch.log(q.clamp_min(1e-8)) - logp)).sum(-1)
@@ -226,6 +234,7 @@ class Criterion(nn.Module):
         self.rmse = {h.name for h in heads if h.name in main and tcfg["loss"] == "rmse"}
         self.ohem = tcfg["ohem"]
         self.main = next((h.name for h in heads if h.name in main), heads[0].name)
+        self.per_label = HEAD_KINDS[next(h.kind for h in heads if h.name == self.main)].activation == "sigmoids"
         if not HEAD_KINDS[next(h.kind for h in heads if h.name == self.main)].margin:
             self.margin = None  # (a jigsaw puzzle head under a margin config: a plain linear head)
         distill = tcfg.get("distill") or {}
@@ -247,7 +256,8 @@ class Criterion(nn.Module):
                 per = lam * per + (1 - lam) * loss(y2[name])
             if name == self.main and "__teacher" in y:
                 teacher = lam * y["__teacher"] + (1 - lam) * y2["__teacher"] if mixed else y["__teacher"]
-                per = (1 - self.alpha) * per + self.alpha * distillation(out[name], teacher, self.temperature)
+                per = (1 - self.alpha) * per + self.alpha * distillation(out[name], teacher, self.temperature,
+                                                                         self.per_label)
             if w is not None:
                 per = per * w
             if self.ohem < 1.0:

@@ -19,8 +19,8 @@ import pandas as pd
 from pipeline.errors import ConfigError, InputError
 from pipeline.store.artifacts import inherited_leak, require_complete
 from pipeline.store.io import read_json
-from pipeline.store.paths import features_dir, head_prediction, models_dir, targets
-from pipeline.tasks import head_kind
+from pipeline.store.paths import features_dir, head_prediction, main_head, models_dir
+from pipeline.tasks import head_kind, task_of
 from pipeline.training.fold_models import FoldModels
 
 
@@ -31,8 +31,8 @@ def active(cfg: dict) -> bool:
 
 def check_heads(cfg: dict, heads) -> None:
     if active(cfg) and (len(heads) != 1 or not head_kind(heads[0].kind).soft_targets):
-        raise ConfigError("train.pseudo / train.distill need one multiclass target head (class probabilities; no "
-                          "auxiliary heads); "
+        raise ConfigError("train.pseudo / train.distill need one multiclass or multilabel target head (class or "
+                          "label probabilities; no auxiliary heads); "
                           f"this experiment has {[(h.name, h.kind) for h in heads]}.")
 
 
@@ -77,8 +77,10 @@ def pseudo_labels(cfg: dict, fold, folds_hash: str, id_col: str) -> tuple[np.nda
     if rows.empty:
         raise InputError(f"{src}/test_folds.parquet has no test predictions of fold {fold}'s model "
                          f"(folds: {sorted(df['fold'].unique())}).")
-    probs = np.atleast_2d(head_prediction(rows, pc["source"], targets(cfg)[0], "mean"))
-    keep = probs.max(axis=1) >= pc["threshold"]
+    probs = np.atleast_2d(head_prediction(rows, pc["source"], main_head(cfg), "mean"))
+    # confident rows: the top class reaches the threshold; for a label set, every label's yes or no does
+    sure = np.maximum(probs, 1 - probs).min(axis=1) if task_of(cfg).label_sets else probs.max(axis=1)
+    keep = sure >= pc["threshold"]
     return rows[id_col].to_numpy()[keep], probs[keep]
 
 
@@ -94,7 +96,7 @@ def distill_targets(cfg: dict, fold, folds_hash: str, train_df: pd.DataFrame, ro
                                 f"run `make features` for experiment '{dc['teacher']}' first")
         _same_folds(meta, folds_hash, src)
         oof = pd.read_parquet(src / "oof.parquet").set_index(id_col).loc[ids].reset_index()
-        return np.atleast_2d(head_prediction(oof, dc["teacher"], targets(cfg)[0], "mean"))
+        return np.atleast_2d(head_prediction(oof, dc["teacher"], main_head(cfg), "mean"))
     path = models_dir(cfg, dc["teacher"]) / f"fold{fold}" / "best.pt"
     meta_path = path.parent / "meta.json"
     if not path.exists() or not meta_path.exists():
@@ -163,7 +165,9 @@ def extend(cfg: dict, heads, fold, folds_hash: str, train_df: pd.DataFrame, rows
         if probs.shape[1] != head.out:
             raise InputError(f"train.pseudo.source '{pc['source']}' predicts {probs.shape[1]} classes, this "
                              f"experiment {head.out}.")
-        if pc["soft"]:
+        if task_of(cfg).label_sets:  # 0/1 per label already: append the probabilities, or their yes/no
+            y = np.vstack([y, probs if pc["soft"] else (probs >= 0.5)]).astype(np.float32)
+        elif pc["soft"]:
             y = np.vstack([np.eye(head.out, dtype=np.float32)[y], probs.astype(np.float32)])
         else:
             y = np.concatenate([y, probs.argmax(axis=1)]).astype(np.int64)
