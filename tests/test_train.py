@@ -498,11 +498,13 @@ def test_stage_keys_ignore_how_images_are_read_and_match_keys_from_before_cache_
     keys = {FM.stage_key(tiny_cfg(workdir / "comp", *o), "f", "t") for o in
             ([], ["data.cache=true"], ["data.cache=false"], ["data.num_workers=3"])}
     assert len(keys) == 1
-    # the key before cache=auto, normalize, jpeg_draft, model.pretrained, layer_decay and the margin heads existed:
+    # the key before cache=auto, normalize, jpeg_draft, model.pretrained, layer_decay, the margin heads and the
+    # asymmetric loss's options existed:
     # models trained then stay up to date while those keep their defaults
     old = {k: v for k, v in cfg["data"].items() if k not in ("num_workers", "normalize", "jpeg_draft")} | {"cache": False}
     model = {k: v for k, v in cfg["model"].items() if k != "pretrained" and not k.startswith("head")}
-    train = {k: v for k, v in cfg["train"].items() if k not in (*FM.RUN_ONLY, "ema_warmup", "layer_decay")}
+    train = {k: v for k, v in cfg["train"].items()
+             if k not in (*FM.RUN_ONLY, "ema_warmup", "layer_decay") and not k.startswith("asl_")}
     comp = {k: v for k, v in cfg["competition"].items() if k not in ("train_image", "test_image", "path_column")}
     assert keys == {config_hash([comp, old, model, train, cfg["seed"], "f", "t"])}
     for changed in ("data.normalize=imagenet", "data.jpeg_draft=false", "train.layer_decay=0.7", "model.head=arcface"):
