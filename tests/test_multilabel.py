@@ -385,3 +385,16 @@ def test_a_label_set_takes_pseudo_labels_and_distillation(tmp_path, monkeypatch)
     z = torch.zeros(1, 3)
     kl = (p * torch.log(p / 0.5) + (1 - p) * torch.log((1 - p) / 0.5)).mean()
     torch.testing.assert_close(distillation(z, p, 1.0, per_label=True)[0], kl)
+
+
+def test_the_asymmetric_loss_options_change_the_train_key_only_when_it_is_the_loss(tmp_path):
+    from pipeline.training.train_key import stage_key
+
+    base = [f"competition.root={tmp_path}", "competition.task=multilabel", "competition.target=[a,b]",
+            "competition.metric=micro_f1"]
+
+    def key(*extra):
+        return stage_key(load_config(None, [*base, *extra]), "f", "t")
+
+    assert key("train.asl_clip=0.2") == key()  # bce: the options are not used
+    assert key("train.loss=asl", "train.asl_clip=0.2") != key("train.loss=asl") != key()
