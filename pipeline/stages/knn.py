@@ -100,47 +100,10 @@ def _run(cfg: dict, force: bool) -> Path:
         log(f"[knn] up to date: {out}")
         return out
     started = time.time()
-    device = pick_device(cfg["train"]["device"])
-    workers = loader_workers(cfg["data"], device)
-    paths = image_paths(cfg, train_df[id_col], "train")
-    test_images = SharedImages(image_paths(cfg, test_df[id_col], "test"), cfg["data"], workers, "decode test images")
-    indexes, oof_score, test_score = {}, {}, {}
-    from tqdm.auto import tqdm
-
-    for m in tqdm(models, desc=f"knn {name}", leave=False):  # each model: its index, its held-out rows, test
-        run = ModelRun(fold_models.checkpoint(m), device, fold=m)
-
-        def embed(images, run=run):
-            return run.predict(images, batch_size=kc["batch_size"], workers=workers, embed=True)["embedding"]
-
-        own, rows = np.flatnonzero(~held_out(matrix, m)), np.flatnonzero(held_out(matrix, m))
-        indexes[m] = neighbours.Index(neighbours.normalise(embed([paths[i] for i in own])), y[own],
-                                      train_df[id_col].to_numpy()[own])
-        oof_score[m] = _scores(indexes[m], embed([paths[i] for i in rows]), kc["k"], n_classes)
-        test_score[m] = _scores(indexes[m], embed(test_images), kc["k"], n_classes)
+    indexes, oof_score, test_score = _search(cfg, fold_models, matrix, models, train_df, test_df, y, n_classes)
     metric = get_metric(cfg["competition"]["metric"])
-    thresholds = {}
     repeats = [[m for m in models if repeat_of(matrix, m) == r] for r in range(len(repeat_columns(folds_df)))]
-    oofs = []
-    for r, owners in enumerate(repeats):  # one full OOF per repeat, each row from the model that held it out
-        score = np.full((len(y), n_classes), -np.inf)
-        for m in owners:
-            score[matrix[:, r] == m] = oof_score[m]
-        if new is not None and kc["new_threshold"] is None:  # nested: each fold's by the other folds' rows
-            for m in owners:
-                rest = matrix[:, r] != m
-                thresholds[m] = neighbours.tune_threshold(metric, y[rest], score[rest], kc["scale"], new)
-        probs = np.empty(score.shape)
-        for m in owners:
-            mine = matrix[:, r] == m
-            probs[mine] = _probs(score[mine], kc, new, thresholds.get(m, kc["new_threshold"]))
-        oofs.append(probs)
-    test_threshold = kc["new_threshold"]
-    if new is not None and test_threshold is None:  # the test rows: tuned on every OOF row of repeat 0
-        whole = np.full((len(y), n_classes), -np.inf)
-        for m in repeats[0]:
-            whole[matrix[:, 0] == m] = oof_score[m]
-        test_threshold = neighbours.tune_threshold(metric, y, whole, kc["scale"], new)
+    oofs, thresholds, test_threshold = _oof(matrix, repeats, y, oof_score, n_classes, kc, new, metric)
     tests = [_probs(test_score[m], kc, new, test_threshold) for m in models]
     oof, test = np.mean(oofs, axis=0), np.mean(tests, axis=0)
     head = main_head(cfg)
@@ -179,6 +142,55 @@ def _run(cfg: dict, force: bool) -> Path:
         + (f"; new-individual threshold {test_threshold:.3f} (per fold: {info['fold_thresholds']})"
            if new is not None else "") + f"; wrote {out}")
     return out
+
+
+def _search(cfg: dict, fold_models: FoldModels, matrix, models: list, train_df, test_df, y, n_classes: int):
+    """Per fold model: its index (the rows it trained on), and the class scores of its held-out rows and of
+    every test row, searched in that index alone."""
+    from tqdm.auto import tqdm
+
+    kc, id_col = cfg["knn"], cfg["competition"]["id"]
+    device = pick_device(cfg["train"]["device"])
+    workers = loader_workers(cfg["data"], device)
+    paths = image_paths(cfg, train_df[id_col], "train")
+    test_images = SharedImages(image_paths(cfg, test_df[id_col], "test"), cfg["data"], workers, "decode test images")
+    indexes, oof_score, test_score = {}, {}, {}
+    for m in tqdm(models, desc=f"knn {knn_name(cfg)}", leave=False):
+        run = ModelRun(fold_models.checkpoint(m), device, fold=m)
+
+        def embed(images, run=run):
+            return run.predict(images, batch_size=kc["batch_size"], workers=workers, embed=True)["embedding"]
+
+        own, rows = np.flatnonzero(~held_out(matrix, m)), np.flatnonzero(held_out(matrix, m))
+        indexes[m] = neighbours.Index(neighbours.normalise(embed([paths[i] for i in own])), y[own],
+                                      train_df[id_col].to_numpy()[own])
+        oof_score[m] = _scores(indexes[m], embed([paths[i] for i in rows]), kc["k"], n_classes)
+        test_score[m] = _scores(indexes[m], embed(test_images), kc["k"], n_classes)
+    return indexes, oof_score, test_score
+
+
+def _oof(matrix, repeats: list[list[int]], y, oof_score: dict, n_classes: int, kc: dict, new: int | None, metric):
+    """One full OOF per repeat, each row from the model that held it out, with the new-individual thresholds:
+    each model's rows by the threshold tuned on its repeat's other rows (nested), and the test rows' (tuned on
+    every OOF row of repeat 0). Returns (OOF per repeat, {model: threshold}, the test threshold)."""
+    thresholds, oofs = {}, []
+    tune = new is not None and kc["new_threshold"] is None
+    for r, owners in enumerate(repeats):
+        score = np.full((len(y), n_classes), -np.inf)
+        for m in owners:
+            score[matrix[:, r] == m] = oof_score[m]
+        if tune:
+            for m in owners:
+                rest = matrix[:, r] != m
+                thresholds[m] = neighbours.tune_threshold(metric, y[rest], score[rest], kc["scale"], new)
+        probs = np.empty(score.shape)
+        for m in owners:
+            mine = matrix[:, r] == m
+            probs[mine] = _probs(score[mine], kc, new, thresholds.get(m, kc["new_threshold"]))
+        oofs.append(probs)
+        if r == 0 and tune:
+            test_threshold = neighbours.tune_threshold(metric, y, score, kc["scale"], new)
+    return oofs, thresholds, test_threshold if tune else kc["new_threshold"]
 
 
 def _scores(index: neighbours.Index, queries: np.ndarray, k: int, n_classes: int) -> np.ndarray:
