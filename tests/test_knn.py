@@ -126,3 +126,27 @@ def test_make_stack_brings_a_knn_input_up_to_date_with_make_knn(tmp_path):
     out = subprocess.run([sys.executable, "-m", "pipeline", "inputs", "-c", "configs/st.yaml"], cwd=tmp_path,
                          capture_output=True, text=True, check=True).stdout.split()
     assert out == ["configs/arc.yaml", "knn=configs/arc.yaml"]  # the Makefile runs `make knn` for the second
+
+
+def test_with_repeats_each_repeat_has_its_own_oof_and_nested_thresholds(monkeypatch):
+    from pipeline.stages.knn import _oof
+
+    rng = np.random.default_rng(2)
+    n, c = 60, 4
+    matrix = np.column_stack([np.arange(n) % 3, 3 + rng.permutation(np.arange(n) % 3)])  # 2 repeats x 3 models
+    y = rng.integers(0, c, n)
+    oof_score = {m: rng.random(((matrix == m).any(axis=1).sum(), c)) for m in range(6)}
+    seen = []
+    monkeypatch.setattr(neighbours, "tune_threshold", lambda metric, yy, score, scale, new: seen.append(
+        (len(yy), float(score[:, 0].sum()))) or 0.5)
+    kc = {"new_threshold": None, "scale": 30.0}
+    oofs, thresholds, test_t = _oof(matrix, [[0, 1, 2], [3, 4, 5]], y, oof_score, c, kc, 3, get_metric("accuracy"))
+    assert len(oofs) == 2 and set(thresholds) == set(range(6)) and test_t == 0.5
+    for r in range(2):
+        for m in range(3 * r, 3 * r + 3):
+            mine = matrix[:, r] == m
+            score = oof_score[m].copy()
+            score[:, 3] = np.maximum(score[:, 3], 0.5)
+            np.testing.assert_allclose(oofs[r][mine], neighbours.probabilities(score, 30.0))  # its owner's rows
+    rest = [n - (matrix[:, 0] == m).sum() for m in range(3)], [n - (matrix[:, 1] == m).sum() for m in range(3, 6)]
+    assert [s[0] for s in seen] == [*rest[0], n, *rest[1]]  # each model: its repeat's other rows; test: repeat 0
