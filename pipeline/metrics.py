@@ -223,8 +223,8 @@ def lifted_estimate(cv: float, inputs: dict, fed: dict, what: str = "level-2") -
     missing = [e for e, s in inputs.items() if not s or s.get("predicted") is None]
     if missing:
         return {"predicted": None, "lift": None,
-                "how": f"none: input {missing[0]} has no predicted submission score (rebuild its features; for "
-                       "accuracy-like metrics set folds.repeats: 2)"}
+                "how": f"none: input {missing[0]} has no predicted submission score (an accuracy-like metric needs "
+                       "folds.repeats: 2 at level 1; features made before the estimate existed need remaking)"}
     lift = float(np.mean([inputs[e]["predicted"] - fed[e] for e in inputs]))
     return {"predicted": float(cv + lift), "lift": lift, "inputs": {e: inputs[e]["predicted"] for e in inputs},
             "how": f"estimate: {what} CV {cv:.4f} + its inputs' mean lift from OOF to fold mean {lift:+.4f}"}

@@ -27,6 +27,11 @@ class HeadKind:
     soft_targets: bool = False  # learns from class probabilities: pseudo-labels and distillation
     margin: bool = False  # may be a cosine head trained with an angular margin (model.head: arcface | cosface)
 
+    @property
+    def probabilities(self) -> bool:
+        """Its outputs are probabilities (of classes or of labels): their squared error is a Brier score."""
+        return self.activation in ("softmax", "sigmoid", "sigmoids")
+
     def n_outputs(self, n_classes: int | None, columns: list) -> int:
         return {"classes": int(n_classes or 0), "one": 1, "columns": len(columns)}[self.outputs]
 

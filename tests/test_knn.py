@@ -150,3 +150,11 @@ def test_with_repeats_each_repeat_has_its_own_oof_and_nested_thresholds(monkeypa
             np.testing.assert_allclose(oofs[r][mine], neighbours.probabilities(score, 30.0))  # its owner's rows
     rest = [n - (matrix[:, 0] == m).sum() for m in range(3)], [n - (matrix[:, 1] == m).sum() for m in range(3, 6)]
     assert [s[0] for s in seen] == [*rest[0], n, *rest[1]]  # each model: its repeat's other rows; test: repeat 0
+
+
+def test_a_knn_set_named_as_its_experiment_is_refused(tmp_path):
+    from pipeline.errors import InputError
+    from pipeline.stages import run_stage
+
+    with pytest.raises(InputError, match="knn.name=arc is this experiment's own name.*overwrite its features"):
+        run_stage("knn", load_config(None, [f"workdir={tmp_path}", "name=arc", "knn.name=arc"]))

@@ -398,3 +398,35 @@ def test_the_asymmetric_loss_options_change_the_train_key_only_when_it_is_the_lo
 
     assert key("train.asl_clip=0.2") == key()  # bce: the options are not used
     assert key("train.loss=asl", "train.asl_clip=0.2") != key("train.loss=asl") != key()
+
+
+def test_labels_named_like_missing_values_stay_labels_and_commas_are_refused(tmp_path):
+    from pipeline.competition.tables import class_labels, load_train, truth
+
+    root = tmp_path / "comp"
+    root.mkdir()
+    pd.DataFrame({"id": ["t0"]}).to_csv(root / "test.csv", index=False)
+    (root / "train.csv").write_text("id,tags\na,None\nb,NA haze\nc,\nd,haze\n")
+    cfg = load_config(None, [f"competition.root={root}", "competition.task=multilabel", "competition.target=tags",
+                             "competition.metric=micro_f1", "competition.check_images=false"])
+    assert class_labels(cfg) == ["NA", "None", "haze"]
+    np.testing.assert_array_equal(truth(cfg, load_train(cfg, check_images=False)),
+                                  [[0, 1, 0], [1, 0, 1], [0, 0, 0], [0, 0, 1]])
+    (root / "train.csv").write_text("id,tags\na,road\nb,\"road,river\"\n")
+    with pytest.raises(InputError, match="label 'road,river' at line 3 holds a separator.*'a b', not 'a,b'"):
+        load_train(cfg, check_images=False)
+
+
+def test_postprocess_says_when_a_switch_does_not_apply_and_when_the_rules_lose():
+    from pipeline.stages.postprocess import _warnings
+
+    res = {"nested_gain": -0.02, "nested": 0.80, "base": 0.82}
+    cfg = load_config(None, ["competition.task=multilabel", "competition.target=[a,b]", "competition.metric=mean_auc",
+                             "postprocess.class_scale=true", "postprocess.threshold=true"])
+    text = "\n".join(_warnings(cfg, res, "ml", get_metric("mean_auc")))
+    assert "postprocess.class_scale does not apply to task multilabel" in text
+    assert "threshold" not in text.split("class_scale")[0]  # (threshold applies: per label)
+    assert "mean_auc scores each label's ranking" in text
+    assert "lose on nested CV (0.8000 against 0.8200 for ml alone)" in text and "submit.source=ml" in text
+    assert _warnings(cfg, {**res, "nested_gain": 0.01}, "ml", get_metric("micro_f1"))[-1].startswith(
+        "[postprocess] warning: postprocess.class_scale")  # a gain: no WARNING

@@ -25,9 +25,16 @@ def tokens(cell) -> list[str]:
     return str(cell).split()
 
 
-def vocabulary(column: pd.Series) -> list[str]:
-    """Every label that occurs, sorted (numerically when every label is a number: 2 before 10)."""
+def vocabulary(column: pd.Series, where: str = "the label column") -> list[str]:
+    """Every label that occurs, sorted (numerically when every label is a number: 2 before 10). A label with a
+    comma or semicolon in it is refused: the column is space-separated, and "a,b" would be one label."""
     found = {t for cell in column for t in tokens(cell)}
+    odd = sorted(t for t in found if "," in t or ";" in t)
+    if odd:
+        line = next(i for i, cell in enumerate(column) if odd[0] in tokens(cell)) + 2
+        raise InputError(f"{where}: label '{odd[0]}' at line {line} holds a separator; labels in competition.target "
+                         "are separated by spaces (write 'a b', not 'a,b'): fix the file, or give one 0/1 column "
+                         "per label.")
     numeric = all(t.lstrip("-").isdigit() for t in found)
     return sorted(found, key=(lambda t: (int(t), t)) if numeric else None)
 
@@ -43,7 +50,7 @@ def matrix(column: pd.Series, names: list[str], where: str) -> np.ndarray:
     for i, cell in enumerate(column):
         for t in tokens(cell):
             if t not in index:
-                raise InputError(f"{where}: label '{t}' at row {i + 2} is not among the train labels "
+                raise InputError(f"{where}: label '{t}' at line {i + 2} is not among the train labels "
                                  f"({', '.join(names[:8])}{'...' if len(names) > 8 else ''}).")
             out[i, index[t]] = 1
     return out
@@ -64,9 +71,11 @@ def check(df: pd.DataFrame, columns: list[str], path: Path, how: str) -> None:
         v = pd.to_numeric(df[c], errors="coerce")
         bad = v.isna() | ~v.isin([0, 1])
         if bad.any():
-            i = int(np.flatnonzero(bad.to_numpy())[0])
-            raise InputError(f"{path}: label column '{c}' must hold 0 or 1 (task multilabel), but has "
-                             f"{df[c].iloc[i]!r} at row {i + 2}.")
+            lines = np.flatnonzero(bad.to_numpy()) + 2
+            where = f"line(s) {', '.join(map(str, lines[:5]))}{', ...' if len(lines) > 5 else ''}"
+            value = "an empty cell (NaN)" if pd.isna(df[c].iloc[lines[0] - 2]) else repr(str(df[c].iloc[lines[0] - 2]))
+            raise InputError(f"{path}: label column '{c}' must hold 0 or 1 (task multilabel), but has {value} at "
+                             f"{where}.")
         if v.nunique() < 2:
             raise InputError(f"{path}: label '{c}' is {'present' if v.iloc[0] else 'absent'} in all {len(v)} rows; "
                              "nothing can be learnt about it: drop it from competition.target (or the file).")

@@ -175,12 +175,18 @@ def _label_set_train(cfg: dict, df: pd.DataFrame, path: Path, check_images: bool
     """A label-set train table: a space-separated column expanded into 0/1 columns, then checked."""
     target = cfg["competition"]["target"]
     if isinstance(target, str):
-        df = label_sets.expand(df, target, label_names(cfg), path)
+        df = label_sets.expand(df.assign(**{target: label_text(path, target)}), target, label_names(cfg), path)
     label_sets.check(df, label_columns(cfg), path, "competition.target")
     return _checked_rows(cfg, df, path, check_images)
 
 
 _LABELS: dict = {}
+
+
+def label_text(path: Path, column: str) -> pd.Series:
+    """A space-separated label column as written: a label called NA, None or null is a label, not a missing
+    cell (only an empty cell is the empty set)."""
+    return pd.read_csv(path, usecols=[column], dtype=str, keep_default_na=False)[column]
 
 
 def label_names(cfg: dict) -> list[str]:
@@ -192,8 +198,8 @@ def label_names(cfg: dict) -> list[str]:
     path = table_path(cfg, "train")
     stamp = (str(path), path.stat().st_mtime_ns if path.exists() else None, target)
     if _LABELS.get("train", (None,))[0] != stamp:
-        column = pd.read_csv(path, usecols=[target], dtype={target: str})[target] if path.exists() else pd.Series([])
-        _LABELS["train"] = (stamp, label_sets.vocabulary(column))
+        column = label_text(path, target) if path.exists() else pd.Series([], dtype=str)
+        _LABELS["train"] = (stamp, label_sets.vocabulary(column, str(path)))
     return _LABELS["train"][1]
 
 

@@ -157,7 +157,7 @@ def _run(cfg: dict, force: bool) -> Path:
     fold_mean = fold_mean_estimate(cfg["competition"]["metric"], truth(cfg, train_df),
                                    [head_prediction(o, exp, main.name, "mean") for o in repeat_oofs],
                                    [head_prediction(p, exp, main.name, "mean") for p, m in zip(test_parts, models)
-                                    if m in test_models], HEAD_KINDS[main.kind].classes)
+                                    if m in test_models], HEAD_KINDS[main.kind].probabilities)
     spread = repeat_spread(tables, fold_mean)
     view_cols = [c for c in oof.columns if (col := parse_column(c)) and col.stat == "view0"]
     meta = provenance(cfg, "features", key, folds_hash=folds_hash, cv=cv, models=[str(m) for m in models],

@@ -213,7 +213,10 @@ def report(cfg: dict, df: pd.DataFrame, fold: np.ndarray) -> tuple[pd.DataFrame,
     target = targets(cfg)[0]
     table = pd.DataFrame({"fold": range(cfg["folds"]["n_splits"])}).set_index("fold")
     table["rows"] = pd.Series(fold).value_counts().sort_index()
-    summary = {"method": resolve_method(cfg), "n_splits": cfg["folds"]["n_splits"], "rows": int(len(df))}
+    method = resolve_method(cfg)
+    if task_of(cfg).label_sets and method in ("stratified", "stratified_group"):
+        method += " (iterative, over every label)"
+    summary = {"method": method, "n_splits": cfg["folds"]["n_splits"], "rows": int(len(df))}
     if comp["group"]:
         g = df[comp["group"]].astype(str).to_numpy()
         table["groups"] = pd.Series(g).groupby(fold).nunique()

@@ -60,8 +60,12 @@ def new_class(cfg: dict) -> int | None:
     labels = class_labels(cfg)
     if labels is not None:
         if str(label) not in labels:
-            raise InputError(f"knn.new_label '{label}' is not a class of {table_path(cfg, 'train')} "
-                             f"(classes: {', '.join(labels[:8])}...).")
+            import difflib
+
+            close = difflib.get_close_matches(str(label), labels, n=1)
+            raise InputError(f"knn.new_label '{label}' is not a class of {table_path(cfg, 'train')}"
+                             + (f"; did you mean '{close[0]}'?" if close else "")
+                             + f" ({len(labels)} classes: {', '.join(labels[:8])}{', ...' if len(labels) > 8 else ''})")
         return labels.index(str(label))
     try:
         new = int(label)
@@ -86,6 +90,9 @@ def _run(cfg: dict, force: bool) -> Path:
         raise InputError(f"make knn: neighbours vote for classes; competition.task={cfg['competition']['task']} "
                          "has none (use a multiclass competition)")
     out = features_dir(cfg, name)
+    if name == cfg["name"]:
+        raise InputError(f"knn.name={name} is this experiment's own name: its kNN set would overwrite its features "
+                         f"(features/{name}/); leave knn.name unset ({name}-knn) or pick another name.")
     train_df, test_df = load_train(cfg, check_images=False), load_test(cfg)
     folds_df, folds_hash = load_folds(cfg)
     matrix = fold_matrix(cfg, train_df, folds_df)

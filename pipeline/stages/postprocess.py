@@ -28,6 +28,7 @@ from pipeline.errors import InputError
 # the rules live in pipeline.level2.rules (shared with the notebook inference); re-exported here
 from pipeline.level2.rules import (  # noqa: F401
     GRID,
+    RANK_METRICS,
     apply_blend,
     apply_clip,
     apply_force,
@@ -139,9 +140,33 @@ def _run(cfg: dict, force: bool) -> Path:
                        note="postprocess (nested CV score)" + (f"; {leak}" if leak else ""),
                        predicted=submission["predicted"], predicted_how=submission["how"],
                        artifacts=[str(out / "oof.parquet"), str(out / "test.parquet")])
+    for line in _warnings(cfg, res, source, metric):
+        log(line)
     log(f"[postprocess] {name}: {metric.name} {res['base']:.4f} -> in-sample {res['in_sample']:.4f} "
         f"({res['in_sample_gain']:+.4f}), nested CV {res['nested']:.4f} ({res['nested_gain']:+.4f}); "
         f"params {res['params']}"
         + (f"; predicted submission {submission['predicted']:.4f} ({submission['how']})"
            if submission["predicted"] is not None else ""))
     return out
+
+
+SWITCHES = {"class_scale": "class_scale", "threshold": ("threshold", "label_thresholds"), "rounding": "rounding",
+            "clip": "clip"}  # postprocess.<switch> -> the task rule(s) it tunes
+
+
+def _warnings(cfg: dict, res: dict, source: str, metric) -> list[str]:
+    """What the user should know before submitting the post-processed set: switches the task has no rule
+    for (ignored), thresholds under a ranking metric (no effect), and rules that lose on nested CV."""
+    task, pcfg, lines = task_of(cfg), cfg["postprocess"], []
+    for switch, rules in SWITCHES.items():
+        if pcfg[switch] and not set([rules] if isinstance(rules, str) else rules) & set(task.rules):
+            lines.append(f"[postprocess] warning: postprocess.{switch} does not apply to task {task.name} (its "
+                         f"rules: {', '.join(task.rules)}); ignored")
+    if pcfg["threshold"] and "label_thresholds" in task.rules and metric.name in RANK_METRICS:
+        lines.append(f"[postprocess] note: {metric.name} scores each label's ranking, which no threshold changes; "
+                     "the thresholds stay 0.5")
+    if (metric.higher_is_better and res["nested_gain"] < 0) or (not metric.higher_is_better and res["nested_gain"] > 0):
+        lines.append(f"[postprocess] WARNING: the rules lose on nested CV ({res['nested']:.4f} against {res['base']:.4f} "
+                     f"for {source} alone): they fit the OOF rows' noise. Submit {source} (submit.source={source}), "
+                     "or switch the losing rule off.")
+    return lines

@@ -18,7 +18,14 @@ from pipeline.competition.submission import (  # shared with pipeline.kaggle.inf
     to_submission,
     validate,
 )
-from pipeline.competition.tables import class_labels, encode_labels, label_matrix, read_table, table_path
+from pipeline.competition.tables import (
+    class_labels,
+    encode_labels,
+    label_matrix,
+    label_text,
+    read_table,
+    table_path,
+)
 from pipeline.errors import InputError, SubmissionError  # noqa: F401  (SubmissionError: re-exported)
 from pipeline.metrics import get_metric
 from pipeline.store import leaderboard
@@ -48,6 +55,8 @@ def score_local(cfg: dict, sub: pd.DataFrame) -> dict | None:
     metric = get_metric(comp["metric"])
     if get_task(comp["task"]).label_sets:  # both tables as 0/1 (or probability) matrices, in label order
         ids = sub[comp["id"]].astype(str)
+        if isinstance(comp["target"], str):  # (a label named NA or None is a label)
+            sol = sol.assign(**{comp["target"]: label_text(path, comp["target"]).to_numpy()})
         aligned = sub.set_index(ids).loc[sol[comp["id"]].astype(str)].reset_index(drop=True)
         y, pred, usage = label_matrix(cfg, sol, path), label_matrix(cfg, aligned, "submission"), sol["Usage"].to_numpy()
         return {u.lower(): metric(y[usage == u], pred[usage == u]) for u in ("Public", "Private") if (usage == u).any()}
