@@ -1,5 +1,5 @@
 """Binary, regression and ordinal competitions end to end: folds -> train -> features -> stack (auto) ->
-postprocess (each task's own rule) -> submit -> the offline bundle's prediction, scored on a solution.csv."""
+postprocess (each task's own rule) -> submit -> the bundle's notebook run offline, scored on a solution.csv."""
 import numpy as np
 import pandas as pd
 import pytest
@@ -7,6 +7,7 @@ from PIL import Image
 
 from pipeline.config.loading import load_config
 from pipeline.metrics import get_metric
+from tests.test_kaggle import image_links  # noqa: F401  (a fixture: a Kaggle-like image's packages)
 
 # task -> (metric, its postprocess rule, labels drawn for n rows)
 KINDS = {
@@ -38,9 +39,9 @@ def brightness_competition(root, task: str, n: int = 150, n_test: int = 40, seed
 
 
 @pytest.mark.parametrize("task", sorted(KINDS))
-def test_a_task_kind_runs_the_whole_chain_and_the_bundle(task, tmp_path, monkeypatch):
-    from pipeline.kaggle.inference import predict
+def test_a_task_kind_runs_the_whole_chain_and_the_offline_notebook(task, image_links, tmp_path, monkeypatch):  # noqa: F811
     from pipeline.stages import run_stage
+    from tests.test_kaggle import run_notebook
 
     monkeypatch.chdir(tmp_path)
     root, truth = brightness_competition(tmp_path / "comp", task)
@@ -64,8 +65,9 @@ def test_a_task_kind_runs_the_whole_chain_and_the_bundle(task, tmp_path, monkeyp
     if task == "binary":  # AUC is scored on probabilities: submitted as such
         assert sub["target"].between(0, 1).all() and sub["target"].nunique() > 2
     bundle = run_stage("kaggle", load_config(None, [*over, f"kaggle.source={source}"]))
-    frame, _ = predict(bundle, root, device="cpu")
-    np.testing.assert_allclose(frame["target"].to_numpy(dtype=float), sub["target"].to_numpy(dtype=float), atol=1e-3)
+    (tmp_path / "notebook").mkdir()  # the bundle's notebook, headless and offline, writes the same submission
+    run_notebook(bundle, root, tmp_path / "submissions" / f"{source}.csv", image_links, tmp_path / "notebook",
+                 monkeypatch)
 
 
 def test_the_fold_mean_prediction_is_the_ambiguity_decomposition_of_the_test_rows(tmp_path, monkeypatch):
