@@ -209,7 +209,7 @@ def test_teacher_rules_refuse_unsuitable_setups(workdir):
     cfg = tiny_cfg(workdir / "comp", "train.pseudo.source=none-yet", name="s")
     with pytest.raises(InputError, match="make features"):
         T.run(cfg)
-    with pytest.raises(ConfigError, match="multiclass target head"):
+    with pytest.raises(ConfigError, match="one multiclass or multilabel target head"):
         T.run(tiny_cfg(workdir / "comp", "train.distill.teacher=x", "competition.aux_targets=[tab]", name="s2"))
     (workdir / "me.yaml").write_text("name: me\ntrain: {pseudo: {source: me}}\n")
     assert main(["inputs", "--for", "train", "-c", "me.yaml"]) == 2  # a round cannot be its own teacher
