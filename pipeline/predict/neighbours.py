@@ -67,8 +67,15 @@ def class_scores(sims: np.ndarray, classes: np.ndarray, n_classes: int, new_clas
     rows = np.arange(len(sims))
     for j in range(sims.shape[1]):
         score[rows, classes[:, j]] = np.maximum(score[rows, classes[:, j]], sims[:, j])
-    if new_class is not None and threshold is not None:
-        score[:, new_class] = np.maximum(score[:, new_class], threshold)
+    return with_threshold(score, new_class, threshold)
+
+
+def with_threshold(score: np.ndarray, new_class: int | None, threshold: float | None) -> np.ndarray:
+    """The scores with the new-individual class at least ``threshold`` (unchanged without one)."""
+    if new_class is None or threshold is None:
+        return score
+    score = score.copy()
+    score[:, new_class] = np.maximum(score[:, new_class], threshold)
     return score
 
 
@@ -95,9 +102,7 @@ def tune_threshold(metric, y: np.ndarray, score: np.ndarray, scale: float, new_c
     sign = 1 if metric.higher_is_better else -1
 
     def value(t):
-        s = score.copy()
-        s[:, new_class] = np.maximum(s[:, new_class], t)
-        return sign * metric(y, probabilities(s, scale))
+        return sign * metric(y, probabilities(with_threshold(score, new_class, t), scale))
 
     values = np.array([value(t) for t in THRESHOLDS])
     best = np.flatnonzero(np.isclose(values, values.max(), rtol=0, atol=1e-12))

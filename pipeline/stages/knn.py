@@ -71,9 +71,10 @@ def new_class(cfg: dict) -> int | None:
         new = int(label)
     except ValueError:
         new = -1
-    if not 0 <= new < num_classes(cfg, load_train(cfg, check_images=False)):
+    n = num_classes(cfg, load_train(cfg, check_images=False))
+    if not 0 <= new < n:
         raise InputError(f"knn.new_label {label!r} is not a class of {table_path(cfg, 'train')} (its classes are "
-                         f"0..{num_classes(cfg, load_train(cfg, check_images=False)) - 1}).")
+                         f"0..{n - 1}).")
     return new
 
 
@@ -207,7 +208,4 @@ def _scores(index: neighbours.Index, queries: np.ndarray, k: int, n_classes: int
 
 
 def _probs(score: np.ndarray, kc: dict, new: int | None, threshold: float | None) -> np.ndarray:
-    score = score.copy()
-    if new is not None and threshold is not None:
-        score[:, new] = np.maximum(score[:, new], threshold)
-    return neighbours.probabilities(score, kc["scale"])
+    return neighbours.probabilities(neighbours.with_threshold(score, new, threshold), kc["scale"])
