@@ -18,8 +18,8 @@ def load_config(path=None, overrides=()):
     return _load(path, overrides)
 
 
-def run_stage(stage: str, cfg: dict, force: bool = False):
-    """Run one stage in-process (see ``pipeline.stages``)."""
+def run_stage(stage: str, cfg, force: bool = False):
+    """Run one stage in-process on a ``load_config`` result (a plain dict is validated first; see ``pipeline.stages``)."""
     from pipeline.stages import run_stage as _run
 
     return _run(stage, cfg, force=force)

@@ -92,7 +92,7 @@ def _stage(argv: list[str]) -> int:
     cfg = load_config(config, args.overrides)
     if args.check:
         current = not args.force and stage_up_to_date(args.stage, cfg)
-        print(f"[{args.stage}] {cfg['name']}: {'up to date' if current else 'would run'}", file=sys.stderr)
+        print(f"[{args.stage}] {cfg.name}: {'up to date' if current else 'would run'}", file=sys.stderr)
         return 0 if current else 1
     run_stage(args.stage, cfg, force=args.force)
     return 0
@@ -110,7 +110,7 @@ def _show_config(argv: list[str]) -> int:
     args = parser.parse_intermixed_args(argv)
     cfg = load_config(args.config, args.overrides)
     if args.get:
-        value = cfg
+        value = cfg.model_dump()
         for part in args.get.split("."):
             if not isinstance(value, dict) or part not in value:
                 print(f"error: no config key '{args.get}'", file=sys.stderr)
@@ -153,10 +153,10 @@ def _inputs(argv: list[str]) -> int:
     args = parser.parse_intermixed_args(argv)
     cfg = load_config(args.config, args.overrides)
     if args.stage == "train":
-        t = cfg["train"]
-        exps = list(dict.fromkeys(e for e in (t["pseudo"]["source"], t["distill"]["teacher"]) if e))
-        if cfg["name"] in exps:
-            raise ConfigError(f"experiment '{cfg['name']}' names itself as its teacher (train.pseudo.source / "
+        t = cfg.train
+        exps = list(dict.fromkeys(e for e in (t.pseudo.source, t.distill.teacher) if e))
+        if cfg.name in exps:
+            raise ConfigError(f"experiment '{cfg.name}' names itself as its teacher (train.pseudo.source / "
                               "train.distill.teacher); a round's teacher is an earlier experiment.")
     else:  # a kNN set is made by `make knn` with its config: printed as knn=<config>
         for exp in stack_inputs(cfg):

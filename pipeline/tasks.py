@@ -13,8 +13,12 @@ asks this table: a test fails if a task name is compared anywhere else in the pa
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from pipeline.errors import ConfigError
+
+if TYPE_CHECKING:
+    from pipeline.config.schema import Config
 
 
 @dataclass(frozen=True)
@@ -111,8 +115,8 @@ def get_task(name: str) -> Task:
     return TASKS[name]
 
 
-def task_of(cfg: dict) -> Task:
-    return get_task(cfg["competition"]["task"])
+def task_of(cfg: Config) -> Task:
+    return get_task(cfg.competition.task)
 
 
 def head_kind(name: str) -> HeadKind:

@@ -206,3 +206,46 @@ def test_the_bundles_wheel_is_rebuilt_when_any_sub_package_changes():
 
     hashed = {str(p.relative_to(PKG.parent)) for p in code_files()}
     assert {str(p.relative_to(PKG.parent)) for p in MODULES.values()} <= hashed and "pyproject.toml" in hashed
+
+
+def _dict_reads_of_the_config(tree) -> list[int]:
+    """Lines that read the config (``cfg``, ``cfg.train``, ...) as a dict: ``cfg["train"]`` or ``cfg.get("name")``."""
+    def rooted_at_cfg(node) -> bool:
+        while isinstance(node, ast.Attribute):
+            node = node.value
+        return isinstance(node, ast.Name) and node.id in ("cfg", "self.cfg")
+
+    def self_cfg(node) -> bool:
+        while isinstance(node, ast.Attribute):
+            if isinstance(node.value, ast.Name) and node.value.id == "self" and node.attr == "cfg":
+                return True
+            node = node.value
+        return False
+
+    lines = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Subscript) and isinstance(node.slice, ast.Constant) and isinstance(node.slice.value, str):
+            target = node.value
+        elif (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "get"
+              and node.args and isinstance(node.args[0], ast.Constant) and isinstance(node.args[0].value, str)):
+            target = node.func.value
+        else:
+            continue
+        if rooted_at_cfg(target) or self_cfg(target):
+            lines.append(node.lineno)
+    return lines
+
+
+# the store answers the `lb` command too, which may have no config but a plain dict (or None)
+DICT_READERS = {"store.paths", "store.leaderboard", "store.io"}
+
+
+def test_the_config_is_read_by_attribute():
+    """Stages and library code read the validated ``Config`` (``cfg.train.lr``), not a dict
+    (``cfg["train"]["lr"]``); only config/ handles the raw YAML dicts before validation."""
+    offenders = {m: lines for m, p in MODULES.items() if not m.startswith("config") and m not in DICT_READERS
+                 and (lines := _dict_reads_of_the_config(ast.parse(p.read_text())))}
+    assert not offenders, f"the config read as a dict (module: lines): {offenders}"
+    for code in ('cfg["train"]["lr"]', 'cfg.train["lr"]', 'cfg.get("name")', 'self.cfg.model["backbone"]'):
+        assert _dict_reads_of_the_config(ast.parse(code)), code
+    assert not _dict_reads_of_the_config(ast.parse('cfg.train.lr; spec["x"]; row.get("a")'))

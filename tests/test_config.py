@@ -54,3 +54,40 @@ def test_hash_is_stable_and_sensitive():
     assert config_hash(a) == config_hash(b)
     assert config_hash(a) != config_hash(c)
     assert len(config_hash(a)) == 12
+
+
+def test_the_loaded_config_is_typed_frozen_and_derived_only_by_revalidation():
+    from pydantic import ValidationError
+
+    from pipeline.config.schema import Config, Train
+
+    cfg = load_config(None, ["train.lr=0.02"])
+    assert isinstance(cfg, Config) and isinstance(cfg.train, Train) and cfg.train.lr == 0.02
+    with pytest.raises(ValidationError):  # frozen: no stage can splice keys into another's config
+        cfg.train.lr = 0.5
+    with pytest.raises(ValidationError):
+        cfg.name = "other"
+    derived = cfg.updated({"train.lr": 0.5, "folds.seed": 7})
+    assert (derived.train.lr, derived.folds.seed, cfg.train.lr) == (0.5, 7, 0.02)  # a new config; the old one stands
+    with pytest.raises(ConfigError, match="train.lr"):  # a derived config is checked like a loaded one
+        cfg.updated({"train.lr": -1.0})
+    # hashes and saved files see the plain dict the config used to be, so old keys stay valid
+    assert config_hash(cfg) == config_hash(cfg.model_dump()) and config_hash([cfg.train]) == config_hash([cfg.train.model_dump()])
+    assert cfg["train"]["lr"] == 0.02 and cfg.train.get("nope", 3) == 3  # notebooks' dict reads still work
+    with pytest.raises(KeyError):
+        cfg["train"]["nope"]
+
+
+def test_a_stage_receives_the_validated_config_even_when_given_a_dict(tmp_path, monkeypatch):
+    import pipeline.stages.folds as folds_stage
+    from pipeline.config.schema import Config
+    from pipeline.stages import run_stage
+
+    seen = []
+    monkeypatch.setattr(folds_stage, "run", lambda cfg, force=False: seen.append(cfg))
+    plain = load_config(None, [f"workdir={tmp_path}"]).model_dump()
+    run_stage("folds", plain)
+    assert isinstance(seen[0], Config) and seen[0].workdir == str(tmp_path)
+    plain["train"]["lr"] = "fast"
+    with pytest.raises(ConfigError, match="train.lr"):
+        run_stage("folds", plain)

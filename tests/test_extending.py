@@ -88,7 +88,7 @@ def test_a_task_kind(registered):
     _run_into("pipeline/tasks.py")
     cfg = load_config(None, ["competition.task=count", "competition.metric=rmse"])
     df = pd.DataFrame({"id": range(20), "target": np.arange(20) % 7})
-    assert len(np.unique(stratify_labels({**cfg, "folds": {**cfg["folds"], "bins": 4}}, df))) == 4  # binned
+    assert len(np.unique(stratify_labels(cfg.updated({"folds.bins": 4}), df))) == 4  # binned
     sample = pd.DataFrame({"id": ["a", "b"], "target": [0, 0]})
     out = to_submission(cfg, np.array([1.4, 2.6]), sample["id"], sample)
     assert out["target"].tolist() == [1, 3]  # submitted rounded, as the entry says

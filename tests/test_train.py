@@ -162,17 +162,19 @@ def test_mixup_cutmix_and_switch_off():
     n, h = 8, 16
     x = torch.arange(n, dtype=torch.float32).reshape(n, 1, 1, 1).expand(n, 1, h, h).clone()  # image i is all i
     y = {"t": torch.arange(n) * 10}
-    tc = {"mixup": 1.0, "cutmix": 0.0, "mix_prob": 1.0, "mix_off_epoch": 3}
+    from pipeline.config.train import Train
+
+    tc = Train(mixup=1.0, cutmix=0.0, mix_prob=1.0, mix_off_epoch=3)
     xm, y2, lam = TR.mix_batch(x, y, tc, epoch=0)
     assert y2 is not None and 0 < lam < 1
     partner = y2["t"] // 10  # mixup: every pixel of image i is lam * i + (1 - lam) * partner
     assert torch.allclose(xm[:, 0, 0, 0], lam * torch.arange(n) + (1 - lam) * partner.float())
     assert TR.mix_batch(x, y, tc, epoch=3)[1] is None  # switched off from mix_off_epoch
-    assert TR.mix_batch(x, y, {**tc, "mix_prob": 0.0}, epoch=0)[1] is None  # never applied at probability 0
+    assert TR.mix_batch(x, y, tc.model_copy(update={"mix_prob": 0.0}), epoch=0)[1] is None  # never applied at probability 0
     pasted = 0
     for seed in range(20):
         torch.manual_seed(seed)
-        xc, y2, lam = TR.mix_batch(x, y, {**tc, "mixup": 0.0, "cutmix": 1.0}, epoch=0)
+        xc, y2, lam = TR.mix_batch(x, y, tc.model_copy(update={"mixup": 0.0, "cutmix": 1.0}), epoch=0)
         src = y2["t"] // 10
         for i in range(n):
             changed = xc[i, 0] != x[i, 0]
@@ -187,15 +189,73 @@ def test_mixup_cutmix_and_switch_off():
 
 
 def test_schedules():
+    from pipeline.config.train import Train
+
     base = {"epochs": 10, "warmup_epochs": 1, "min_lr_ratio": 0.0, "scheduler": "cosine", "cycle_epochs": 0,
             "gamma": 0.1, "milestones": [5, 8]}
-    f = O.lr_lambda(base, 10)
+    f = O.lr_lambda(Train(**base), 10)
     assert f(0) == pytest.approx(0.1) and f(9) == pytest.approx(1.0) and f(99) < 1e-3
     assert f(10) > f(50) > f(90)
-    step = O.lr_lambda({**base, "scheduler": "step", "warmup_epochs": 0}, 10)
+    step = O.lr_lambda(Train(**{**base, "scheduler": "step", "warmup_epochs": 0}), 10)
     assert (step(0), step(50), step(85)) == (1.0, pytest.approx(0.1), pytest.approx(0.01))
-    rs = O.lr_lambda({**base, "scheduler": "restarts", "warmup_epochs": 0, "cycle_epochs": 5}, 10)
+    rs = O.lr_lambda(Train(**{**base, "scheduler": "restarts", "warmup_epochs": 0, "cycle_epochs": 5}), 10)
     assert rs(0) == 1.0 and rs(49) < 0.01 and rs(50) == 1.0
+
+
+def test_timm_schedulers_step_per_update_follow_the_train_keys_and_resume():
+    from timm.scheduler import CosineLRScheduler
+
+    from pipeline.config.loading import load_config
+
+    def opt():
+        return torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
+
+    tc = load_config(None, ["train.lr=0.1", "train.epochs=5", "train.warmup_epochs=1", "train.min_lr_ratio=0.1",
+                            "train.scheduler=timm.cosine"]).train
+    o = opt()
+    sched = O.SCHEDULERS[tc.scheduler](o, tc, 10, True)
+    assert O.steps_each_batch(sched)
+    lrs = [o.param_groups[0]["lr"]]
+    for _ in range(50):
+        sched.step()
+        lrs.append(o.param_groups[0]["lr"])
+    assert lrs[0] < lrs[5] < lrs[10] == pytest.approx(0.1)  # a warm-up of one epoch (10 updates), per update
+    assert all(a >= b for a, b in zip(lrs[10:], lrs[11:])) and lrs[50] == pytest.approx(0.01)  # cosine to the floor
+    # it is timm's own cosine (warm-up as a prefix, counted in updates), not ours under another name
+    o2 = opt()
+    ref = CosineLRScheduler(o2, t_initial=40, lr_min=0.01, warmup_t=10, warmup_lr_init=0.001, warmup_prefix=True,
+                            t_in_epochs=False)
+    want = [o2.param_groups[0]["lr"]] + [(ref.step_update(u), o2.param_groups[0]["lr"])[1] for u in range(1, 51)]
+    assert lrs == pytest.approx(want)
+    # resume: a fresh scheduler loaded from the state continues where the first stopped
+    o3 = opt()
+    again = O.SCHEDULERS[tc.scheduler](o3, tc, 10, True)
+    first = O.SCHEDULERS[tc.scheduler](opt(), tc, 10, True)
+    for _ in range(23):
+        first.step()
+    again.load_state_dict(first.state_dict())
+    again.step()
+    assert o3.param_groups[0]["lr"] == pytest.approx(want[24])
+    # scheduler_args reach timm: three cosine cycles of 10 updates each, the lr back at the top at each start
+    tc = load_config(None, ["train.lr=0.1", "train.epochs=1", "train.scheduler=timm.cosine",
+                            "train.scheduler_args={cycle_limit: 3, cycle_decay: 1.0}"]).train
+    o4 = opt()
+    sched = O.SCHEDULERS[tc.scheduler](o4, tc, 10, True)
+    seen = []
+    for _ in range(30):
+        sched.step()
+        seen.append(o4.param_groups[0]["lr"])
+    assert seen[9] == pytest.approx(0.1) and seen[19] == pytest.approx(0.1) and seen[8] < 0.01
+
+
+def test_a_timm_scheduler_trains_a_fold_and_unknown_names_are_refused(workdir):
+    from pipeline.config.loading import ConfigError, load_config
+
+    T.run(tiny_cfg(workdir / "comp", "train.folds=[0]", "train.epochs=2", "train.scheduler=timm.tanh", name="tanh"))
+    lrs = pd.read_csv("models/tanh/fold0/log.csv")["lr"].tolist()
+    assert len(lrs) == 2 and lrs[1] < lrs[0]
+    with pytest.raises(ConfigError, match="timm.cosine"):
+        load_config(None, ["train.scheduler=timm.nope"])
 
 
 def test_restarts_save_a_snapshot_per_cycle(workdir):
@@ -301,18 +361,18 @@ def _one_fold(workdir, *over, name="opt"):
 def test_pooling_and_neck_options(workdir):
     cfg = tiny_cfg(workdir / "comp")
     heads = [Head("target", ["target"], "multiclass", 3)]
-    gem = build_model({**cfg, "model": {**cfg["model"], "pool": "gem"}}, heads)
+    gem = build_model(cfg.updated({"model.pool": "gem"}), heads)
     avg = build_model(cfg, heads)
     x = torch.rand(2, 96, 3, 3) + 0.1
     gem.pool.gem.p.data.fill_(1.0)
     assert torch.allclose(gem.pool(x), avg.pool(x), atol=1e-5)  # GeM with p=1 is average pooling
     _, ck = _one_fold(workdir, "model.pool=gem", "train.lr=0.05")
     assert ck["model"]["pool.gem.p"].item() != 3.0  # p is learned
-    am = build_model({**cfg, "model": {**cfg["model"], "pool": "avgmax"}}, heads)
+    am = build_model(cfg.updated({"model.pool": "avgmax"}), heads)
     assert am.embed_dim == 2 * am.backbone.num_features and am.heads["target"].in_features == am.embed_dim
-    bn = build_model({**cfg, "model": {**cfg["model"], "bnneck": True}}, heads)
+    bn = build_model(cfg.updated({"model.bnneck": True}), heads)
     assert isinstance(bn.neck, torch.nn.BatchNorm1d) and not bn.neck.bias.requires_grad
-    dr = build_model({**cfg, "model": {**cfg["model"], "dropout": 0.5}}, heads)
+    dr = build_model(cfg.updated({"model.dropout": 0.5}), heads)
     xi = torch.rand(4, 1, 16, 16)
     dr.train()
     assert not torch.equal(dr(xi)["target"], dr(xi)["target"])
@@ -524,8 +584,11 @@ def test_ema_update_is_the_decayed_average_of_float_weights_and_copies_integer_b
 
     from pipeline.training.averaging import ModelEma
 
+    from timm.utils.model_ema import ModelEmaV3
+
     net = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.BatchNorm1d(2))
     ema = ModelEma(net, decay=0.5)
+    assert isinstance(ema, ModelEmaV3)  # timm's averaging, with our warm-up as its decay
     before = {k: v.clone() for k, v in ema.module.state_dict().items()}
     with torch.no_grad():
         for p in net.parameters():

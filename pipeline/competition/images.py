@@ -214,7 +214,7 @@ def data_key(data_cfg: dict) -> dict:
     """The part of ``data`` that changes what a model learns, for stage keys. How images are read
     (``cache``, ``num_workers``) is left out; ``cache`` is pinned to its old default, so the keys of
     models trained before ``auto`` existed stay valid."""
-    key = {**{k: v for k, v in data_cfg.items() if k != "num_workers"}, "cache": False}
+    key = {**{k: v for k, v in dict(data_cfg).items() if k != "num_workers"}, "cache": False}
     if key.get("normalize") == "auto":  # (keys of models trained before data.normalize existed stay valid)
         key.pop("normalize")
     if key.get("jpeg_draft", True):  # (and before jpeg_draft: PNG competitions decode the same either way)

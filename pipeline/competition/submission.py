@@ -4,6 +4,8 @@ validate a submission the same way.
 """
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 import pandas as pd
 
@@ -11,6 +13,9 @@ from pipeline.competition import label_sets
 from pipeline.errors import SubmissionError
 from pipeline.metrics import to_labels
 from pipeline.tasks import get_task
+
+if TYPE_CHECKING:
+    from pipeline.config.schema import Config
 
 
 def class_columns(cols: list, n_classes: int, labels: list | None = None) -> list:
@@ -33,21 +38,21 @@ def class_columns(cols: list, n_classes: int, labels: list | None = None) -> lis
                           "competition.target")
 
 
-def submits_integers(cfg: dict, sample: pd.DataFrame) -> bool:
+def submits_integers(cfg: Config, sample: pd.DataFrame) -> bool:
     """Whether the submission's values are integers (class labels, rounded ordinal values), so an integer
     sample column must be matched; probabilities and regression values are floats whatever the sample's
     placeholder (a sample of 0s for an AUC competition is common)."""
-    task = get_task(cfg["competition"]["task"])
+    task = get_task(cfg.competition.task)
     if len(sample.columns) > 2 and not task.label_sets:  # one probability column per class
         return False
-    return task.submits_labels(cfg["competition"]["metric"]) or task.submission == "rounded"
+    return task.submits_labels(cfg.competition.metric) or task.submission == "rounded"
 
 
-def text_columns(cfg: dict) -> list[str]:
+def text_columns(cfg: Config) -> list[str]:
     """Submission columns that hold text whatever the sample's placeholder: a label set's space-separated
     column (a sample of 0s reads as numbers)."""
-    comp = cfg["competition"]
-    return [comp["target"]] if get_task(comp["task"]).label_sets and isinstance(comp["target"], str) else []
+    comp = cfg.competition
+    return [comp.target] if get_task(comp.task).label_sets and isinstance(comp.target, str) else []
 
 
 def validate(sub: pd.DataFrame, sample: pd.DataFrame, id_col: str, where: str = "submission",
@@ -87,18 +92,18 @@ def validate(sub: pd.DataFrame, sample: pd.DataFrame, id_col: str, where: str = 
             raise SubmissionError(f"{where}: column '{c}' must hold integers like sample_submission's, got {v.iloc[0]!r}.")
 
 
-def to_submission(cfg: dict, pred: np.ndarray, ids, sample: pd.DataFrame, labels: list | None = None) -> pd.DataFrame:
+def to_submission(cfg: Config, pred: np.ndarray, ids, sample: pd.DataFrame, labels: list | None = None) -> pd.DataFrame:
     """Predictions (N,) or (N, C) in test order -> a frame in sample_submission's shape; with string
     class ``labels`` (see ``competition.class_labels``) a predicted class index is written as its label."""
-    comp = cfg["competition"]
-    id_col = comp["id"]
+    comp = cfg.competition
+    id_col = comp.id
     cols = [c for c in sample.columns if c != id_col]
     pred_by_id = pd.DataFrame(np.asarray(pred).reshape(len(pred), -1), index=pd.Index(ids, dtype=str))
     pred_by_id = pred_by_id.reindex(sample[id_col].astype(str))
     out = sample[[id_col]].copy()
     p = pred_by_id.to_numpy()
-    task = get_task(comp["task"])
-    if task.label_sets and task.submits_labels(comp["metric"]):  # yes/no per label (thresholds: postprocess)
+    task = get_task(comp.task)
+    if task.label_sets and task.submits_labels(comp.metric):  # yes/no per label (thresholds: postprocess)
         p = np.where(np.isnan(p), p, (p >= 0.5).astype(float))
     if task.label_sets and len(cols) > 1 and p.shape[1] != len(cols):
         raise SubmissionError(f"sample_submission has {len(cols)} prediction columns for {p.shape[1]} labels "
@@ -106,7 +111,7 @@ def to_submission(cfg: dict, pred: np.ndarray, ids, sample: pd.DataFrame, labels
                               "per label or as one column of space-separated labels: fix the sample or competition.target")
     if len(cols) > 1 and p.shape[1] == len(cols):  # one probability column per class, matched by label
         for j, c in enumerate(class_columns(cols, p.shape[1], labels)):
-            out[c] = p[:, j].astype(int) if task.submits_labels(comp["metric"]) and task.label_sets and \
+            out[c] = p[:, j].astype(int) if task.submits_labels(comp.metric) and task.label_sets and \
                 not np.isnan(p[:, j]).any() else p[:, j]
         return out[sample.columns]
     nan = np.isnan(p).any(axis=1)
@@ -118,7 +123,7 @@ def to_submission(cfg: dict, pred: np.ndarray, ids, sample: pd.DataFrame, labels
     col = cols[0]
     if task.label_sets:  # one column of space-separated labels
         out[col] = label_sets.write(p, labels)
-    elif task.submits_labels(comp["metric"]):
+    elif task.submits_labels(comp.metric):
         out[col] = to_labels(p) if not np.isnan(p).any() else p
         if labels is not None and not np.isnan(p).any():
             out[col] = np.asarray(labels, dtype=object)[out[col].to_numpy()]

@@ -1,12 +1,10 @@
 """The ``kaggle:`` section of the typed config: what ``make kaggle`` bundles and how (``pipeline.stages.kaggle``)."""
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict
+from pipeline.config.types import Section
 
 
-class Kaggle(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
-
+class Kaggle(Section):
     source: str | None = None  # feature set to bundle; default: what submit submits (pp, level 2, level 1)
     output: str = "kaggle/{name}"  # relative to workdir; {name} = the source
     fp16: bool = False  # checkpoints' floating-point weights in half precision (half the size)

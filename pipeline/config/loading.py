@@ -16,7 +16,7 @@ from typing import Any
 
 import yaml
 
-from pipeline.config.schema import DEFAULTS
+from pipeline.config.schema import DEFAULTS, Config
 from pipeline.config.schema import validate as _validate_schema
 from pipeline.errors import ConfigError
 from pipeline.store.io import config_hash, dump_yaml  # noqa: F401  (re-exported: the config's hash and YAML form)
@@ -77,6 +77,7 @@ def yaml_load(text: str):
 FREE_FORM = {
     "train.loss_weights",
     "train.optimizer_args",
+    "train.scheduler_args",
     "stack.lgbm",
     "tune.params",  # the search space: {dotted config key: {low, high, log, step | choices}}
 }
@@ -199,8 +200,9 @@ def apply_overrides(cfg: dict, overrides: Iterable[str]) -> dict:
     return cfg
 
 
-def load_config(path: str | Path | None = None, overrides: Iterable[str] = ()) -> dict:
-    """Defaults <- YAML file (with its ``base`` chain) <- ``key=value`` overrides."""
+def load_config(path: str | Path | None = None, overrides: Iterable[str] = ()) -> Config:
+    """Defaults <- YAML file (with its ``base`` chain) <- ``key=value`` overrides, validated: the frozen
+    ``Config`` every stage receives (``cfg.train.lr``; ``cfg.updated({...})`` derives another)."""
     cfg = copy.deepcopy(DEFAULTS)
     if path is not None:
         cfg = _merge(cfg, _read_yaml(Path(path)), where=str(path))

@@ -6,12 +6,11 @@ registry that holds the builders, so adding one means one function and one table
 """
 from __future__ import annotations
 
+import copy
 import re
 from typing import Annotated, Any, Literal
 
 from pydantic import (
-    BaseModel,
-    ConfigDict,
     Field,
     ValidationError,
     field_validator,
@@ -31,6 +30,7 @@ from pipeline.config.types import (
     PoolName,
     SafeName,
     Scheduler,
+    Section,
     TaskName,
     TtaSet,
 )
@@ -42,11 +42,7 @@ from pipeline.tasks import HEAD_KINDS, TASKS, get_task
 METRIC_TASKS = {m: tuple(name for name, t in TASKS.items() if m in t.metrics) for m in METRICS}
 
 
-class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
-
-
-class Competition(_Section):
+class Competition(Section):
     name: SafeName = "demo"
     root: HomePath = "data/demo"
     train: str = "train.csv"
@@ -83,7 +79,7 @@ class Competition(_Section):
         return self
 
 
-class Folds(_Section):
+class Folds(Section):
     file: str = "folds/{competition}.csv"  # relative to workdir
     method: Literal["auto", "stratified_group", "stratified", "group", "kfold"] = "auto"
     n_splits: int = Field(5, ge=2)
@@ -96,7 +92,7 @@ class Folds(_Section):
     repeats: int = Field(1, ge=1)
 
 
-class Data(_Section):
+class Data(Section):
     in_chans: int = Field(3, ge=1)
     image_size: int = Field(32, ge=1)
     # decode a JPEG straight at the smallest 1/2, 1/4, 1/8 scale that still covers image_size (PIL draft mode;
@@ -115,7 +111,7 @@ class Data(_Section):
     num_workers: Literal["auto"] | Annotated[int, Field(ge=0)] = "auto"
 
 
-class Model(_Section):
+class Model(Section):
     backbone: str = "resnet18"
     # pretrained timm weights, never a download: a .safetensors/.pth/.bin file, a Hub-layout folder
     # (config.json + model.safetensors), a Hugging Face cache folder or a Kaggle Models mount
@@ -135,7 +131,7 @@ class Model(_Section):
     head_subcenters: int = Field(1, ge=1)  # centres per class (the closest counts): noisy or multi-modal classes
 
 
-class LrFind(_Section):
+class LrFind(Section):
     start: float = Field(1e-7, gt=0)
     end: float = Field(1.0, gt=0)
     steps: int = Field(100, ge=3)
@@ -143,7 +139,7 @@ class LrFind(_Section):
     diverge: float = Field(4.0, gt=1)  # stop once the smoothed loss exceeds this multiple of its minimum
 
 
-class Pretrain(_Section):
+class Pretrain(Section):
     formulation: Literal["position", "permutation"] = "position"
     grid: int = Field(3, ge=2)
     n_permutations: int = Field(100, ge=2)  # permutation formulation: chosen for maximal Hamming distance
@@ -161,7 +157,7 @@ class Pretrain(_Section):
     output: str = "models/pretrain/{name}-{backbone}.pt"  # relative to workdir
 
 
-class Knn(_Section):
+class Knn(Section):
     """``make knn``: nearest-neighbour class scores from the fold models' embeddings (pipeline.stages.knn)."""
     name: SafeName | None = None  # the feature set written; default <name>-knn
     k: int = Field(20, ge=1)  # neighbours searched per row
@@ -171,7 +167,7 @@ class Knn(_Section):
     new_threshold: float | None = Field(None, ge=-1, le=1)  # its similarity threshold; None: tuned on OOF, nested
 
 
-class Features(_Section):
+class Features(Section):
     tta: TtaSet = "none"  # registry: pipeline.predict.tta.TTA_SETS (identity view first)
     scales: list[float] = [1.0]  # multi-scale TTA: input scale factors, e.g. [0.875, 1.0, 1.125]
     stats: list[Literal["mean", "var", "max", "min"]] = ["mean", "var", "max", "min"]
@@ -198,7 +194,7 @@ class Features(_Section):
         return v
 
 
-class Stack(_Section):
+class Stack(Section):
     name: SafeName | None = None  # output feature set; default: the experiment name (+ "-l2" if it is also an input)
     experiments: list[str] = []  # level-1 experiments to stack; default: this config's own experiment
     # auto: the weighted blend or LightGBM, whichever scores better on OOF (fold k's rows: on the other folds)
@@ -210,7 +206,7 @@ class Stack(_Section):
     lgbm: dict[str, Any] = {}
 
 
-class Postprocess(_Section):
+class Postprocess(Section):
     source: str | None = None  # feature set to post-process; default: this config's level 2, else its level 1
     name: SafeName | None = None  # output feature set; default: <source>-pp
     blend_with: str | None = None  # a level-1 experiment to blend with (the atmaCup11 author used 0.5)
@@ -237,7 +233,7 @@ class Postprocess(_Section):
         return v
 
 
-class Leaderboard(_Section):
+class Leaderboard(Section):
     enabled: bool = True
     path: HomePath = "submissions/leaderboard.db"  # relative to workdir
     mlflow: bool = False  # also log to MLflow when the package is installed
@@ -253,13 +249,13 @@ class Leaderboard(_Section):
         return v
 
 
-class Submit(_Section):
+class Submit(Section):
     source: str | None = None  # feature set submitted; default: this config's furthest stage that exists
     stat: str = "mean"
     gzip: bool = False
 
 
-class Config(_Section):
+class Config(Section):
     name: SafeName = "experiment"
     seed: int = 42
     workdir: HomePath = "."  # where folds/, models/, features/, submissions/ go (never under competition.root)
@@ -278,6 +274,11 @@ class Config(_Section):
     submit: Submit = Submit()
     kaggle: Kaggle = Kaggle()
     tune: Tune = Tune()
+
+    def updated(self, values: dict[str, Any], where: str = "config") -> Config:
+        """A new, validated config with each dotted key set (``cfg.updated({"folds.seed": 7})``): the one
+        way code derives a config from another, so every derived config is checked like a loaded one."""
+        return validate(with_values(self, values), where=where)
 
     @model_validator(mode="after")
     def _loss_fits_head(self):
@@ -360,13 +361,28 @@ def _explain(exc: ValidationError, where: str) -> str:
     return head + ": " + "; ".join(lines)
 
 
-def validate(cfg: dict, where: str = "config") -> dict:
-    """The config checked against the schema (types coerced, e.g. '3' -> 3), or a ConfigError naming
-    every bad key, its value and what is allowed."""
+def validate(cfg: dict | Config, where: str = "config") -> Config:
+    """The config checked against the schema (types coerced, e.g. '3' -> 3), as the frozen ``Config``
+    every stage receives, or a ConfigError naming every bad key, its value and what is allowed."""
+    if isinstance(cfg, Config):
+        return cfg
     try:
-        return Config.model_validate(cfg).model_dump()
+        return Config.model_validate(cfg)
     except ValidationError as exc:
         raise ConfigError(_explain(exc, where)) from None
+
+
+def with_values(cfg: dict | Config, values: dict[str, Any]) -> dict:
+    """The config as a plain dict with each dotted key (``"folds.seed"``) set to its value, not yet
+    validated (``validate`` it, or use ``Config.updated``)."""
+    out = cfg.model_dump() if isinstance(cfg, Config) else copy.deepcopy(cfg)
+    for key, value in values.items():
+        node = out
+        *parents, last = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[last] = value
+    return out
 
 
 DEFAULTS: dict[str, Any] = Config().model_dump()

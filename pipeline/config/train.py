@@ -4,16 +4,12 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import Field, field_validator
 
-from pipeline.config.types import Optimizer, Scheduler
-
-
-class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+from pipeline.config.types import Optimizer, Scheduler, Section
 
 
-class Pseudo(_Section):
+class Pseudo(Section):
     """Pseudo-labels: confidently predicted test rows join each fold's training rows. Fold k takes them
     from the teacher's own fold-k model (which never saw fold k's validation rows)."""
     source: str | None = None  # feature set (level-1 experiment) whose per-fold test predictions label rows
@@ -22,7 +18,7 @@ class Pseudo(_Section):
     soft: bool = False  # train on the teacher's probabilities instead of its arg-max class
 
 
-class Distill(_Section):
+class Distill(Section):
     """Knowledge distillation: loss = (1 - alpha) * hard-label loss + alpha * T^2 * KL(teacher_T || student_T).
     Fold k's soft targets come from the teacher's fold-k model (in-sample on fold k's training rows,
     but it never saw fold k's validation rows); ``allow_leak`` uses the teacher's OOF predictions
@@ -33,7 +29,7 @@ class Distill(_Section):
     allow_leak: bool = False
 
 
-class Train(_Section):
+class Train(Section):
     epochs: int = Field(5, ge=1)
     batch_size: int = Field(64, ge=1)
     optimizer: Optimizer = "adam"  # any timm optimizer (pipeline.training.optim.OPTIMIZERS)
@@ -47,6 +43,7 @@ class Train(_Section):
     layer_decay: float | None = Field(None, gt=0, le=1)
     freeze_backbone_epochs: int = Field(0, ge=0)  # train the heads only for this many epochs, then unfreeze
     scheduler: Scheduler = "cosine"  # registry: pipeline.training.optim.SCHEDULERS
+    scheduler_args: dict[str, Any] = {}  # timm.<name> schedulers: more create_scheduler_v2 arguments
     warmup_epochs: int = Field(0, ge=0)
     min_lr_ratio: float = Field(0.0, ge=0, le=1)
     cycle_epochs: int = Field(0, ge=0)  # restarts: epochs per cosine cycle; a snapshot is saved at each cycle end

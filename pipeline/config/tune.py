@@ -22,16 +22,14 @@ from __future__ import annotations
 import re
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
+
+from pipeline.config.types import Section
 
 SPEC_KEYS = {"type", "low", "high", "log", "step", "choices"}
 
 
-class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
-
-
-class TuneParam(_Section):
+class TuneParam(Section):
     type: Literal["float", "int", "categorical"] | None = None  # None: inferred from the other fields
     low: int | float | None = None
     high: int | float | None = None
@@ -82,7 +80,7 @@ def _flat(tree: dict, prefix: str = "") -> dict[str, dict]:
     return out
 
 
-class Tune(_Section):
+class Tune(Section):
     trials: int = Field(20, ge=1)  # trials in the study, over every worker that shares it
     folds: Literal["all"] | int | list[int] = 0  # the fold(s) a trial trains on; all = the full CV
     pruner: Literal["median", "hyperband", "none"] = "median"

@@ -8,10 +8,32 @@ import re
 import string
 from typing import Annotated
 
-from pydantic import AfterValidator
+from pydantic import AfterValidator, BaseModel, ConfigDict
 
 from pipeline.metrics import METRICS
 from pipeline.tasks import check_task_name
+
+
+class Section(BaseModel):
+    """A config section: typed, checked, and frozen once validated (a stage cannot splice another's keys
+    into it: ``Config.updated`` makes a new, re-validated config). Read by attribute (``cfg.train.lr``);
+    ``cfg["train"]["lr"]``, ``.get`` and ``{**section}`` still read, for notebooks and helpers written
+    against the old dict config (the package's own code reads attributes: tests/test_architecture.py)."""
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    def __getitem__(self, key: str):
+        if key not in type(self).model_fields:
+            raise KeyError(key)
+        return getattr(self, key)
+
+    def get(self, key: str, default=None):
+        return getattr(self, key) if key in type(self).model_fields else default
+
+    def __contains__(self, key: object) -> bool:
+        return key in type(self).model_fields
+
+    def keys(self):  # (with __getitem__: ``{**cfg.data, "cache": False}`` and ``dict(cfg.data)`` read the fields)
+        return type(self).model_fields.keys()
 
 
 def _safe_name(v):

@@ -15,6 +15,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
@@ -26,6 +27,9 @@ from pipeline.level2.models import SAVED, predict_saved
 from pipeline.level2.rules import apply_rules
 from pipeline.store.io import atomic_path, log, read_json
 from pipeline.store.paths import head_prediction, main_head, prediction_frame
+
+if TYPE_CHECKING:
+    from pipeline.config.schema import Config
 
 MANIFEST = "bundle.json"
 FORMAT = 1
@@ -54,27 +58,30 @@ def read_manifest(bundle: str | Path) -> dict:
     return manifest
 
 
-def competition_config(manifest: dict, competition: str | Path) -> dict:
-    """The part of a config the loaders need: the bundle's competition, rooted at ``competition``."""
-    return {"name": manifest["source"], "workdir": ".",
-            "competition": {**manifest["competition"], "root": str(competition)}}
+def competition_config(manifest: dict, competition: str | Path) -> Config:
+    """The config the loaders read: the bundle's competition, rooted at ``competition`` (validated like
+    any config; the other sections keep their defaults, which prediction does not read)."""
+    from pipeline.config.schema import validate
+
+    return validate({"name": manifest["source"], "workdir": ".",
+                     "competition": {**manifest["competition"], "root": str(competition)}}, where="bundle manifest")
 
 
 def _header(path: Path) -> list[str]:
     return list(pd.read_csv(path, nrows=0).columns)
 
 
-def check_competition(manifest: dict, cfg: dict) -> tuple[pd.DataFrame, pd.DataFrame]:
+def check_competition(manifest: dict, cfg: Config) -> tuple[pd.DataFrame, pd.DataFrame]:
     """test.csv and sample_submission.csv, refusing a folder of another competition (other columns) and
     test rows without an image."""
-    comp = cfg["competition"]
-    root = Path(comp["root"])
+    comp = cfg.competition
+    root = Path(comp.root)
     name = manifest["competition"]["name"]
     for which in ("test", "sample_submission"):
         path = table_path(cfg, which)
         if not path.is_file():
             raise InputError(f"{path}: not found; is {root} the folder of competition '{name}' (the bundle "
-                             f"reads {comp['test']}, {comp['sample_submission']} and {comp['image']} there)?")
+                             f"reads {comp.test}, {comp.sample_submission} and {comp.image} there)?")
     sample_path, test_path = table_path(cfg, "sample_submission"), table_path(cfg, "test")
     if _header(sample_path) != manifest["sample_columns"]:
         raise InputError(f"{sample_path}: columns {_header(sample_path)} differ from {manifest['sample_columns']} of "
@@ -87,7 +94,7 @@ def check_competition(manifest: dict, cfg: dict) -> tuple[pd.DataFrame, pd.DataF
                          f"{_header(test_path)}; competition '{name}' has {need}): the bundle is from another "
                          "competition, or another competition is attached.")
     test = load_test(cfg, check_images=True)  # names the ids without an image file
-    return test, read_table(sample_path, "sample_submission", comp["id"])
+    return test, read_table(sample_path, "sample_submission", comp.id)
 
 
 def _views_that_fit(model, loader, views, device, budget: float, n_models: int, name: str) -> list:
@@ -109,7 +116,7 @@ def _views_that_fit(model, loader, views, device, budget: float, n_models: int, 
     return views[:keep]
 
 
-def level1_frame(bundle: Path, name: str, spec: dict, cfg: dict, test: pd.DataFrame, device,
+def level1_frame(bundle: Path, name: str, spec: dict, cfg: Config, test: pd.DataFrame, device,
                  budget: float | None = None) -> pd.DataFrame:
     """An experiment's test features as ``features`` makes them: per fold model, every TTA view's outputs
     aggregated (mean/var/max/min), then the mean over fold models; keyed by id, in test.csv order. With a
@@ -121,7 +128,7 @@ def level1_frame(bundle: Path, name: str, spec: dict, cfg: dict, test: pd.DataFr
     from pipeline.predict.tta import aggregate, tta_views
     from pipeline.training.fold_models import require_one_config
 
-    f, id_col = spec["features"], cfg["competition"]["id"]
+    f, id_col = spec["features"], cfg.competition.id
     views = tta_views(f["tta"], f.get("scales"))
     paths = image_paths(cfg, test[id_col], "test")
     workers = loader_workers({"num_workers": "auto"}, device)  # decode in workers on a GPU machine
@@ -160,8 +167,8 @@ def predict(bundle: str | Path, competition: str | Path, device: str = "auto",
                                          else set()))
     cfg = competition_config(manifest, competition)
     test, sample = check_competition(manifest, cfg)
-    comp, device = cfg["competition"], pick_device(device)
-    id_col, head = comp["id"], main_head(cfg)
+    comp, device = cfg.competition, pick_device(device)
+    id_col, head = comp.id, main_head(cfg)
     ids = test[id_col].to_numpy()
     frames: dict[str, pd.DataFrame] = {}
     for name, spec in manifest["sets"].items():  # in dependency order
@@ -201,7 +208,7 @@ class SetInputs:
     bundle: Path
     name: str
     spec: dict
-    cfg: dict
+    cfg: Config
     test: pd.DataFrame
     device: object
     frames: dict
@@ -214,7 +221,7 @@ def _level1_set(s: SetInputs) -> tuple[pd.DataFrame, str]:
 
 
 def _stack_set(s: SetInputs) -> tuple[pd.DataFrame, str]:
-    id_col, head = s.cfg["competition"]["id"], main_head(s.cfg)
+    id_col, head = s.cfg.competition.id, main_head(s.cfg)
     folder, exps = s.bundle / s.spec["level2"], s.spec["experiments"]
     l2 = read_json(folder / SAVED)
     T = pd.concat([s.frames[e].drop(columns=[id_col]) for e in exps]
@@ -226,7 +233,7 @@ def _stack_set(s: SetInputs) -> tuple[pd.DataFrame, str]:
 
 
 def _postprocess_set(s: SetInputs) -> tuple[pd.DataFrame, str]:
-    id_col, head, task = s.cfg["competition"]["id"], main_head(s.cfg), s.cfg["competition"]["task"]
+    id_col, head, task = s.cfg.competition.id, main_head(s.cfg), s.cfg.competition.task
     pp = read_json(s.bundle / s.spec["params"])
     src, other, force = pp["source"], pp["blend_with"], pp["force_from"]
     p = head_prediction(s.frames[src], src, head)
@@ -243,7 +250,7 @@ def _knn_set(s: SetInputs) -> tuple[pd.DataFrame, str]:
     from pipeline.predict import neighbours
     from pipeline.predict.model_run import ModelRun
 
-    id_col, info = s.cfg["competition"]["id"], read_json(s.bundle / s.spec["params"])
+    id_col, info = s.cfg.competition.id, read_json(s.bundle / s.spec["params"])
     workers = loader_workers({"num_workers": "auto"}, s.device)
     images = SharedImages(image_paths(s.cfg, s.test[id_col], "test"), {"cache": "auto"}, workers,
                           f"{s.name}: decode test images")

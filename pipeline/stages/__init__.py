@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib
 
+from pipeline.config.schema import validate
 from pipeline.errors import ConfigError
 
 # stage name -> module holding its ``run(cfg, force=...)`` entry point, in chain order
@@ -30,11 +31,12 @@ STAGES = {
 }
 
 
-def run_stage(stage: str, cfg: dict, force: bool = False, **options):
-    """Run one stage on a resolved config (``load_config``); returns what the stage returns (its output
-    path, or the training summary). ``options`` go to the stage's ``run`` (``train``: ``on_epoch``, the
-    callbacks the tune stage reports each validated epoch through)."""
+def run_stage(stage: str, cfg, force: bool = False, **options):
+    """Run one stage on a resolved config (``load_config``: a ``Config``; a plain dict is validated first);
+    returns what the stage returns (its output path, or the training summary). ``options`` go to the stage's
+    ``run`` (``train``: ``on_epoch``, the callbacks the tune stage reports each validated epoch through)."""
     module = _module(stage)
+    cfg = validate(cfg, where=f"{stage} config")  # a stage receives the frozen, typed Config (a dict is checked here)
     if stage not in ("data",):
         from pipeline.store import leaderboard
 
@@ -42,11 +44,11 @@ def run_stage(stage: str, cfg: dict, force: bool = False, **options):
     return module.run(cfg, force=force, **options)
 
 
-def stage_up_to_date(stage: str, cfg: dict) -> bool:
+def stage_up_to_date(stage: str, cfg) -> bool:
     """Whether running the stage would do nothing. A stage that cannot tell cheaply (no ``up_to_date``)
     answers False: running it is then the way to find out."""
     check = getattr(_module(stage), "up_to_date", None)
-    return bool(check and check(cfg))
+    return bool(check and check(validate(cfg)))
 
 
 def _module(stage: str):

@@ -11,6 +11,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
@@ -18,6 +19,9 @@ import pandas as pd
 from pipeline.errors import InputError
 from pipeline.store.artifacts import stage_lock
 from pipeline.store.io import file_hash, log, read_json, write_csv, write_json
+
+if TYPE_CHECKING:
+    from pipeline.config.schema import Config
 
 N_WRITERS = 60
 TEST_WRITERS = 12
@@ -109,12 +113,12 @@ def build(out_dir: str | Path = "data/demo", seed: int = 0, force: bool = False)
     return out_dir
 
 
-def run(cfg: dict, force: bool = False) -> Path:
+def run(cfg: Config, force: bool = False) -> Path:
     """Stage entry point: build the demo competition; any other competition's data is the user's."""
-    root = Path(cfg["competition"]["root"])
-    if cfg["competition"]["name"] != "demo":
-        state = "found" if (root / cfg["competition"]["train"]).exists() else "NOT found: link or copy it there"
-        log(f"[data] competition '{cfg['competition']['name']}' is not the demo; nothing to build ({root} {state})")
+    root = Path(cfg.competition.root)
+    if cfg.competition.name != "demo":
+        state = "found" if (root / cfg.competition.train).exists() else "NOT found: link or copy it there"
+        log(f"[data] competition '{cfg.competition.name}' is not the demo; nothing to build ({root} {state})")
         return root
     return build(root, force=force)
 

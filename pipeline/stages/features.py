@@ -13,6 +13,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
@@ -60,6 +61,9 @@ from pipeline.training.fold_models import FULL, FoldModels
 from pipeline.training.models import pick_device
 from pipeline.training.train_key import images_hash, train_key
 
+if TYPE_CHECKING:
+    from pipeline.config.schema import Config
+
 
 def fit_fold_pca(run: ModelRun, paths, batch_size: int, workers: int, n: int, seed: int = 0):
     """PCA of the pooled embedding, fitted on the fold model's own TRAINING rows only (no leak into
@@ -79,17 +83,29 @@ def reduce_embedding(outputs: dict, pca) -> dict:
     return outputs
 
 
-def run(cfg: dict, force: bool = False) -> Path:
+def run(cfg: Config, force: bool = False) -> Path:
     with stage_lock(features_dir(cfg)):
         return _run(cfg, force)
 
 
+def _fold_parts(run: _FoldRun, k, parts: Path, pkey: str, force: bool) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Fold model k's OOF and test rows: dumped to ``parts/`` once per key, so a run that was killed
+    resumes at the first fold it had not finished."""
+    part_oof, part_test = parts / f"fold{k}_oof.parquet", parts / f"fold{k}_test.parquet"
+    if not force and all(p.exists() and read_parquet_meta(p).get("key") == pkey for p in (part_oof, part_test)):
+        log(f"[features] fold {k}: already dumped, reusing {parts}")
+    else:
+        _dump_fold(run, k, part_oof, part_test, pkey)
+    kill_point(f"features:fold{k}")
+    return pd.read_parquet(part_oof) if k != "full" else None, pd.read_parquet(part_test)
+
+
 # (over 60 lines on purpose: the stage's story in order, inputs -> key -> up-to-date check -> work -> one
 # commit; the work itself is in the helpers above and below)
-def _run(cfg: dict, force: bool) -> Path:
-    fcfg = cfg["features"]
-    exp = cfg["name"]
-    id_col = cfg["competition"]["id"]
+def _run(cfg: Config, force: bool) -> Path:
+    fcfg = cfg.features
+    exp = cfg.name
+    id_col = cfg.competition.id
     mdir, out = models_dir(cfg), features_dir(cfg)
     train_df = load_train(cfg, check_images=False)
     test_df = load_test(cfg)
@@ -100,7 +116,7 @@ def _run(cfg: dict, force: bool) -> Path:
     metas = fold_models.require_folds(n_splits, folds_hash)
     # the rule `train --check` applies: this config, these folds, train.csv, images and teacher
     fold_models.require_current(range(n_splits), train_key(cfg, train_df, folds_hash))
-    models, test_models = fold_models.for_test(list(range(n_splits)), fcfg["use_full"])
+    models, test_models = fold_models.for_test(list(range(n_splits)), fcfg.use_full)
     use_full = FULL in models
     if use_full:
         metas[FULL] = fold_models.meta(FULL)
@@ -114,33 +130,27 @@ def _run(cfg: dict, force: bool) -> Path:
         return out
 
     started = time.time()
-    device = pick_device(cfg["train"]["device"])
-    views = tta_views(fcfg["tta"], fcfg.get("scales"))
-    log(f"[features] {exp}: {len(views)} TTA view(s) ({fcfg['tta']}), {n_splits} fold models, device {device}")
+    device = pick_device(cfg.train.device)
+    views = tta_views(fcfg.tta, fcfg.scales)
+    log(f"[features] {exp}: {len(views)} TTA view(s) ({fcfg.tta}), {n_splits} fold models, device {device}")
     paths_train = image_paths(cfg, train_df[id_col], "train")
     paths_test = image_paths(cfg, test_df[id_col], "test")
     parts = out / "parts"
     oof_parts, test_parts = [], []
-    if fcfg["use_full"] == "only":
+    if fcfg.use_full == "only":
         log("[features] test rows: the all-data model alone (features.use_full=only); OOF rows: the fold models")
     from tqdm.auto import tqdm
 
-    workers = loader_workers(cfg["data"], device)
-    test_images = SharedImages(paths_test, cfg["data"], workers, "decode test images")
+    workers = loader_workers(cfg.data, device)
+    test_images = SharedImages(paths_test, cfg.data, workers, "decode test images")
 
     run = _FoldRun(cfg, fold_models, matrix, paths_train, train_df[id_col].to_numpy(), test_df[id_col].to_numpy(),
                    test_images, views, device, workers)
     for k in tqdm(models, desc=f"features {exp}", leave=False):
-        part_oof, part_test = parts / f"fold{k}_oof.parquet", parts / f"fold{k}_test.parquet"
-        pkey = config_hash([key, k])
-        if not force and all(p.exists() and read_parquet_meta(p).get("key") == pkey for p in (part_oof, part_test)):
-            log(f"[features] fold {k}: already dumped, reusing {parts}")
-        else:
-            _dump_fold(run, k, part_oof, part_test, pkey)
-        kill_point(f"features:fold{k}")
+        part_oof, part_test = _fold_parts(run, k, parts, config_hash([key, k]), force)
         if k != "full":
-            oof_parts.append(pd.read_parquet(part_oof))
-        test_parts.append(pd.read_parquet(part_test))
+            oof_parts.append(part_oof)
+        test_parts.append(part_test)
 
     repeat_oofs = []
     for r, column in enumerate(repeat_columns(folds_df)):  # one full OOF per repeat, each row once
@@ -154,7 +164,7 @@ def _run(cfg: dict, force: bool) -> Path:
     main = Checkpoint.read(fold_models.checkpoint(0), mmap=True).heads[0]
     tables = [score_table(cfg, o, train_df, exp, main.name, matrix[:, r]) for r, o in enumerate(repeat_oofs)]
     cv = repeats_table(tables)
-    fold_mean = fold_mean_estimate(cfg["competition"]["metric"], truth(cfg, train_df),
+    fold_mean = fold_mean_estimate(cfg.competition.metric, truth(cfg, train_df),
                                    [head_prediction(o, exp, main.name, "mean") for o in repeat_oofs],
                                    [head_prediction(p, exp, main.name, "mean") for p, m in zip(test_parts, models)
                                     if m in test_models], HEAD_KINDS[main.kind].probabilities)
@@ -182,7 +192,7 @@ def _run(cfg: dict, force: bool) -> Path:
                        f"{cv['overall']['no_tta']:.6f}; {fold_mean_text(fold_mean)}"
                        + ("; test: the all-data model alone" if test_models != models else "")
                        + (f"; {leak}" if leak else ""))
-    log(cv_text(cv, get_metric(cfg["competition"]["metric"]).name))
+    log(cv_text(cv, get_metric(cfg.competition.metric).name))
     log(f"[features] {fold_mean_text(fold_mean)}")
     if spread:
         log(f"[features] {len(spread['scores'])} repeats: CV " + ", ".join(f"{v:.4f}" for v in spread["scores"])
@@ -195,7 +205,7 @@ def _run(cfg: dict, force: bool) -> Path:
 @dataclass
 class _FoldRun:
     """What every fold model's pass over the images shares."""
-    cfg: dict
+    cfg: Config
     fold_models: FoldModels
     matrix: np.ndarray  # (rows, repeats): the model holding each row out
     paths_train: list
@@ -209,17 +219,17 @@ class _FoldRun:
 
 def _dump_fold(run: _FoldRun, k, part_oof: Path, part_test: Path, pkey: str) -> None:
     """Fold ``k``'s model on its held-out train rows (OOF) and on every test row, each with the TTA views."""
-    fcfg, exp, id_col = run.cfg["features"], run.cfg["name"], run.cfg["competition"]["id"]
+    fcfg, exp, id_col = run.cfg.features, run.cfg.name, run.cfg.competition.id
     model = ModelRun(run.fold_models.checkpoint(k), run.device, fold=k)  # as it was trained to see images
-    heads, batch = model.heads, fcfg["batch_size"]
+    heads, batch = model.heads, fcfg.batch_size
     pca = None
-    if fcfg["embedding"] and fcfg["pca"]:  # fitted on the model's own training rows (all, for full)
+    if fcfg.embedding and fcfg.pca:  # fitted on the model's own training rows (all, for full)
         own = np.flatnonzero(~held_out(run.matrix, k))
-        pca = fit_fold_pca(model, [run.paths_train[i] for i in own], batch, run.workers, int(fcfg["pca"]),
-                           run.cfg["seed"])
+        pca = fit_fold_pca(model, [run.paths_train[i] for i in own], batch, run.workers, int(fcfg.pca),
+                           run.cfg.seed)
 
     def views_of(images):
-        return reduce_embedding(model.predict(images, run.views, batch, run.workers, fcfg["embedding"]), pca)
+        return reduce_embedding(model.predict(images, run.views, batch, run.workers, fcfg.embedding), pca)
 
     if k != FULL:
         rows = np.flatnonzero(held_out(run.matrix, k))
@@ -227,9 +237,9 @@ def _dump_fold(run: _FoldRun, k, part_oof: Path, part_test: Path, pkey: str) -> 
         ident = {feature_column(exp, h.name, j, "view0"): o[h.name][0][:, j]  # no-TTA output, for the CV table
                  for h in heads for j in range(o[h.name].shape[2])}
         df = pd.concat([pd.DataFrame({id_col: run.train_ids[rows], "fold": k}),
-                        aggregate(exp, o, fcfg["stats"], fcfg["keep_views"]), pd.DataFrame(ident)], axis=1)
+                        aggregate(exp, o, fcfg.stats, fcfg.keep_views), pd.DataFrame(ident)], axis=1)
         write_parquet(part_oof, df, {"key": pkey})
-    t = aggregate(exp, views_of(run.test_images), fcfg["stats"], fcfg["keep_views"])
+    t = aggregate(exp, views_of(run.test_images), fcfg.stats, fcfg.keep_views)
     write_parquet(part_test, pd.concat([pd.DataFrame({id_col: run.test_ids}), t], axis=1), {"key": pkey})
 
 
@@ -289,8 +299,8 @@ def repeat_spread(tables: list[dict], fold_mean: dict) -> dict | None:
     return {"scores": scores, "std": float(np.std(scores)), "ensemble": fold_mean.get("repeat_ensemble")}
 
 
-def score_table(cfg: dict, oof: pd.DataFrame, train_df: pd.DataFrame, exp: str, head: str, fold_of) -> dict:
-    metric = get_metric(cfg["competition"]["metric"])
+def score_table(cfg: Config, oof: pd.DataFrame, train_df: pd.DataFrame, exp: str, head: str, fold_of) -> dict:
+    metric = get_metric(cfg.competition.metric)
     y = truth(cfg, train_df)
     tta = head_prediction(oof, exp, head, "mean")
     plain = head_prediction(oof, exp, head, "view0")

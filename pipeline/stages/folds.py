@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
@@ -31,15 +32,18 @@ from pipeline.store.io import config_hash, file_hash, is_up_to_date, log, proven
 from pipeline.store.paths import folds_file, sidecar, targets
 from pipeline.tasks import task_of
 
+if TYPE_CHECKING:
+    from pipeline.config.schema import Config
 
-def resolve_method(cfg: dict) -> str:
-    method = cfg["folds"]["method"]
+
+def resolve_method(cfg: Config) -> str:
+    method = cfg.folds.method
     if method != "auto":
         return method
-    return "stratified_group" if cfg["competition"]["group"] else "stratified"
+    return "stratified_group" if cfg.competition.group else "stratified"
 
 
-def stratify_labels(cfg: dict, df: pd.DataFrame) -> np.ndarray:
+def stratify_labels(cfg: Config, df: pd.DataFrame) -> np.ndarray:
     """Labels used for stratification: the class, the quantile bin of a continuous target, or a label set's
     (rows, labels) 0/1 matrix."""
     if task_of(cfg).stratify == "labels":
@@ -47,13 +51,13 @@ def stratify_labels(cfg: dict, df: pd.DataFrame) -> np.ndarray:
     y = df[targets(cfg)[0]]
     if task_of(cfg).stratify == "classes":
         return y.astype(int).to_numpy()
-    bins = pd.qcut(y.rank(method="first"), q=min(cfg["folds"]["bins"], len(y)), labels=False, duplicates="drop")
+    bins = pd.qcut(y.rank(method="first"), q=min(cfg.folds.bins, len(y)), labels=False, duplicates="drop")
     return np.asarray(bins, dtype=int)
 
 
-def _check_splittable(cfg: dict, method: str, labels: np.ndarray | None, groups: np.ndarray | None, path) -> None:
-    k = cfg["folds"]["n_splits"]
-    comp = cfg["competition"]
+def _check_splittable(cfg: Config, method: str, labels: np.ndarray | None, groups: np.ndarray | None, path) -> None:
+    k = cfg.folds.n_splits
+    comp = cfg.competition
     if labels is not None and labels.ndim == 2:  # a label set: rare labels cannot be in every fold
         rare = [(c, int(n)) for c, n in zip(label_columns(cfg), labels.sum(0)) if n < k]
         if rare:
@@ -66,7 +70,7 @@ def _check_splittable(cfg: dict, method: str, labels: np.ndarray | None, groups:
                              "set it or use folds.method=stratified.")
         n_groups = len(np.unique(groups))
         if n_groups < k:
-            raise InputError(f"{path}: group column '{comp['group']}' has only {n_groups} groups, fewer than "
+            raise InputError(f"{path}: group column '{comp.group}' has only {n_groups} groups, fewer than "
                              f"folds.n_splits={k}; lower n_splits or choose a finer group.")
     if method in ("stratified", "stratified_group") and labels is not None:
         values, counts = np.unique(labels, return_counts=True)
@@ -186,39 +190,39 @@ def stratification_error(fold: np.ndarray, labels: np.ndarray | None) -> float:
     return 100 * worst
 
 
-def make_folds(cfg: dict, df: pd.DataFrame, path="train.csv") -> np.ndarray:
+def make_folds(cfg: Config, df: pd.DataFrame, path="train.csv") -> np.ndarray:
     """Fold index per row of ``df`` (validated train table), per the ``folds`` config."""
-    fc = cfg["folds"]
+    fc = cfg.folds
     method = resolve_method(cfg)
-    group_col = cfg["competition"]["group"]
+    group_col = cfg.competition.group
     groups = df[group_col].astype(str).to_numpy() if group_col else None
     labels = stratify_labels(cfg, df)
     strat = labels if method in ("stratified", "stratified_group") else None
     _check_splittable(cfg, method, strat, groups if method in ("stratified_group", "group") else None, path)
     use_groups = groups if method in ("stratified_group", "group") else None
     best, best_err = None, None
-    for trial in range(max(1, int(fc["search"]))):
-        fold = split(method, fc["n_splits"], fc["seed"] + trial, strat, use_groups)
-        if fc["balance"]:
-            fold = balance(fold, use_groups, strat if strat is None or strat.ndim == 1 else None, fc["n_splits"])
+    for trial in range(max(1, int(fc.search))):
+        fold = split(method, fc.n_splits, fc.seed + trial, strat, use_groups)
+        if fc.balance:
+            fold = balance(fold, use_groups, strat if strat is None or strat.ndim == 1 else None, fc.n_splits)
         err = stratification_error(fold, strat)
         if best is None or err < best_err:
             best, best_err = fold, err
     return best
 
 
-def report(cfg: dict, df: pd.DataFrame, fold: np.ndarray) -> tuple[pd.DataFrame, dict]:
+def report(cfg: Config, df: pd.DataFrame, fold: np.ndarray) -> tuple[pd.DataFrame, dict]:
     """Per-fold table (rows, groups, target distribution) and summary checks."""
-    comp = cfg["competition"]
+    comp = cfg.competition
     target = targets(cfg)[0]
-    table = pd.DataFrame({"fold": range(cfg["folds"]["n_splits"])}).set_index("fold")
+    table = pd.DataFrame({"fold": range(cfg.folds.n_splits)}).set_index("fold")
     table["rows"] = pd.Series(fold).value_counts().sort_index()
     method = resolve_method(cfg)
     if task_of(cfg).label_sets and method in ("stratified", "stratified_group"):
         method += " (iterative, over every label)"
-    summary = {"method": method, "n_splits": cfg["folds"]["n_splits"], "rows": int(len(df))}
-    if comp["group"]:
-        g = df[comp["group"]].astype(str).to_numpy()
+    summary = {"method": method, "n_splits": cfg.folds.n_splits, "rows": int(len(df))}
+    if comp.group:
+        g = df[comp.group].astype(str).to_numpy()
         table["groups"] = pd.Series(g).groupby(fold).nunique()
         per_group = pd.Series(fold).groupby(g).nunique()
         summary["groups"] = int(len(per_group))
@@ -265,14 +269,14 @@ def report_text(table: pd.DataFrame, summary: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def run(cfg: dict, force: bool = False) -> Path:
+def run(cfg: Config, force: bool = False) -> Path:
     """Stage entry point: validate train.csv, test.csv and every image, split, write the folds CSV and
     its report as one group (under a lock, so concurrent runs never mix their files); skip when up to date."""
     out = folds_file(cfg)
     meta_path = sidecar(out, ".meta.json")
     train_file = table_path(cfg, "train")
-    fcfg = {k: v for k, v in cfg["folds"].items() if not (k == "repeats" and v == 1)}  # (older keys stand)
-    key_inputs = {"competition": competition_key(cfg["competition"]), "folds": fcfg}
+    fcfg = {k: v for k, v in dict(cfg.folds).items() if not (k == "repeats" and v == 1)}  # (older keys stand)
+    key_inputs = {"competition": competition_key(cfg.competition), "folds": fcfg}
     with stage_lock(out):
         key = config_hash([key_inputs, file_hash(train_file) if train_file.exists() else None])
         if not force and is_up_to_date(meta_path, key, [out]):
@@ -282,18 +286,18 @@ def run(cfg: dict, force: bool = False) -> Path:
         df = load_train(cfg, check_images=False)
         test = load_test(cfg, check_images=False)
         repeats = [make_folds(cfg, df, train_file)]
-        for r in range(1, cfg["folds"].get("repeats", 1)):  # another seed per repeat; its models numbered after
-            again = {**cfg, "folds": {**cfg["folds"], "seed": cfg["folds"]["seed"] + 7919 * r}}
-            repeats.append(make_folds(again, df, train_file) + r * cfg["folds"]["n_splits"])
+        for r in range(1, cfg.folds.repeats):  # another seed per repeat; its models numbered after
+            again = cfg.updated({"folds.seed": cfg.folds.seed + 7919 * r})
+            repeats.append(make_folds(again, df, train_file) + r * cfg.folds.n_splits)
         fold = repeats[0]
-        mode = cfg["competition"]["check_images"]
+        mode = cfg.competition.check_images
         if mode:  # every train and test image, before any training
-            id_col = cfg["competition"]["id"]
+            id_col = cfg.competition.id
             check_image_files(cfg, df[id_col], train_file, mode)
             check_image_files(cfg, test[id_col], table_path(cfg, "test"), mode, "test")
         table, summary = report(cfg, df, fold)
         for r, again in enumerate(repeats[1:], 1):  # every repeat keeps groups whole
-            _, rs = report(cfg, df, again - r * cfg["folds"]["n_splits"])
+            _, rs = report(cfg, df, again - r * cfg.folds.n_splits)
             summary["groups_in_several_folds"] = summary.get("groups_in_several_folds", 0) + rs.get(
                 "groups_in_several_folds", 0)
         if summary.get("groups_in_several_folds", 0):
@@ -303,8 +307,8 @@ def run(cfg: dict, force: bool = False) -> Path:
             summary["repeats"] = len(repeats)
             text += (f"repeats: {len(repeats)} splits with different seeds, columns fold, "
                      + ", ".join(f"fold_{r}" for r in range(1, len(repeats)))
-                     + f" (models 0..{len(repeats) * cfg['folds']['n_splits'] - 1}); the table is repeat 0's\n")
-        id_col = cfg["competition"]["id"]
+                     + f" (models 0..{len(repeats) * cfg.folds.n_splits - 1}); the table is repeat 0's\n")
+        id_col = cfg.competition.id
         folds_csv = pd.DataFrame({id_col: df[id_col], "fold": fold, **{f"fold_{r}": f for r, f in
                                                                        enumerate(repeats[1:], 1)}}).to_csv(index=False)
         fig = plots.fold_report(df, fold, targets(cfg)[0], task_of(cfg).classes,
@@ -317,7 +321,7 @@ def run(cfg: dict, force: bool = False) -> Path:
             group.commit(provenance(cfg, "folds", key, folds_hash=text_hash(folds_csv),
                                     train_hash=file_hash(train_file), report=summary,
                                     stage_config_hash=config_hash(key_inputs)))
-    leaderboard.record(cfg, "folds", started, artifacts=[str(out)], experiment=cfg["competition"]["name"] + ":folds")
+    leaderboard.record(cfg, "folds", started, artifacts=[str(out)], experiment=cfg.competition.name + ":folds")
     log(text.rstrip())
     log(f"[folds] wrote {out} ({len(df)} rows) and its report {sidecar(out, '.report.png')}")
     return out

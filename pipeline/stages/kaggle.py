@@ -27,6 +27,7 @@ import re
 import shutil
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
@@ -42,26 +43,29 @@ from pipeline.store.artifacts import require_complete, stage_lock
 from pipeline.store.io import config_hash, git_info, is_up_to_date, log, read_json, write_json
 from pipeline.store.paths import features_dir, fold_dir, submission_source, under
 
+if TYPE_CHECKING:
+    from pipeline.config.schema import Config
+
 METADATA = ("dataset-metadata.json", "kernel-metadata.json", "inference.ipynb")  # may be edited after the build
 
 
-def run(cfg: dict, force: bool = False) -> Path:
-    source = cfg["kaggle"]["source"] or submission_source(cfg)
+def run(cfg: Config, force: bool = False) -> Path:
+    source = cfg.kaggle.source or submission_source(cfg)
     try:
-        out = under(cfg, cfg["kaggle"]["output"].format(name=source))
+        out = under(cfg, cfg.kaggle.output.format(name=source))
     except (KeyError, IndexError, ValueError) as exc:
-        raise ConfigError(f"kaggle.output = {cfg['kaggle']['output']!r}: only {{name}} (the bundled feature set) "
+        raise ConfigError(f"kaggle.output = {cfg.kaggle.output!r}: only {{name}} (the bundled feature set) "
                           f"can be filled in ({type(exc).__name__}: {exc}).") from None
     with stage_lock(out):
         return _build(cfg, source, out, force)
 
 
-def _build(cfg: dict, source: str, out: Path, force: bool) -> Path:
-    kcfg = cfg["kaggle"]
+def _build(cfg: Config, source: str, out: Path, force: bool) -> Path:
+    kcfg = cfg.kaggle
     sets, files = {}, {}
     collect(cfg, source, sets, files)
     stamp = [(rel, src.stat().st_size, src.stat().st_mtime_ns) for rel, src in files.items() if isinstance(src, Path)]
-    key = config_hash([kcfg, source, cfg["submit"]["stat"],
+    key = config_hash([kcfg, source, cfg.submit.stat,
                        {n: s["stage_key"] for n, s in sets.items()}, stamp, _code_hash()])
     if not force and is_up_to_date(out / MANIFEST, key, [out / "inference.ipynb"]):
         log(f"[kaggle] up to date: {out}")
@@ -78,14 +82,14 @@ def _build(cfg: dict, source: str, out: Path, force: bool) -> Path:
             if isinstance(src, dict):
                 write_json(dst, src)
             elif dst.suffix == ".pt":
-                copy_checkpoint(src, dst, kcfg["fp16"])
+                copy_checkpoint(src, dst, kcfg.fp16)
             else:
                 shutil.copy2(src, dst)
         wheels = build_wheels(tmp / "wheels")
         manifest = make_manifest(cfg, source, sets, tmp, key, wheels)
         write_json(tmp / MANIFEST, manifest)
         write_metadata(cfg, source, tmp, wheels)
-        if kcfg["verify"]:
+        if kcfg.verify:
             verify(cfg, tmp, manifest)
         old = out.with_name(f".{out.name}.old")
         shutil.rmtree(old, ignore_errors=True)
@@ -117,7 +121,7 @@ def _code_hash() -> str:
 
 
 # -------------------------------------------------------------------------- what the bundle needs
-def collect(cfg: dict, name: str, sets: dict, files: dict) -> None:
+def collect(cfg: Config, name: str, sets: dict, files: dict) -> None:
     """``sets[name]`` (after those it is made from: dependency order) and the files it needs
     (``files[bundle path] = source path``, or a dict written as JSON)."""
     if name in sets:
@@ -126,9 +130,9 @@ def collect(cfg: dict, name: str, sets: dict, files: dict) -> None:
     meta = require_complete(d, ["test.parquet"], f"test predictions of '{name}'",
                             f"make them first (`make features`, `make stack` or `make postprocess` for '{name}')")
     saved = yaml_load((d / "config.yaml").read_text())  # the resolved config the set was made with
-    if saved["competition"]["name"] != cfg["competition"]["name"]:
+    if saved["competition"]["name"] != cfg.competition.name:
         raise InputError(f"{d}: made for competition '{saved['competition']['name']}', not "
-                         f"'{cfg['competition']['name']}' of this config; bundle it with its own config.")
+                         f"'{cfg.competition.name}' of this config; bundle it with its own config.")
     stage, spec = meta.get("stage"), {"stage_key": meta["stage_key"]}
     if stage not in SET_KINDS:
         raise InputError(f"{d}: made by stage '{stage}', which a bundle cannot redo ({', '.join(SET_KINDS)}).")
@@ -140,7 +144,7 @@ def collect(cfg: dict, name: str, sets: dict, files: dict) -> None:
 
 # A feature set of each kind (the stage that made it) and what the bundle carries to redo it; the notebook's
 # side of each kind is pipeline.kaggle.inference.SET_KINDS.
-def _level1_set(cfg: dict, name: str, d: Path, meta: dict, saved: dict, spec: dict, sets: dict, files: dict) -> None:
+def _level1_set(cfg: Config, name: str, d: Path, meta: dict, saved: dict, spec: dict, sets: dict, files: dict) -> None:
     fcfg = saved["features"]
     if fcfg["embedding"] and fcfg["pca"]:
         raise InputError(f"{d}: made with features.pca, a PCA fitted per fold on train images that a bundle does "
@@ -156,7 +160,7 @@ def _level1_set(cfg: dict, name: str, d: Path, meta: dict, saved: dict, spec: di
         spec["models"].append(f"models/{name}/fold{k}.pt")
 
 
-def _stack_set(cfg: dict, name: str, d: Path, meta: dict, saved: dict, spec: dict, sets: dict, files: dict) -> None:
+def _stack_set(cfg: Config, name: str, d: Path, meta: dict, saved: dict, spec: dict, sets: dict, files: dict) -> None:
     l2 = d / "models"
     if not (l2 / SAVED).exists():
         raise InputError(f"{l2}: no saved level-2 models ({d} was made before `stack` saved them); rerun it with "
@@ -173,7 +177,7 @@ def _stack_set(cfg: dict, name: str, d: Path, meta: dict, saved: dict, spec: dic
                 tabular=[c for c in saved["competition"]["tabular"] if c in lspec["columns"]])
 
 
-def _postprocess_set(cfg: dict, name: str, d: Path, meta: dict, saved: dict, spec: dict, sets: dict,
+def _postprocess_set(cfg: Config, name: str, d: Path, meta: dict, saved: dict, spec: dict, sets: dict,
                      files: dict) -> None:
     pcfg = saved["postprocess"]
     params = {"source": meta["source"], "blend_with": pcfg["blend_with"], "force_from": pcfg["force_from"],
@@ -185,7 +189,7 @@ def _postprocess_set(cfg: dict, name: str, d: Path, meta: dict, saved: dict, spe
     spec.update(kind="postprocess", params=f"postprocess/{name}.json")
 
 
-def _knn_set(cfg: dict, name: str, d: Path, meta: dict, saved: dict, spec: dict, sets: dict, files: dict) -> None:
+def _knn_set(cfg: Config, name: str, d: Path, meta: dict, saved: dict, spec: dict, sets: dict, files: dict) -> None:
     """The fold models (to embed the test rows) and each one's neighbour index."""
     exp = saved["name"]
     spec.update(kind="knn", models=[], indexes=[], params=f"knn/{name}.json")
@@ -210,8 +214,8 @@ def copy_checkpoint(src: Path, dst: Path, fp16: bool) -> None:
     Checkpoint.read(src).write(dst, slim=True, fp16=fp16)
 
 
-def make_manifest(cfg: dict, source: str, sets: dict, folder: Path, key: str, wheels: list[str]) -> dict:
-    comp = cfg["competition"]
+def make_manifest(cfg: Config, source: str, sets: dict, folder: Path, key: str, wheels: list[str]) -> dict:
+    comp = cfg.competition
     sample = table_path(cfg, "sample_submission")
     if not sample.exists():
         raise InputError(f"{sample}: not found; the bundle records the sample submission's columns (check "
@@ -219,29 +223,29 @@ def make_manifest(cfg: dict, source: str, sets: dict, folder: Path, key: str, wh
     tabular = [c for s in sets.values() for c in s.get("tabular", [])]
     files = {p.relative_to(folder).as_posix(): p.stat().st_size for p in sorted(folder.rglob("*"))
              if p.is_file() and p.name not in (MANIFEST, *METADATA)}
-    return {"format": FORMAT, "source": source, "stage_key": key, "git": git_info(), "fp16": cfg["kaggle"]["fp16"],
+    return {"format": FORMAT, "source": source, "stage_key": key, "git": git_info(), "fp16": cfg.kaggle.fp16,
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "competition": {**comp, "root": None},
             "class_labels": class_labels(cfg), "sample_columns": list(pd.read_csv(sample, nrows=0).columns),
-            "test_columns": list(dict.fromkeys([comp["id"], *tabular])), "submit": {"stat": cfg["submit"]["stat"]},
+            "test_columns": list(dict.fromkeys([comp.id, *tabular])), "submit": {"stat": cfg.submit.stat},
             "sets": sets, "wheels": wheels, "files": files,
             "versions": versions.recorded()}  # what it was built and verified with (the notebook prints them)
 
 
 # ------------------------------------------------------------------------ Kaggle-facing files
-def slugs(cfg: dict, source: str) -> tuple[str, str, str]:
+def slugs(cfg: Config, source: str) -> tuple[str, str, str]:
     """(user, dataset slug, competition slug) as Kaggle spells them."""
-    kcfg = cfg["kaggle"]
-    user = kcfg["user"] or os.environ.get("KAGGLE_USERNAME") or "your-kaggle-username"
-    slug = kcfg["dataset"] or re.sub(r"-+", "-", re.sub(r"[^a-z0-9]+", "-", f"{cfg['competition']['name']}-{source}"
+    kcfg = cfg.kaggle
+    user = kcfg.user or os.environ.get("KAGGLE_USERNAME") or "your-kaggle-username"
+    slug = kcfg.dataset or re.sub(r"-+", "-", re.sub(r"[^a-z0-9]+", "-", f"{cfg.competition.name}-{source}"
                                                        .lower())).strip("-")[:50].strip("-")
-    if kcfg["dataset"] is None and len(slug) < 6:
+    if kcfg.dataset is None and len(slug) < 6:
         slug = f"{slug}-bundle"
     if not re.fullmatch(r"[a-z0-9][a-z0-9-]{4,48}[a-z0-9]", slug):
         raise ConfigError(f"kaggle.dataset = {slug!r}: a Kaggle dataset slug is 6-50 characters of a-z, 0-9 and '-'.")
-    return user, slug, kcfg["competition"] or cfg["competition"]["name"]
+    return user, slug, kcfg.competition or cfg.competition.name
 
 
-def write_metadata(cfg: dict, source: str, folder: Path, wheels: list[str]) -> None:
+def write_metadata(cfg: Config, source: str, folder: Path, wheels: list[str]) -> None:
     user, slug, competition = slugs(cfg, source)
     title = f"{source} bundle"[:50]
     write_json(folder / "dataset-metadata.json", {"title": title if len(title) >= 6 else f"{title} (pipeline)",
@@ -249,10 +253,10 @@ def write_metadata(cfg: dict, source: str, folder: Path, wheels: list[str]) -> N
     write_json(folder / "kernel-metadata.json", {
         "id": f"{user}/{slug}-inference", "title": f"{slug}-inference", "code_file": "inference.ipynb",
         "language": "python", "kernel_type": "notebook", "is_private": True, "enable_gpu": True,
-        **({"machine_shape": cfg["kaggle"]["machine_shape"]} if cfg["kaggle"]["machine_shape"] else {}),
+        **({"machine_shape": cfg.kaggle.machine_shape} if cfg.kaggle.machine_shape else {}),
         "enable_internet": False, "dataset_sources": [f"{user}/{slug}"], "competition_sources": [competition],
         "kernel_sources": []})
-    sample = cfg["competition"]["sample_submission"]
+    sample = cfg.competition.sample_submission
     (folder / "inference.ipynb").write_text(json.dumps(notebook(slug, competition, sample, wheels, source),
                                                        indent=1) + "\n")
 
@@ -321,11 +325,11 @@ def notebook(bundle: str, competition: str, sample: str, wheels: list[str], sour
 
 
 # --------------------------------------------------------------------------------- checks, report
-def verify(cfg: dict, folder: Path, manifest: dict) -> None:
+def verify(cfg: Config, folder: Path, manifest: dict) -> None:
     """Predict the local test set from the bundle alone: every feature set must match its test.parquet
     (with fp16 weights, only level 1 is compared, to 2e-2)."""
-    id_col, fp16 = cfg["competition"]["id"], manifest["fp16"]
-    _, frames = predict(folder, cfg["competition"]["root"], device=cfg["train"]["device"])
+    id_col, fp16 = cfg.competition.id, manifest["fp16"]
+    _, frames = predict(folder, cfg.competition.root, device=cfg.train.device)
     tol, worst, compared = (2e-2 if fp16 else 1e-4), 0.0, []
     for name, frame in frames.items():
         if fp16 and manifest["sets"][name]["kind"] != "features":

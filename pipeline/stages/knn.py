@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -47,14 +48,17 @@ from pipeline.training.fold_models import FoldModels
 from pipeline.training.models import pick_device
 from pipeline.training.train_key import images_hash, train_key
 
+if TYPE_CHECKING:
+    from pipeline.config.schema import Config
 
-def knn_name(cfg: dict) -> str:
-    return cfg["knn"]["name"] or f"{cfg['name']}-knn"
+
+def knn_name(cfg: Config) -> str:
+    return cfg.knn.name or f"{cfg.name}-knn"
 
 
-def new_class(cfg: dict) -> int | None:
+def new_class(cfg: Config) -> int | None:
     """The index of ``knn.new_label`` among the classes (a string label, or a class number)."""
-    label = cfg["knn"]["new_label"]
+    label = cfg.knn.new_label
     if label is None:
         return None
     labels = class_labels(cfg)
@@ -78,20 +82,20 @@ def new_class(cfg: dict) -> int | None:
     return new
 
 
-def run(cfg: dict, force: bool = False) -> Path:
+def run(cfg: Config, force: bool = False) -> Path:
     with stage_lock(features_dir(cfg, knn_name(cfg))):
         return _run(cfg, force)
 
 
 # (over 60 lines on purpose: the stage's story in order, inputs -> key -> up-to-date check -> work -> one
 # commit; the neighbour search itself is pipeline.predict.neighbours')
-def _run(cfg: dict, force: bool) -> Path:
-    kc, id_col, name = cfg["knn"], cfg["competition"]["id"], knn_name(cfg)
+def _run(cfg: Config, force: bool) -> Path:
+    kc, id_col, name = cfg.knn, cfg.competition.id, knn_name(cfg)
     if task_of(cfg).head_kind.outputs != "classes":
-        raise InputError(f"make knn: neighbours vote for classes; competition.task={cfg['competition']['task']} "
+        raise InputError(f"make knn: neighbours vote for classes; competition.task={cfg.competition.task} "
                          "has none (use a multiclass competition)")
     out = features_dir(cfg, name)
-    if name == cfg["name"]:
+    if name == cfg.name:
         raise InputError(f"knn.name={name} is this experiment's own name: its kNN set would overwrite its features "
                          f"(features/{name}/); leave knn.name unset ({name}-knn) or pick another name.")
     train_df, test_df = load_train(cfg, check_images=False), load_test(cfg)
@@ -109,7 +113,7 @@ def _run(cfg: dict, force: bool) -> Path:
         return out
     started = time.time()
     indexes, oof_score, test_score = _search(cfg, fold_models, matrix, models, train_df, test_df, y, n_classes)
-    metric = get_metric(cfg["competition"]["metric"])
+    metric = get_metric(cfg.competition.metric)
     repeats = [[m for m in models if repeat_of(matrix, m) == r] for r in range(len(repeat_columns(folds_df)))]
     oofs, thresholds, test_threshold = _oof(matrix, repeats, y, oof_score, n_classes, kc, new, metric)
     tests = [_probs(test_score[m], kc, new, test_threshold) for m in models]
@@ -119,7 +123,7 @@ def _run(cfg: dict, force: bool) -> Path:
                        "no_tta": metric(y[matrix[:, 0] == m], oof[matrix[:, 0] == m])} for m in repeats[0]}
     cv["overall"] = {"tta": metric(y, oof), "no_tta": metric(y, oof)}
     fold_mean = fold_mean_estimate(metric.name, y, oofs, tests, True)
-    info = {"k": kc["k"], "scale": kc["scale"], "n_classes": n_classes, "batch_size": kc["batch_size"],
+    info = {"k": kc.k, "scale": kc.scale, "n_classes": n_classes, "batch_size": kc.batch_size,
             "new_class": new, "test_threshold": test_threshold,
             "fold_thresholds": {str(m): t for m, t in thresholds.items()},
             "index_rows": {str(m): len(i.classes) for m, i in indexes.items()}}
@@ -142,7 +146,7 @@ def _run(cfg: dict, force: bool) -> Path:
                        folds={k: v["tta"] for k, v in cv.items() if k != "overall"},
                        predicted=fold_mean["predicted"], predicted_how=fold_mean["how"],
                        artifacts=[str(out / "oof.parquet"), str(out / "test.parquet")],
-                       note=f"kNN (k={kc['k']}) on {cfg['name']}'s embeddings"
+                       note=f"kNN (k={kc.k}) on {cfg.name}'s embeddings"
                             + (f"; new-individual threshold {test_threshold:.3f}" if new is not None else "")
                             + (f"; {leak}" if leak else ""))
     log(f"[knn] {name}: CV {metric.name} {cv['overall']['tta']:.4f} (folds: "
@@ -152,28 +156,28 @@ def _run(cfg: dict, force: bool) -> Path:
     return out
 
 
-def _search(cfg: dict, fold_models: FoldModels, matrix, models: list, train_df, test_df, y, n_classes: int):
+def _search(cfg: Config, fold_models: FoldModels, matrix, models: list, train_df, test_df, y, n_classes: int):
     """Per fold model: its index (the rows it trained on), and the class scores of its held-out rows and of
     every test row, searched in that index alone."""
     from tqdm.auto import tqdm
 
-    kc, id_col = cfg["knn"], cfg["competition"]["id"]
-    device = pick_device(cfg["train"]["device"])
-    workers = loader_workers(cfg["data"], device)
+    kc, id_col = cfg.knn, cfg.competition.id
+    device = pick_device(cfg.train.device)
+    workers = loader_workers(cfg.data, device)
     paths = image_paths(cfg, train_df[id_col], "train")
-    test_images = SharedImages(image_paths(cfg, test_df[id_col], "test"), cfg["data"], workers, "decode test images")
+    test_images = SharedImages(image_paths(cfg, test_df[id_col], "test"), cfg.data, workers, "decode test images")
     indexes, oof_score, test_score = {}, {}, {}
     for m in tqdm(models, desc=f"knn {knn_name(cfg)}", leave=False):
         run = ModelRun(fold_models.checkpoint(m), device, fold=m)
 
         def embed(images, run=run):
-            return run.predict(images, batch_size=kc["batch_size"], workers=workers, embed=True)["embedding"]
+            return run.predict(images, batch_size=kc.batch_size, workers=workers, embed=True)["embedding"]
 
         own, rows = np.flatnonzero(~held_out(matrix, m)), np.flatnonzero(held_out(matrix, m))
         indexes[m] = neighbours.Index(neighbours.normalise(embed([paths[i] for i in own])), y[own],
                                       train_df[id_col].to_numpy()[own])
-        oof_score[m] = _scores(indexes[m], embed([paths[i] for i in rows]), kc["k"], n_classes)
-        test_score[m] = _scores(indexes[m], embed(test_images), kc["k"], n_classes)
+        oof_score[m] = _scores(indexes[m], embed([paths[i] for i in rows]), kc.k, n_classes)
+        test_score[m] = _scores(indexes[m], embed(test_images), kc.k, n_classes)
     return indexes, oof_score, test_score
 
 
@@ -182,7 +186,7 @@ def _oof(matrix, repeats: list[list[int]], y, oof_score: dict, n_classes: int, k
     each model's rows by the threshold tuned on its repeat's other rows (nested), and the test rows' (tuned on
     every OOF row of repeat 0). Returns (OOF per repeat, {model: threshold}, the test threshold)."""
     thresholds, oofs = {}, []
-    tune = new is not None and kc["new_threshold"] is None
+    tune = new is not None and kc.new_threshold is None
     for r, owners in enumerate(repeats):
         score = np.full((len(y), n_classes), -np.inf)
         for m in owners:
@@ -190,15 +194,15 @@ def _oof(matrix, repeats: list[list[int]], y, oof_score: dict, n_classes: int, k
         if tune:
             for m in owners:
                 rest = matrix[:, r] != m
-                thresholds[m] = neighbours.tune_threshold(metric, y[rest], score[rest], kc["scale"], new)
+                thresholds[m] = neighbours.tune_threshold(metric, y[rest], score[rest], kc.scale, new)
         probs = np.empty(score.shape)
         for m in owners:
             mine = matrix[:, r] == m
-            probs[mine] = _probs(score[mine], kc, new, thresholds.get(m, kc["new_threshold"]))
+            probs[mine] = _probs(score[mine], kc, new, thresholds.get(m, kc.new_threshold))
         oofs.append(probs)
         if r == 0 and tune:
-            test_threshold = neighbours.tune_threshold(metric, y, score, kc["scale"], new)
-    return oofs, thresholds, test_threshold if tune else kc["new_threshold"]
+            test_threshold = neighbours.tune_threshold(metric, y, score, kc.scale, new)
+    return oofs, thresholds, test_threshold if tune else kc.new_threshold
 
 
 def _scores(index: neighbours.Index, queries: np.ndarray, k: int, n_classes: int) -> np.ndarray:
@@ -208,4 +212,4 @@ def _scores(index: neighbours.Index, queries: np.ndarray, k: int, n_classes: int
 
 
 def _probs(score: np.ndarray, kc: dict, new: int | None, threshold: float | None) -> np.ndarray:
-    return neighbours.probabilities(neighbours.with_threshold(score, new, threshold), kc["scale"])
+    return neighbours.probabilities(neighbours.with_threshold(score, new, threshold), kc.scale)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pandas as pd
 
@@ -54,29 +55,32 @@ from pipeline.store.io import (
 from pipeline.store.paths import features_dir, head_prediction, main_head, prediction_frame, stack_name
 from pipeline.tasks import task_of
 
+if TYPE_CHECKING:
+    from pipeline.config.schema import Config
+
 
 # ------------------------------------------------------------------------------------------- stage
-def run(cfg: dict, force: bool = False) -> Path:
-    with stage_lock(features_dir(cfg, cfg["postprocess"]["name"] or "postprocess")):
+def run(cfg: Config, force: bool = False) -> Path:
+    with stage_lock(features_dir(cfg, cfg.postprocess.name or "postprocess")):
         return _run(cfg, force)
 
 
 # (over 60 lines on purpose: the stage's story in order, inputs -> key -> up-to-date check -> work -> one
 # commit; the work itself is in the helpers above and below)
-def _run(cfg: dict, force: bool) -> Path:
-    pcfg, comp = cfg["postprocess"], cfg["competition"]
-    task = comp["task"]
-    metric = get_metric(comp["metric"])
-    id_col, head = comp["id"], main_head(cfg)
-    source = pcfg["source"] or (stack_name(cfg) if (features_dir(cfg, stack_name(cfg)) / "oof.parquet").exists()
-                                else cfg["name"])
-    name = pcfg["name"] or f"{source}-pp"
+def _run(cfg: Config, force: bool) -> Path:
+    pcfg, comp = cfg.postprocess, cfg.competition
+    task = comp.task
+    metric = get_metric(comp.metric)
+    id_col, head = comp.id, main_head(cfg)
+    source = pcfg.source or (stack_name(cfg) if (features_dir(cfg, stack_name(cfg)) / "oof.parquet").exists()
+                                else cfg.name)
+    name = pcfg.name or f"{source}-pp"
     src_dir, out = features_dir(cfg, source), features_dir(cfg, name)
     if not (src_dir / "oof.parquet").exists():
         raise InputError(f"{src_dir}: no OOF predictions to post-process; run `make features` or `make stack` first.")
     train_df = load_train(cfg, check_images=False)
     folds_df, folds_hash = load_folds(cfg)
-    inputs = [source] + [e for e in (pcfg["blend_with"], (pcfg["force_from"] or {}).get("experiment")) if e]
+    inputs = [source] + [e for e in (pcfg.blend_with, (pcfg.force_from or {}).get("experiment")) if e]
     for e in inputs:
         require_complete(features_dir(cfg, e), ["oof.parquet", "test.parquet"], f"predictions of '{e}'",
                          "run `make features` or `make stack` for it first")
@@ -102,13 +106,13 @@ def _run(cfg: dict, force: bool) -> Path:
     _, p = load(source, "oof")
     test_ids, pt = load(source, "test")
     other = other_t = onehot = onehot_t = None
-    if pcfg["blend_with"]:
-        other, other_t = load(pcfg["blend_with"], "oof")[1], load(pcfg["blend_with"], "test")[1]
-    if pcfg["force_from"] and task_of(cfg).label_sets:
+    if pcfg.blend_with:
+        other, other_t = load(pcfg.blend_with, "oof")[1], load(pcfg.blend_with, "test")[1]
+    if pcfg.force_from and task_of(cfg).label_sets:
         raise InputError("postprocess.force_from forces one class where a head is sure of it; a label set "
-                         f"(competition.task={comp['task']}) has no single class: remove force_from.")
-    if pcfg["force_from"]:
-        ff = pcfg["force_from"]
+                         f"(competition.task={comp.task}) has no single class: remove force_from.")
+    if pcfg.force_from:
+        ff = pcfg.force_from
         onehot = load(ff["experiment"], "oof", ff.get("head", head))[1]
         onehot_t = load(ff["experiment"], "test", ff.get("head", head))[1]
         if onehot.ndim != 2:
@@ -154,15 +158,15 @@ SWITCHES = {"class_scale": "class_scale", "threshold": ("threshold", "label_thre
             "clip": "clip"}  # postprocess.<switch> -> the task rule(s) it tunes
 
 
-def _warnings(cfg: dict, res: dict, source: str, metric) -> list[str]:
+def _warnings(cfg: Config, res: dict, source: str, metric) -> list[str]:
     """What the user should know before submitting the post-processed set: switches the task has no rule
     for (ignored), thresholds under a ranking metric (no effect), and rules that lose on nested CV."""
-    task, pcfg, lines = task_of(cfg), cfg["postprocess"], []
+    task, pcfg, lines = task_of(cfg), cfg.postprocess, []
     for switch, rules in SWITCHES.items():
         if pcfg[switch] and not set([rules] if isinstance(rules, str) else rules) & set(task.rules):
             lines.append(f"[postprocess] warning: postprocess.{switch} does not apply to task {task.name} (its "
                          f"rules: {', '.join(task.rules)}); ignored")
-    if pcfg["threshold"] and "label_thresholds" in task.rules and metric.name in RANK_METRICS:
+    if pcfg.threshold and "label_thresholds" in task.rules and metric.name in RANK_METRICS:
         lines.append(f"[postprocess] note: {metric.name} scores each label's ranking, which no threshold changes; "
                      "the thresholds stay 0.5")
     if (metric.higher_is_better and res["nested_gain"] < 0) or (not metric.higher_is_better and res["nested_gain"] > 0):

@@ -15,6 +15,7 @@ from __future__ import annotations
 import itertools
 import math
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
@@ -35,6 +36,9 @@ from pipeline.training.checkpoint import Checkpoint
 from pipeline.training.models import Head, create_backbone
 from pipeline.training.pretrained import with_normalization
 from pipeline.training.trainer import FoldTrainer
+
+if TYPE_CHECKING:
+    from pipeline.config.schema import Config
 
 
 def permutation_set(n: int, grid: int = 3, seed: int = 0) -> np.ndarray:
@@ -102,16 +106,16 @@ class JigsawDataset(Dataset):
     """Puzzles from images: (shuffled image, target) where target is the permutation index
     (formulation 'permutation') or the tile index at each position ('position')."""
 
-    def __init__(self, paths, cfg: dict, perms: np.ndarray, train: bool, seed: int = 0):
-        pc = cfg["pretrain"]
+    def __init__(self, paths, cfg: Config, perms: np.ndarray, train: bool, seed: int = 0):
+        pc = cfg.pretrain
         self.paths, self.perms, self.train = list(paths), perms, train
-        self.grid, self.gap, self.tile_norm = pc["grid"], pc["gap"], pc["tile_norm"]
-        self.position = pc["formulation"] == "position"
-        self.dihedral = pc["dihedral"]
-        self.in_chans, self.decode = cfg["data"]["in_chans"], decode_size(cfg["data"])
+        self.grid, self.gap, self.tile_norm = pc.grid, pc.gap, pc.tile_norm
+        self.position = pc.formulation == "position"
+        self.dihedral = pc.dihedral
+        self.in_chans, self.decode = cfg.data.in_chans, decode_size(cfg.data)
         self.transform = build_transform(with_normalization(cfg)["data"])  # as the fold models will see them
         self.epoch = EpochSeed(seed)  # shared with persistent loader workers
-        self.size = cfg["data"]["image_size"]
+        self.size = cfg.data.image_size
         if self.size // self.grid - self.gap < 2:
             raise InputError(f"pretrain: data.image_size={self.size} is too small for a {self.grid}x{self.grid} grid "
                              f"with gap {self.gap} (tiles need at least 2 pixels); raise data.image_size.")
@@ -159,7 +163,7 @@ def _perm_accuracy(y, p):
 MACHINE = ("device", "amp", "channels_last", "sync_bn")  # train keys the puzzle loop takes from the config
 
 
-def run(cfg: dict, force: bool = False) -> Path:
+def run(cfg: Config, force: bool = False) -> Path:
     with stage_lock(pretrain_file(cfg)):
         return _run(cfg, force)
 
@@ -169,19 +173,21 @@ def _save_npy(path, array) -> None:
         np.save(f, array)
 
 
-def _run(cfg: dict, force: bool) -> Path:
-    pc = cfg["pretrain"]
+# (about 60 lines: the stage's story in order, inputs -> key -> up-to-date check -> the puzzle's loop -> one
+# commit; the puzzle itself is JigsawDataset and the permutation helpers above)
+def _run(cfg: Config, force: bool) -> Path:
+    pc = cfg.pretrain
     out = pretrain_file(cfg)
-    id_col = cfg["competition"]["id"]
+    id_col = cfg.competition.id
     train_df, test_df = load_train(cfg), load_test(cfg)
     images = pd.DataFrame({"id": pd.concat([train_df[id_col], test_df[id_col]], ignore_index=True),
                            "path": image_paths(cfg, train_df[id_col], "train") + image_paths(cfg, test_df[id_col], "test")})
-    if pc["max_images"]:
-        images = images.sample(n=min(pc["max_images"], len(images)), random_state=cfg["seed"]).reset_index(drop=True)
+    if pc.max_images:
+        images = images.sample(n=min(pc.max_images, len(images)), random_state=cfg.seed).reset_index(drop=True)
     ids = images["id"]
-    start = [cfg["model"]["pretrained"]] if cfg["model"]["pretrained"] else []  # (unset: keys of before stay)
-    key = config_hash([pc, data_key(cfg["data"]), cfg["model"]["backbone"], cfg["seed"], len(ids),
-                       cfg["competition"]["root"], *start])
+    start = [cfg.model.pretrained] if cfg.model.pretrained else []  # (unset: keys of before stay)
+    key = config_hash([pc, data_key(cfg.data), cfg.model.backbone, cfg.seed, len(ids),
+                       cfg.competition.root, *start])
     meta_path = out.with_suffix(".json")
     if not force and is_up_to_date(meta_path, key, [out]):
         log(f"[pretrain] up to date: {out}")
@@ -189,30 +195,30 @@ def _run(cfg: dict, force: bool) -> Path:
     import time
 
     started = time.time()
-    perms = permutation_set(pc["n_permutations"], pc["grid"], cfg["seed"])
-    n_valid = max(1, int(len(ids) * pc["valid_fraction"]))
-    order = np.random.default_rng(cfg["seed"]).permutation(len(ids))
+    perms = permutation_set(pc.n_permutations, pc.grid, cfg.seed)
+    n_valid = max(1, int(len(ids) * pc.valid_fraction))
+    order = np.random.default_rng(cfg.seed).permutation(len(ids))
     va_idx, tr_idx = order[:n_valid], order[n_valid:]
     paths = list(images["path"])
-    train_ds = JigsawDataset([paths[i] for i in tr_idx], cfg, perms, train=True, seed=cfg["seed"])
+    train_ds = JigsawDataset([paths[i] for i in tr_idx], cfg, perms, train=True, seed=cfg.seed)
     valid_ds = JigsawDataset([paths[i] for i in va_idx], cfg, perms, train=False)
     y_valid = np.stack([valid_ds[i][1]["puzzle"].numpy() for i in range(len(valid_ds))])
-    if pc["formulation"] == "position":
-        k = pc["grid"] ** 2
+    if pc.formulation == "position":
+        k = pc.grid ** 2
         head, metric = Head("puzzle", [], "position", k * k), Metric("tile_accuracy", _position_accuracy, True)
     else:
         head, metric = Head("puzzle", [], "multiclass", len(perms)), Metric("puzzle_accuracy", _perm_accuracy, True)
     # the puzzle's own loop: the train section's defaults, the pretrain section's schedule, and only the
     # machine's choices (device, AMP, memory layout) from the config's train section
-    loop = Train(epochs=pc["epochs"], batch_size=pc["batch_size"], lr=pc["lr"], optimizer=pc["optimizer"],
-                 scheduler=pc["scheduler"], **{k: cfg["train"][k] for k in MACHINE}).model_dump()
+    loop = Train(epochs=pc.epochs, batch_size=pc.batch_size, lr=pc.lr, optimizer=pc.optimizer,
+                 scheduler=pc.scheduler, **{k: getattr(cfg.train, k) for k in MACHINE})
     work = out.parent / f"{out.stem}_run"
     frame = pd.DataFrame({id_col: ids})
-    log(f"[pretrain] jigsaw {pc['grid']}x{pc['grid']} ({pc['formulation']}, {len(perms)} permutations, min Hamming "
+    log(f"[pretrain] jigsaw {pc.grid}x{pc.grid} ({pc.formulation}, {len(perms)} permutations, min Hamming "
         f"distance {min_hamming(perms)}) on {len(tr_idx)} images (+{len(va_idx)} held out), backbone "
-        f"{cfg['model']['backbone']}")
+        f"{cfg.model.backbone}")
     trainer = FoldTrainer(cfg, [head], frame, tr_idx, va_idx, "pretrain", work, key, "n/a",
-                          datasets=(train_ds, valid_ds, y_valid), metric=metric, train=loop, init=pc["init"])
+                          datasets=(train_ds, valid_ds, y_valid), metric=metric, train=loop, init=pc.init)
     result = trainer.fit()
     if not trainer.dist.main:
         return out
@@ -221,11 +227,11 @@ def _run(cfg: dict, force: bool) -> Path:
         staged = group.add(out, lambda tmp: torch.save(backbone_state, tmp))
         group.add(out.with_name(out.stem + "_permutations.npy"), lambda tmp: _save_npy(tmp, perms))
         group.text(out.with_name(out.stem + ".config.yaml"), resolved_config_text(cfg))
-        check = create_backbone(cfg["model"]["backbone"], cfg["data"]["in_chans"])
+        check = create_backbone(cfg.model.backbone, cfg.data.in_chans)
         report = load_backbone_weights(check, staged)
         group.commit(provenance(cfg, "pretrain", key, result=result, load_report=str(report),
                                 min_hamming=min_hamming(perms), images=int(len(ids))))
-    leaderboard.record(cfg, "pretrain", started, experiment=f"{cfg['name']}:pretrain", artifacts=[str(out)],
+    leaderboard.record(cfg, "pretrain", started, experiment=f"{cfg.name}:pretrain", artifacts=[str(out)],
                        note=f"{metric.name} {result['best']:.4f} (puzzle, not the competition metric)")
     log(f"[pretrain] best {metric.name} {result['best']:.4f} at epoch {result['best_epoch']}; wrote {out} "
         f"({report}); use it with model.init={out}")

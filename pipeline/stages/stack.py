@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
@@ -41,8 +42,11 @@ from pipeline.store.paths import (
 )
 from pipeline.tasks import head_kind, task_of
 
+if TYPE_CHECKING:
+    from pipeline.config.schema import Config
 
-def load_level1(cfg: dict, exp: str, folds_df: pd.DataFrame, folds_hash: str) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
+
+def load_level1(cfg: Config, exp: str, folds_df: pd.DataFrame, folds_hash: str) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
     """An experiment's OOF and test features, refusing any that could leak into level 2."""
     d = features_dir(cfg, exp)
     oof_p, test_p = d / "oof.parquet", d / "test.parquet"
@@ -54,7 +58,7 @@ def load_level1(cfg: dict, exp: str, folds_df: pd.DataFrame, folds_hash: str) ->
                          f"{folds_hash}: level 2 must use the SAME folds as level 1. Rebuild that experiment's "
                          "models and features with the current folds file.")
     oof, test = pd.read_parquet(oof_p), pd.read_parquet(test_p)
-    id_col = cfg["competition"]["id"]
+    id_col = cfg.competition.id
     if "fold" not in oof.columns:
         raise InputError(f"{oof_p} has no 'fold' column, so its rows cannot be shown to be out-of-fold.")
     expected = folds_df.set_index(id_col)["fold"].reindex(oof[id_col]).to_numpy()
@@ -66,11 +70,11 @@ def load_level1(cfg: dict, exp: str, folds_df: pd.DataFrame, folds_hash: str) ->
     return oof.drop(columns=["fold"]), test, meta
 
 
-def tabular(cfg: dict, train_df: pd.DataFrame, test_df: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame, list[str]]:
-    comp = cfg["competition"]
-    cols = list(comp["tabular"])
+def tabular(cfg: Config, train_df: pd.DataFrame, test_df: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame, list[str]]:
+    comp = cfg.competition
+    cols = list(comp.tabular)
     tr, te = train_df[cols].copy(), test_df[cols].copy()
-    cats = [c for c in cols if c in comp["categorical"] or tr[c].dtype == object]
+    cats = [c for c in cols if c in comp.categorical or tr[c].dtype == object]
     for c in cats:  # as written: an integer code read as float (a blank cell elsewhere) is the same level
         tr[c], te[c] = category_text(tr[c]), category_text(te[c])
         cat = pd.CategoricalDtype(sorted(set(tr[c].dropna()) | set(te[c].dropna())))
@@ -78,19 +82,19 @@ def tabular(cfg: dict, train_df: pd.DataFrame, test_df: pd.DataFrame) -> tuple[p
     return tr, te, cats
 
 
-def run(cfg: dict, force: bool = False) -> Path:
+def run(cfg: Config, force: bool = False) -> Path:
     with stage_lock(features_dir(cfg, stack_name(cfg))):
         return _run(cfg, force)
 
 
 # (over 60 lines on purpose: the stage's story in order, inputs -> key -> up-to-date check -> work -> one
 # commit; the work itself is in the helpers above and below)
-def _run(cfg: dict, force: bool) -> Path:
-    scfg = cfg["stack"]
-    comp = cfg["competition"]
-    name, id_col, head = stack_name(cfg), comp["id"], main_head(cfg)
+def _run(cfg: Config, force: bool) -> Path:
+    scfg = cfg.stack
+    comp = cfg.competition
+    name, id_col, head = stack_name(cfg), comp.id, main_head(cfg)
     task = task_of(cfg).level2  # what level 2 fits (an ordinal target is regressed)
-    metric = get_metric(comp["metric"])
+    metric = get_metric(comp.metric)
     exps = stack_inputs(cfg)
     out = features_dir(cfg, name)
     train_df = load_train(cfg, check_images=False)
@@ -103,32 +107,32 @@ def _run(cfg: dict, force: bool) -> Path:
         oof, test, metas[exp] = load_level1(cfg, exp, folds_df, folds_hash)
         X_parts.append(train_df[[id_col]].merge(oof, on=id_col, how="left").drop(columns=[id_col]))
         T_parts.append(test_df[[id_col]].merge(test, on=id_col, how="left").drop(columns=[id_col]))
-    key = config_hash([scfg, competition_key(comp), folds_hash, [metas[e].get("stage_key") for e in exps], cfg["seed"]]
-                      + (["nested choice"] if scfg["model"] == "auto" else []))  # earlier auto stacks are stale
+    key = config_hash([scfg, competition_key(comp), folds_hash, [metas[e].get("stage_key") for e in exps], cfg.seed]
+                      + (["nested choice"] if scfg.model == "auto" else []))  # earlier auto stacks are stale
     if not force and is_up_to_date(out / "meta.json", key, [out / "oof.parquet", out / "test.parquet",
                                                           out / "models" / SAVED]):
         log(f"[stack] up to date: {out}")
         return out
     started = time.time()
     X, T = pd.concat(X_parts, axis=1), pd.concat(T_parts, axis=1)
-    if scfg["use_tabular"] and comp["tabular"]:
+    if scfg.use_tabular and comp.tabular:
         tr_tab, te_tab, _ = tabular(cfg, train_df, test_df)
         X, T = pd.concat([X, tr_tab], axis=1), pd.concat([T, te_tab.reset_index(drop=True)], axis=1)
     X.columns = T.columns = [str(c) for c in X.columns]
     y = truth(cfg, train_df)
-    n_classes = {"classes": lambda: int(comp["num_classes"] or (y.max() + 1)), "columns": lambda: y.shape[1]}.get(
+    n_classes = {"classes": lambda: int(comp.num_classes or (y.max() + 1)), "columns": lambda: y.shape[1]}.get(
         head_kind(task).outputs, lambda: 1)()  # outputs: a probability per class or per label, else one
-    model_kind = scfg["model"]
+    model_kind = scfg.model
     blend = model_kind in ("weighted", "auto")
     data = Level2Data(X, T, y, fold, task, n_classes, exps,
-                      [head_prediction(x_df, e, head, scfg["stat"]) for e, x_df in zip(exps, X_parts)] if blend else [],
-                      [head_prediction(t_df, e, head, scfg["stat"]) for e, t_df in zip(exps, T_parts)] if blend else [],
-                      scfg, cfg["seed"], metric)
+                      [head_prediction(x_df, e, head, scfg.stat) for e, x_df in zip(exps, X_parts)] if blend else [],
+                      [head_prediction(t_df, e, head, scfg.stat) for e, t_df in zip(exps, T_parts)] if blend else [],
+                      scfg, cfg.seed, metric)
     result = LEVEL2_MODELS[model_kind](data)
     oof_pred, test_pred, best_iters = result.oof, result.test, result.best_iterations
     per_fold = {f"fold{k}": metric(y[fold == k], oof_pred[fold == k]) for k in sorted(np.unique(fold))}
     cv = {"overall": metric(y, oof_pred), **per_fold}
-    guard = versus_best_input(metric, y, fold, oof_pred, {e: head_prediction(x_df, e, head, scfg["stat"])
+    guard = versus_best_input(metric, y, fold, oof_pred, {e: head_prediction(x_df, e, head, scfg.stat)
                                                           for e, x_df in zip(exps, X_parts)})
     result.info = {**result.info, "versus_best_input": guard}
     level1 = {e: read_json(features_dir(cfg, e) / "cv.json") if (features_dir(cfg, e) / "cv.json").exists() else {}
@@ -185,11 +189,11 @@ def versus_best_input(metric, y, fold, oof_pred, inputs: dict) -> dict:
 
 def write_outputs(cfg, out, key, folds_hash, oof_pred, test_pred, fold, train_df, test_df, cv, inputs, best_iters,
                   info, save_models=None, leak=None, submission=None):
-    name, id_col, head = stack_name(cfg), cfg["competition"]["id"], main_head(cfg)
+    name, id_col, head = stack_name(cfg), cfg.competition.id, main_head(cfg)
 
     oof = prediction_frame(train_df[id_col].to_numpy(), id_col, name, head, oof_pred, fold)
     meta = provenance(cfg, "stack", key, folds_hash=folds_hash, cv=cv, inputs=inputs, best_iterations=best_iters,
-                      experiments=stack_inputs(cfg), name=name, model=cfg["stack"]["model"], level2=info, leak=leak)
+                      experiments=stack_inputs(cfg), name=name, model=cfg.stack.model, level2=info, leak=leak)
     with ArtifactGroup(out / "meta.json") as group:
         group.parquet(out / "oof.parquet", oof, meta)
         group.parquet(out / "test.parquet", prediction_frame(test_df[id_col].to_numpy(), id_col, name, head, test_pred),

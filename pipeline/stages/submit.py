@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pandas as pd
 
@@ -42,22 +43,25 @@ from pipeline.store.paths import (
 )
 from pipeline.tasks import get_task
 
+if TYPE_CHECKING:
+    from pipeline.config.schema import Config
 
-def score_local(cfg: dict, sub: pd.DataFrame) -> dict | None:
+
+def score_local(cfg: Config, sub: pd.DataFrame) -> dict | None:
     """Public/private scores against ``solution.csv`` (Usage column), as the leaderboard would."""
-    comp = cfg["competition"]
+    comp = cfg.competition
     path = table_path(cfg, "solution")
-    if not comp["solution"] or not path.exists():
+    if not comp.solution or not path.exists():
         return None
-    sol = read_table(path, "solution", comp["id"])
+    sol = read_table(path, "solution", comp.id)
     if "Usage" not in sol.columns:
         return None
-    metric = get_metric(comp["metric"])
-    if get_task(comp["task"]).label_sets:  # both tables as 0/1 (or probability) matrices, in label order
-        ids = sub[comp["id"]].astype(str)
-        if isinstance(comp["target"], str):  # (a label named NA or None is a label)
-            sol = sol.assign(**{comp["target"]: label_text(path, comp["target"]).to_numpy()})
-        aligned = sub.set_index(ids).loc[sol[comp["id"]].astype(str)].reset_index(drop=True)
+    metric = get_metric(comp.metric)
+    if get_task(comp.task).label_sets:  # both tables as 0/1 (or probability) matrices, in label order
+        ids = sub[comp.id].astype(str)
+        if isinstance(comp.target, str):  # (a label named NA or None is a label)
+            sol = sol.assign(**{comp.target: label_text(path, comp.target).to_numpy()})
+        aligned = sub.set_index(ids).loc[sol[comp.id].astype(str)].reset_index(drop=True)
         y, pred, usage = label_matrix(cfg, sol, path), label_matrix(cfg, aligned, "submission"), sol["Usage"].to_numpy()
         return {u.lower(): metric(y[usage == u], pred[usage == u]) for u in ("Public", "Private") if (usage == u).any()}
     target = targets(cfg)[0]
@@ -65,8 +69,8 @@ def score_local(cfg: dict, sub: pd.DataFrame) -> dict | None:
     if labels is not None:  # string labels: score on their indices, as the stages do
         sol = encode_labels(sol, target, labels, path)
         sub = encode_labels(sub, target, labels, path) if target in sub.columns else sub
-    merged = sol.merge(sub, on=comp["id"], suffixes=("", "_pred"))
-    pred_cols = [c for c in sub.columns if c != comp["id"]]
+    merged = sol.merge(sub, on=comp.id, suffixes=("", "_pred"))
+    pred_cols = [c for c in sub.columns if c != comp.id]
     if len(pred_cols) > 1:  # class probabilities: scored in class order, each column matched by its label
         pred_cols = class_columns(pred_cols, len(pred_cols), labels)
     pred = merged[[c + "_pred" if c in sol.columns else c for c in pred_cols]].to_numpy()
@@ -79,9 +83,9 @@ def score_local(cfg: dict, sub: pd.DataFrame) -> dict | None:
     return scores
 
 
-def run(cfg: dict, force: bool = False) -> Path:
+def run(cfg: Config, force: bool = False) -> Path:
     started = time.time()
-    comp = cfg["competition"]
+    comp = cfg.competition
     source = submission_source(cfg)  # submit.source, else the furthest stage that exists: pp, level 2, level 1
     src = features_dir(cfg, source)
     feats = src / "test.parquet"
@@ -89,8 +93,8 @@ def run(cfg: dict, force: bool = False) -> Path:
                      "run `make features` (or `make stack`) first, or set submit.source to an experiment that has them")
     test = pd.read_parquet(feats)
     sample_path = table_path(cfg, "sample_submission")
-    sample = read_table(sample_path, "sample_submission", comp["id"])
-    test_ids, sample_ids = set(test[comp["id"]].astype(str)), set(sample[comp["id"]].astype(str))
+    sample = read_table(sample_path, "sample_submission", comp.id)
+    test_ids, sample_ids = set(test[comp.id].astype(str)), set(sample[comp.id].astype(str))
     if test_ids != sample_ids:
         only_sample, only_test = sorted(sample_ids - test_ids), sorted(test_ids - sample_ids)
         raise InputError(f"{sample_path} and {table_path(cfg, 'test')} list different ids ("
@@ -98,11 +102,11 @@ def run(cfg: dict, force: bool = False) -> Path:
                          + ("; " if only_sample and only_test else "")
                          + (f"{len(only_test)} only in test, e.g. {only_test[:3]}" if only_test else "")
                          + "); the submission must have one row per test id: fix whichever file is wrong.")
-    pred = head_prediction(test, source, main_head(cfg), cfg["submit"]["stat"])
-    sub = to_submission(cfg, pred, test[comp["id"]].astype(str), sample, class_labels(cfg))
-    validate(sub, sample, comp["id"], where=f"submission for '{source}'", integers=submits_integers(cfg, sample),
+    pred = head_prediction(test, source, main_head(cfg), cfg.submit.stat)
+    sub = to_submission(cfg, pred, test[comp.id].astype(str), sample, class_labels(cfg))
+    validate(sub, sample, comp.id, where=f"submission for '{source}'", integers=submits_integers(cfg, sample),
              text=text_columns(cfg))
-    out = submissions_dir(cfg) / (f"{source}.csv" + (".gz" if cfg["submit"]["gzip"] else ""))
+    out = submissions_dir(cfg) / (f"{source}.csv" + (".gz" if cfg.submit.gzip else ""))
     scores = score_local(cfg, sub)
     overall = (read_parquet_meta(feats).get("cv") or {}).get("overall")
     cv_file = src / "cv.json"
@@ -112,7 +116,7 @@ def run(cfg: dict, force: bool = False) -> Path:
                "predicted": predicted.get("predicted"), "predicted_how": predicted.get("how"),
                "local": scores, "rows": int(len(sub))}
     with stage_lock(out), ArtifactGroup(out.with_name(out.name.split(".csv")[0] + ".json")) as group:
-        group.add(out, lambda tmp: sub.to_csv(tmp, index=False, compression="gzip" if cfg["submit"]["gzip"] else None))
+        group.add(out, lambda tmp: sub.to_csv(tmp, index=False, compression="gzip" if cfg.submit.gzip else None))
         group.commit(summary)  # the summary JSON is written last: it marks the submission complete
     leaderboard.record(cfg, "submit", started, experiment=source, submission=str(out), artifacts=[str(out)])
     if scores:
@@ -124,7 +128,7 @@ def run(cfg: dict, force: bool = False) -> Path:
                                               f"({summary['predicted_how'].split(':')[0]})"
                                               if summary["predicted"] is not None else "")
     if scores:
-        msg += f"; local leaderboard {comp['metric']}: public {scores.get('public', float('nan')):.4f}, " \
+        msg += f"; local leaderboard {comp.metric}: public {scores.get('public', float('nan')):.4f}, " \
                f"private {scores.get('private', float('nan')):.4f}"
     log(msg)
     return out

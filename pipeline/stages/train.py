@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
@@ -30,8 +31,11 @@ from pipeline.training.models import heads_for
 from pipeline.training.train_key import train_key
 from pipeline.training.trainer import FoldTrainer
 
+if TYPE_CHECKING:
+    from pipeline.config.schema import Config
 
-def _plan(cfg: dict):
+
+def _plan(cfg: Config):
     """What a run of this config trains: the table, folds, heads, the stage key and the folds to do."""
     train_df = load_train(cfg)
     folds_df, folds_hash = load_folds(cfg)
@@ -40,27 +44,27 @@ def _plan(cfg: dict):
     teachers.check_heads(cfg, heads)
     key = train_key(cfg, train_df, folds_hash)
     if teachers.active(cfg):
-        log(f"[train] {cfg['name']}: {teachers.describe(cfg)}")
+        log(f"[train] {cfg.name}: {teachers.describe(cfg)}")
     n_models = int(fold.max()) + 1
-    chosen = cfg["train"]["folds"]
+    chosen = cfg.train.folds
     todo: list = list(range(n_models)) if chosen is None else [int(k) for k in (chosen if isinstance(chosen, list) else [chosen])]
     bad = [k for k in todo if not 0 <= k < n_models]
     if bad:
         raise InputError(f"train.folds names fold(s) {bad}, but the folds file has folds 0..{n_models - 1}"
                          + (f" ({fold.shape[1]} repeats)." if fold.shape[1] > 1 else "."))
-    if cfg["train"]["full"]:
+    if cfg.train.full:
         todo.append("full")
     return train_df, fold, folds_hash, heads, key, todo
 
 
-def up_to_date(cfg: dict) -> bool:
+def up_to_date(cfg: Config) -> bool:
     """Every fold this config names is trained with this config, folds and data (``train --check``: lets
     Make skip starting one process per fold just to hear that)."""
     *_, key, todo = _plan(cfg)
     return all(FoldModels(models_dir(cfg)).is_current(k, key) for k in todo)
 
 
-def run(cfg: dict, force: bool = False, on_epoch=()) -> dict:
+def run(cfg: Config, force: bool = False, on_epoch=()) -> dict:
     started = time.time()
     train_df, fold, folds_hash, heads, key, todo = _plan(cfg)
     # carried by every fold's meta.json, so what is built on them is marked too
@@ -83,7 +87,7 @@ def run(cfg: dict, force: bool = False, on_epoch=()) -> dict:
             va = np.flatnonzero(held_out(fold, k))
             tr = np.setdiff1d(np.arange(len(fold)), va)
             trainer = FoldTrainer(cfg, heads, train_df, tr, va, k, out, key, folds_hash, on_epoch=on_epoch)
-            log(f"[train] {cfg['name']} fold {k}: {len(tr)} train rows, {len(va)} valid rows, device {trainer.device}"
+            log(f"[train] {cfg.name} fold {k}: {len(tr)} train rows, {len(va)} valid rows, device {trainer.device}"
                 + (f", DDP world size {trainer.dist.world}" if trainer.dist.enabled else ""))
             result = trainer.fit()
             if not trainer.dist.main:
@@ -113,9 +117,9 @@ def run(cfg: dict, force: bool = False, on_epoch=()) -> dict:
     return summary
 
 
-def summarize(cfg: dict, exp: Path, key: str, folds_hash: str) -> dict:
+def summarize(cfg: Config, exp: Path, key: str, folds_hash: str) -> dict:
     """CV over the folds trained so far: mean ± std of per-fold scores and the OOF score."""
-    metric = get_metric(cfg["competition"]["metric"])
+    metric = get_metric(cfg.competition.metric)
     logs, scores, oof = [], {}, []
     for d in sorted(exp.glob("fold[0-9]*")):
         meta = d / "meta.json"
@@ -129,11 +133,11 @@ def summarize(cfg: dict, exp: Path, key: str, folds_hash: str) -> dict:
     if not scores:
         return {}
     vals = np.array([v for v in scores.values() if v is not None], dtype=float)
-    summary = {"experiment": cfg["name"], "metric": metric.name, "folds": scores,
+    summary = {"experiment": cfg.name, "metric": metric.name, "folds": scores,
                "cv_mean": float(vals.mean()), "cv_std": float(vals.std())}
     if oof:
         train_df = load_train(cfg, check_images=False)
-        id_col = cfg["competition"]["id"]
+        id_col = cfg.competition.id
         o = pd.concat(oof).merge(train_df[[id_col]].assign(_row=np.arange(len(train_df))), on=id_col)
         head = heads_for(cfg, train_df)[0].name
         pred = valid_prediction(o, head)
@@ -141,7 +145,7 @@ def summarize(cfg: dict, exp: Path, key: str, folds_hash: str) -> dict:
         summary["oof_rows"] = int(len(o))
     write_json(exp / "summary.json", provenance(cfg, "train", key, folds_hash=folds_hash, summary=summary))
     if logs:
-        plots.save_figure(exp / "curves.png", plots.curves(pd.concat(logs), metric.name, cfg["name"]))
-    log(f"[train] {cfg['name']}: CV {metric.name} {summary['cv_mean']:.4f} ± {summary['cv_std']:.4f} over "
+        plots.save_figure(exp / "curves.png", plots.curves(pd.concat(logs), metric.name, cfg.name))
+    log(f"[train] {cfg.name}: CV {metric.name} {summary['cv_mean']:.4f} ± {summary['cv_std']:.4f} over "
         f"{len(vals)} fold(s)" + (f", OOF {summary['oof_score']:.4f}" if "oof_score" in summary else ""))
     return summary

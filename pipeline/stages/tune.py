@@ -26,13 +26,13 @@ At the end: ``configs/<name>-best.yaml`` (the config with the best trial's value
 """
 from __future__ import annotations
 
-import copy
 import hashlib
 import json
 import math
 import time
 import warnings
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from pipeline.errors import ConfigError
 from pipeline.metrics import get_metric
@@ -42,11 +42,14 @@ from pipeline.store.io import dump_yaml, log, write_csv, write_resolved_config, 
 from pipeline.store.leaderboard_db import describe
 from pipeline.store.paths import tune_dir
 
+if TYPE_CHECKING:
+    from pipeline.config.schema import Config
+
 _FIXED = ("name", "workdir", "train.folds", "train.full")  # what a trial is, not how its model trains
 
 
-def _get(cfg: dict, key: str):
-    node = cfg
+def _get(cfg: Config, key: str):
+    node = cfg.model_dump()
     for part in key.split("."):
         if not isinstance(node, dict) or part not in node:
             return None
@@ -54,30 +57,17 @@ def _get(cfg: dict, key: str):
     return node
 
 
-def _with(cfg: dict, values: dict) -> dict:
-    """A copy of ``cfg`` with each dotted key set to its value."""
-    out = copy.deepcopy(cfg)
-    for key, value in values.items():
-        node = out
-        *parents, last = key.split(".")
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[last] = value
-    return out
-
-
 def _probes(spec: dict) -> list:
     return list(spec["choices"]) if spec["type"] == "categorical" else [spec["low"], spec["high"]]
 
 
-def check_space(cfg: dict) -> dict:
+def check_space(cfg: Config) -> dict:
     """The search space, refused (naming the key) when a key does not exist, cannot be searched, or a
     bound or choice is not a value the key accepts; runs before any trial trains."""
     from pipeline.config.loading import FREE_FORM, known_keys
     from pipeline.config.loading import _suggest as did_you_mean
-    from pipeline.config.schema import validate
 
-    space, tcfg = cfg["tune"]["params"], cfg["tune"]
+    space, tcfg = cfg.tune.params, cfg.tune
     if not space:
         raise ConfigError("tune.params is empty: declare the search space, e.g. tune.params.train.lr="
                           "'{low: 1.0e-4, high: 1.0e-2, log: true}' (see pipeline/config/tune.py).")
@@ -92,23 +82,22 @@ def check_space(cfg: dict) -> dict:
         if spec["type"] == "float" and isinstance(default, int) and not isinstance(default, bool):
             raise ConfigError(f"tune.params.{key}: '{key}' takes integers; give it integer bounds (or type: int).")
         for value in _probes(spec):
-            validate(_with(cfg, {key: value}), where=f"tune.params.{key} (value {value!r})")
-    for i, values in enumerate(tcfg["enqueue"]):
+            cfg.updated({key: value}, where=f"tune.params.{key} (value {value!r})")
+    for i, values in enumerate(tcfg.enqueue):
         extra = sorted(set(values) - set(space))
         if extra:
             raise ConfigError(f"tune.enqueue[{i}] sets {', '.join(extra)}, which tune.params does not search; "
                               f"searched keys: {', '.join(space)}.")
-        validate(_with(cfg, values), where=f"tune.enqueue[{i}]")
+        cfg.updated(values, where=f"tune.enqueue[{i}]")
     return space
 
 
-def trial_config(cfg: dict, params: dict, name: str) -> dict:
+def trial_config(cfg: Config, params: dict, name: str) -> Config:
     """The experiment one trial trains: the config with the trial's values, on tune.folds."""
-    from pipeline.config.schema import validate
 
-    folds = cfg["tune"]["folds"]
+    folds = cfg.tune.folds
     fixed = {"name": name, "train.folds": None if folds == "all" else folds, "train.full": False}
-    return validate(_with(cfg, {**params, **fixed}), where=f"tune trial {name}")
+    return cfg.updated({**params, **fixed}, where=f"tune trial {name}")
 
 
 def _inside(spec: dict, value) -> bool:
@@ -206,25 +195,25 @@ class _Reporter:
             raise optuna.TrialPruned(f"pruned after {self.step + 1} validation(s) ({self.last})")
 
 
-def _open(cfg: dict, url: str, study_name: str):
+def _open(cfg: Config, url: str, study_name: str):
     import optuna
 
-    tcfg = cfg["tune"]
-    metric = get_metric(cfg["competition"]["metric"])
-    grace = tcfg["grace"] or 2 * tcfg["heartbeat"]
+    tcfg = cfg.tune
+    metric = get_metric(cfg.competition.metric)
+    grace = tcfg.grace or 2 * tcfg.heartbeat
     engine_kwargs = {"connect_args": {"timeout": 120}} if url.startswith("sqlite") else {"pool_pre_ping": True}
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # heartbeat_interval is marked experimental
-            storage = optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs, heartbeat_interval=tcfg["heartbeat"],
+            storage = optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs, heartbeat_interval=tcfg.heartbeat,
                                                  grace_period=grace)
     except Exception as exc:  # a missing driver, a refused connection, a bad URL: all the user's to fix
         raise _storage_error(url, exc) from None
-    sampler = (optuna.samplers.RandomSampler(seed=tcfg["seed"]) if tcfg["sampler"] == "random"
-               else optuna.samplers.TPESampler(seed=tcfg["seed"]))
-    pruner = {"median": lambda: optuna.pruners.MedianPruner(tcfg["startup_trials"], tcfg["warmup_steps"]),
+    sampler = (optuna.samplers.RandomSampler(seed=tcfg.seed) if tcfg.sampler == "random"
+               else optuna.samplers.TPESampler(seed=tcfg.seed))
+    pruner = {"median": lambda: optuna.pruners.MedianPruner(tcfg.startup_trials, tcfg.warmup_steps),
               "hyperband": lambda: optuna.pruners.HyperbandPruner(min_resource=1),
-              "none": optuna.pruners.NopPruner}[tcfg["pruner"]]()
+              "none": optuna.pruners.NopPruner}[tcfg.pruner]()
     direction = "maximize" if metric.higher_is_better else "minimize"
     study = optuna.create_study(study_name=study_name, storage=storage, sampler=sampler, pruner=pruner,
                                 direction=direction, load_if_exists=True)
@@ -234,27 +223,27 @@ def _open(cfg: dict, url: str, study_name: str):
     return study
 
 
-def run(cfg: dict, force: bool = False) -> dict:
+def run(cfg: Config, force: bool = False) -> dict:
     import optuna
     from optuna.trial import TrialState
 
     space = check_space(cfg)
-    tcfg = cfg["tune"]
-    study_name = tcfg["study"] or cfg["name"]
+    tcfg = cfg.tune
+    study_name = tcfg.study or cfg.name
     out = tune_dir(cfg, study_name)
-    url = tcfg["storage"] or f"sqlite:///{(out / 'study.db').resolve()}"
+    url = tcfg.storage or f"sqlite:///{(out / 'study.db').resolve()}"
     out.mkdir(parents=True, exist_ok=True)
     claim = _Claim(url, study_name)
     with claim:  # one worker at a time creates the tables and the study, and enqueues the first trials
         study = _open(cfg, url, study_name)
-        first = {k: _get(cfg, k) for k in space if _inside(space[k], _get(cfg, k))} if tcfg["baseline"] else {}
-        if tcfg["baseline"] and len(first) < len(space):
+        first = {k: _get(cfg, k) for k in space if _inside(space[k], _get(cfg, k))} if tcfg.baseline else {}
+        if tcfg.baseline and len(first) < len(space):
             log(f"[tune] baseline trial: the config's {', '.join(sorted(set(space) - set(first)))} lie outside the "
                 "space and are sampled")
-        for values in ([first] if first else []) + list(tcfg["enqueue"]):
+        for values in ([first] if first else []) + list(tcfg.enqueue):
             study.enqueue_trial(values, skip_if_exists=True)
-    log(f"[tune] study '{study_name}' in {describe(url)}: {tcfg['trials']} trials on fold(s) {tcfg['folds']}, "
-        f"{tcfg['pruner']} pruner, searching {', '.join(space)}")
+    log(f"[tune] study '{study_name}' in {describe(url)}: {tcfg.trials} trials on fold(s) {tcfg.folds}, "
+        f"{tcfg.pruner} pruner, searching {', '.join(space)}")
 
     def objective(trial):
         claim.release()  # the trial exists: other workers may claim the next one
@@ -281,7 +270,7 @@ def run(cfg: dict, force: bool = False) -> dict:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # marked experimental
                 optuna.storages.fail_stale_trials(study)  # trials of killed workers: failed, not counted
-            if len(study.get_trials(deepcopy=False, states=counted)) >= tcfg["trials"]:
+            if len(study.get_trials(deepcopy=False, states=counted)) >= tcfg.trials:
                 break
             study.optimize(objective, n_trials=1)
         finally:
@@ -290,13 +279,12 @@ def run(cfg: dict, force: bool = False) -> dict:
         return finish(cfg, study, out)
 
 
-def finish(cfg: dict, study, out: Path) -> dict:
+def finish(cfg: Config, study, out: Path) -> dict:
     """The study's trials table and plots, and the best config (a full config ``make train`` runs)."""
     from optuna.trial import TrialState
 
-    from pipeline.config.schema import validate
 
-    metric = get_metric(cfg["competition"]["metric"])
+    metric = get_metric(cfg.competition.metric)
     write_csv(out / "trials.csv", study.trials_dataframe())
     done = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
     if not done:
@@ -304,12 +292,12 @@ def finish(cfg: dict, study, out: Path) -> dict:
         return {"study": study.study_name, "best": None}
     plots.optuna_figures(study, metric.name, out)
     best = study.best_trial
-    name = f"{cfg['name']}-best"
-    best_cfg = validate(_with(cfg, {**best.params, "name": name}), where=f"tune best trial {best.number}")
-    path = Path(cfg["tune"]["output"].format(name=cfg["name"], study=study.study_name))
+    name = f"{cfg.name}-best"
+    best_cfg = cfg.updated({**best.params, "name": name}, where=f"tune best trial {best.number}")
+    path = Path(cfg.tune.output.format(name=cfg.name, study=study.study_name))
     states = [t.state for t in study.get_trials(deepcopy=False)]
     write_text(path, f"# best of tune study '{study.study_name}': trial {best.number}, {metric.name} {best.value:.5f} "
-                     f"on fold(s) {cfg['tune']['folds']}\n# {json.dumps(best.params)}\n" + dump_yaml(best_cfg))
+                     f"on fold(s) {cfg.tune.folds}\n# {json.dumps(best.params)}\n" + dump_yaml(best_cfg))
     log(f"[tune] {len(states)} trials ({states.count(TrialState.COMPLETE)} complete, "
         f"{states.count(TrialState.PRUNED)} pruned, {states.count(TrialState.FAIL)} failed); best: trial "
         f"{best.number}, {metric.name} {best.value:.4f}, {best.params}; wrote {path} and {out}/")

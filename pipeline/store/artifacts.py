@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import json
 import os
 import signal
 from collections.abc import Iterator
@@ -24,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.errors import InputError
-from pipeline.store.io import atomic_path, parquet_to, read_json, read_parquet_meta, temp_beside
+from pipeline.store.io import atomic_path, parquet_to, read_json, read_parquet_meta, temp_beside, to_json
 
 
 def kill_point(name: str) -> None:
@@ -73,7 +72,7 @@ class ArtifactGroup:
         return self.add(target, lambda tmp: parquet_to(tmp, df, metadata))
 
     def json(self, target, obj: Any) -> Path:
-        return self.add(target, lambda tmp: tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n"))
+        return self.add(target, lambda tmp: tmp.write_text(to_json(obj, indent=2) + "\n"))
 
     def text(self, target, text: str) -> Path:
         return self.add(target, lambda tmp: tmp.write_text(text))
@@ -98,7 +97,7 @@ class ArtifactGroup:
             os.replace(tmp, target)
             kill_point(f"commit:{i + 1}")
         with atomic_path(self.meta_path) as tmp:
-            tmp.write_text(json.dumps(meta, indent=2, sort_keys=True, default=str) + "\n")
+            tmp.write_text(to_json(meta, indent=2) + "\n")
         self._staged = []
 
     def __enter__(self) -> ArtifactGroup:

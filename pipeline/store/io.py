@@ -16,9 +16,22 @@ from typing import Any
 import yaml
 
 
+def _jsonable(obj: Any) -> Any:
+    """How JSON holds what it has no type for: a config section (pydantic) as its dict, anything else
+    as its text."""
+    dump = getattr(obj, "model_dump", None)
+    return dump() if callable(dump) else str(obj)
+
+
+def to_json(obj: Any, **kwargs) -> str:
+    """``obj`` as JSON; config sections are written as their plain dicts (the same text, so the same
+    hash, as the dict config they replaced)."""
+    return json.dumps(obj, sort_keys=True, default=_jsonable, **kwargs)
+
+
 def config_hash(obj: Any) -> str:
     """Stable short hash of a (sub-)config: canonical JSON, sorted keys."""
-    blob = json.dumps(obj, sort_keys=True, default=str, separators=(",", ":"))
+    blob = to_json(obj, separators=(",", ":"))
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
@@ -29,6 +42,8 @@ def redact(obj: Any) -> Any:
     """``obj`` with every password in a URL (``postgresql://user:password@host/db``) replaced by ``***``:
     what is written to a file (saved configs, the leaderboard, the Kaggle bundle) or a log never holds one.
     The password belongs in PGPASSWORD or ~/.pgpass."""
+    if callable(getattr(obj, "model_dump", None)):
+        obj = obj.model_dump()
     if isinstance(obj, str):
         return _SECRET.sub(r"\1:***@", obj)
     if isinstance(obj, dict):
@@ -78,7 +93,7 @@ def write_text(path: str | Path, text: str) -> None:
 
 
 def write_json(path: str | Path, obj: Any) -> None:
-    write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
+    write_text(path, to_json(obj, indent=2) + "\n")
 
 
 def read_json(path: str | Path) -> dict:
@@ -98,7 +113,7 @@ def parquet_to(path: str | Path, df, metadata: dict | None = None) -> None:
     table = pa.Table.from_pandas(df, preserve_index=False)
     if metadata:
         meta = dict(table.schema.metadata or {})
-        meta[b"pipeline"] = json.dumps(metadata, default=str).encode()
+        meta[b"pipeline"] = to_json(metadata).encode()
         table = table.replace_schema_metadata(meta)
     pq.write_table(table, path)
 

@@ -61,7 +61,7 @@ def record(cfg: dict, stage: str, started: float, cv: float | None = None, folds
     from pipeline.metrics import get_metric
     from pipeline.store.io import config_hash, git_info, redact
 
-    metric = get_metric(cfg["competition"]["metric"])
+    metric = get_metric(cfg.competition.metric)
     vals = [v for v in (folds or {}).values() if v is not None and not (isinstance(v, float) and math.isnan(v))]
     cv_std = float(_std(vals)) if len(vals) > 1 else None
     git = git_info()
@@ -71,7 +71,7 @@ def record(cfg: dict, stage: str, started: float, cv: float | None = None, folds
             con, "INSERT INTO runs (experiment, stage, config_hash, config, git_commit, git_dirty, started, ended,"
             " duration, metric, higher_is_better, cv, cv_std, folds, artifacts, submission, note, trial, predicted,"
             " predicted_how, repeat_std) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
-            (experiment or cfg["name"], stage, config_hash(cfg), json.dumps(redact(cfg), default=str), git["commit"],
+            (experiment or cfg.name, stage, config_hash(cfg), json.dumps(redact(cfg), default=str), git["commit"],
              None if git["dirty"] is None else int(git["dirty"]),
              datetime.fromtimestamp(started, timezone.utc).isoformat(timespec="seconds"),
              datetime.fromtimestamp(ended, timezone.utc).isoformat(timespec="seconds"), round(ended - started, 3),
@@ -84,7 +84,7 @@ def record(cfg: dict, stage: str, started: float, cv: float | None = None, folds
                             [(run_id, str(e.get("fold")), int(e["epoch"]), e.get("train_loss"), e.get("valid_loss"),
                               e.get("score")) for e in epochs])
     if lcfg.get("mlflow"):
-        _mlflow(cfg, stage, cv, folds, experiment or cfg["name"])
+        _mlflow(cfg, stage, cv, folds, experiment or cfg.name)
     return run_id
 
 
@@ -99,7 +99,7 @@ def _mlflow(cfg, stage, cv, folds, experiment):
     except ImportError:
         print("[lb] leaderboard.mlflow is on but the mlflow package is not installed; skipped", flush=True)
         return
-    uri = cfg["leaderboard"].get("mlflow_uri") or "file:./mlruns"
+    uri = cfg.leaderboard.mlflow_uri or "file:./mlruns"
     if uri.startswith("file:"):  # recent MLflow keeps the file store only on request
         import os
 

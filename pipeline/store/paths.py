@@ -35,7 +35,7 @@ def under(cfg: dict, path: str | Path) -> Path:
 
 
 def folds_file(cfg: dict) -> Path:
-    return under(cfg, cfg["folds"]["file"].format(competition=cfg["competition"]["name"], name=cfg["name"]))
+    return under(cfg, cfg.folds.file.format(competition=cfg.competition.name, name=cfg.name))
 
 
 def sidecar(path: Path, suffix: str) -> Path:
@@ -44,7 +44,7 @@ def sidecar(path: Path, suffix: str) -> Path:
 
 
 def models_dir(cfg: dict, experiment: str | None = None) -> Path:
-    return workdir(cfg) / "models" / (experiment or cfg["name"])
+    return workdir(cfg) / "models" / (experiment or cfg.name)
 
 
 def fold_dir(cfg: dict, fold, experiment: str | None = None) -> Path:
@@ -52,11 +52,11 @@ def fold_dir(cfg: dict, fold, experiment: str | None = None) -> Path:
 
 
 def pretrain_file(cfg: dict) -> Path:
-    return under(cfg, cfg["pretrain"]["output"].format(backbone=cfg["model"]["backbone"], name=cfg["name"]))
+    return under(cfg, cfg.pretrain.output.format(backbone=cfg.model.backbone, name=cfg.name))
 
 
 def features_dir(cfg: dict, name: str | None = None) -> Path:
-    return workdir(cfg) / "features" / (name or cfg["name"])
+    return workdir(cfg) / "features" / (name or cfg.name)
 
 
 def submissions_dir(cfg: dict) -> Path:
@@ -79,38 +79,38 @@ def tune_dir(cfg: dict, study: str) -> Path:
 
 # ------------------------------------------------------------------------ feature-set column scheme
 def targets(cfg: dict) -> list[str]:
-    t = cfg["competition"]["target"]
+    t = cfg.competition.target
     return [t] if isinstance(t, str) else list(t)
 
 
 def main_head(cfg: dict) -> str:
     """The name of the head that predicts the competition's target, as its prediction columns say it: the
     target column; for a label set given as several 0/1 columns, ``labels`` (one head over all of them)."""
-    t = cfg["competition"]["target"]
-    if get_task(cfg["competition"]["task"]).label_sets and not isinstance(t, str):
+    t = cfg.competition.target
+    if get_task(cfg.competition.task).label_sets and not isinstance(t, str):
         return "labels"
     return targets(cfg)[0]
 
 
 def stack_inputs(cfg: dict) -> list[str]:
-    return list(cfg["stack"]["experiments"] or [cfg["name"]])
+    return list(cfg.stack.experiments or [cfg.name])
 
 
 def stack_name(cfg: dict) -> str:
     """Name of the level-2 feature set a config's stack stage writes (features/<name>/)."""
-    if cfg["stack"]["name"]:
-        return cfg["stack"]["name"]
-    return cfg["name"] + "-l2" if cfg["name"] in stack_inputs(cfg) else cfg["name"]
+    if cfg.stack.name:
+        return cfg.stack.name
+    return cfg.name + "-l2" if cfg.name in stack_inputs(cfg) else cfg.name
 
 
 def submission_source(cfg: dict) -> str:
     """The feature set a config submits (``submit``) and bundles (``kaggle``): ``submit.source``, else the
     furthest stage of its chain that has test predictions: post-processed, level 2, level 1."""
-    if cfg["submit"]["source"]:
-        return cfg["submit"]["source"]
-    pp = cfg["postprocess"]["name"]
-    chain = ([pp] if pp else [f"{stack_name(cfg)}-pp", f"{cfg['name']}-pp"]) + [stack_name(cfg), cfg["name"]]
-    return next((c for c in chain if (features_dir(cfg, c) / "test.parquet").exists()), cfg["name"])
+    if cfg.submit.source:
+        return cfg.submit.source
+    pp = cfg.postprocess.name
+    chain = ([pp] if pp else [f"{stack_name(cfg)}-pp", f"{cfg.name}-pp"]) + [stack_name(cfg), cfg.name]
+    return next((c for c in chain if (features_dir(cfg, c) / "test.parquet").exists()), cfg.name)
 
 
 class Column(NamedTuple):

@@ -1,12 +1,11 @@
-"""Weight averaging: an exponential moving average of the weights (EMA), kept beside the model
-and evaluated/saved instead of the raw weights when ``train.ema`` is on. (SWA uses torch's
-``AveragedModel`` directly in the trainer.)"""
+"""Weight averaging: an exponential moving average of the weights (EMA, timm's ``ModelEmaV3``), kept
+beside the model and evaluated/saved instead of the raw weights when ``train.ema`` is on. (SWA uses
+torch's ``AveragedModel`` directly in the trainer.)"""
 from __future__ import annotations
-
-import copy
 
 import torch
 import torch.nn as nn
+from timm.utils.model_ema import ModelEmaV3
 
 
 def warmup_steps(setting, total_updates: int) -> int:
@@ -14,20 +13,21 @@ def warmup_steps(setting, total_updates: int) -> int:
     return max(1, round(total_updates / 10)) if setting == "auto" else int(setting)
 
 
-class ModelEma(nn.Module):
-    """Exponential moving average of a model's weights (buffers copied).
+class ModelEma(ModelEmaV3):
+    """timm's ``ModelEmaV3`` (every floating-point tensor of the state dict lerped in one foreach kernel,
+    the others copied; bf16 EMA weights stochastically rounded), with our warm-up of the decay and our
+    own update count (resume restores it).
 
     The decay warms up over ``warmup`` optimizer steps: ``min(decay, (1 + u) / (c + u))`` at update u, with
     c chosen so that the target decay is reached exactly at update ``warmup`` (timm's old 10 is the case
-    warmup = 890 for decay 0.99, more steps than a short run has, so its EMA never took effect). With
+    warmup = 890 for decay 0.99, more steps than a short run has, so its EMA never took effect; V3's own
+    ``use_warmup`` curve, ``1 - (1 + u / gamma) ** -power``, has no step at which it arrives). With
     ``warmup`` = 0 the target decay applies from the first update."""
 
     def __init__(self, model: nn.Module, decay: float, warmup: int = 0):
-        super().__init__()
-        self.module = copy.deepcopy(model).eval()
+        super().__init__(model, decay=decay)
         for p in self.module.parameters():
             p.requires_grad_(False)
-        self.decay = decay
         self.warmup = warmup
         self.updates = 0
 
@@ -47,16 +47,10 @@ class ModelEma(nn.Module):
         c = (1 + self.warmup) / self.decay - self.warmup
         return min(self.decay, (1 + updates) / (c + updates))
 
+    def get_decay(self, step: int | None = None) -> float:  # (timm's hook: the decay at update ``step``)
+        return self.decay_at(self.updates if step is None else step)
+
     @torch.no_grad()
-    def update(self, model: nn.Module):
+    def update(self, model: nn.Module, step: int | None = None):
         self.updates += 1
-        d = self.decay_at(self.updates)
-        floats_e, floats_m = [], []
-        for e, m in zip(self.module.state_dict().values(), model.state_dict().values()):
-            if e.dtype.is_floating_point:
-                floats_e.append(e)
-                floats_m.append(m.detach())
-            else:
-                e.copy_(m)
-        if floats_e:
-            torch._foreach_lerp_(floats_e, floats_m, 1 - d)  # e = d * e + (1 - d) * m, one kernel per group
+        super().update(model, step=self.updates if step is None else step)

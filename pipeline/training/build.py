@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch.nn as nn
 
@@ -13,19 +14,22 @@ from pipeline.errors import InputError
 from pipeline.training.checkpoint import Checkpoint
 from pipeline.training.models import Head, Net, create_backbone, head_options
 
+if TYPE_CHECKING:
+    from pipeline.config.schema import Config
 
-def init_path(cfg: dict, fold=None) -> str | None:
+
+def init_path(cfg: Config, fold=None) -> str | None:
     """``model.init`` for one fold: ``{fold}`` in the path becomes the fold (0, 1, ..., full), so each fold can
     start from its own fold's checkpoint of an earlier experiment."""
-    init = cfg["model"]["init"]
+    init = cfg.model.init
     return init.format(fold=fold) if init else init  # (the schema allows no other placeholder)
 
 
-def init_leak(cfg: dict, folds, folds_hash: str) -> str | None:
+def init_leak(cfg: Config, folds, folds_hash: str) -> str | None:
     """A LEAKY mark when a fold starts from a fold checkpoint that trained on its validation rows: another
     fold's model, the all-data model, or a model of another folds file. Label-free weights (jigsaw) and each
     fold's own checkpoint of the same folds are clean."""
-    if not cfg["model"]["init"]:
+    if not cfg.model.init:
         return None
     bad = []
     for k in folds:
@@ -44,11 +48,11 @@ def init_leak(cfg: dict, folds, folds_hash: str) -> str | None:
             "its CV is optimistic: use model.init=.../fold{fold}/best.pt with the same folds")
 
 
-def build_model(cfg: dict, heads: list[Head], fold=None, init: str | None = "model.init") -> Net:
+def build_model(cfg: Config, heads: list[Head], fold=None, init: str | None = "model.init") -> Net:
     """The config's network; its backbone starts from ``init`` (default: ``model.init`` for this fold)."""
-    m = cfg["model"]
-    backbone = create_backbone(m["backbone"], cfg["data"]["in_chans"], cfg["data"]["image_size"], m.get("pretrained"))
-    net = Net(backbone, heads, m["pool"], m["bnneck"], m["dropout"], *head_options(m))
+    m = cfg.model
+    backbone = create_backbone(m.backbone, cfg.data.in_chans, cfg.data.image_size, m.get("pretrained"))
+    net = Net(backbone, heads, m.pool, m.bnneck, m.dropout, *head_options(m))
     path = init_path(cfg, fold) if init == "model.init" else init
     if path:
         report = load_backbone_weights(net.backbone, path)

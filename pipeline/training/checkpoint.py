@@ -11,12 +11,16 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from pipeline.errors import InputError
 from pipeline.store.io import atomic_path, load_checkpoint
 from pipeline.training.models import Head, Net, create_backbone, head_options
+
+if TYPE_CHECKING:
+    from pipeline.config.schema import Config
 
 FORMAT = 1  # written as "format"; files without one are the same layout (written before it was recorded)
 PROVENANCE = ("fold", "epoch", "score", "metric", "stage_key", "folds_hash")
@@ -37,9 +41,9 @@ class Checkpoint:
     path: Path | None = field(default=None, compare=False)
 
     @classmethod
-    def of(cls, model: Net, cfg: dict, **provenance) -> Checkpoint:
+    def of(cls, model: Net, cfg: Config, **provenance) -> Checkpoint:
         """The checkpoint of a trained network under ``cfg`` (provenance: fold, epoch, score, ...)."""
-        return cls(model.state_dict(), list(model.head_specs), cfg["model"], cfg["data"], **provenance)
+        return cls(model.state_dict(), list(model.head_specs), cfg.model.model_dump(), cfg.data.model_dump(), **provenance)
 
     @classmethod
     def read(cls, path: str | Path, mmap: bool = False) -> Checkpoint:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import difflib
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn as nn
@@ -20,6 +21,9 @@ from pipeline.store.io import log
 from pipeline.store.paths import main_head, targets
 from pipeline.tasks import get_task, head_kind, head_kind_for
 from pipeline.training.pretrained import create as local_weights
+
+if TYPE_CHECKING:
+    from pipeline.config.schema import Config
 
 
 @dataclass
@@ -34,21 +38,21 @@ class Head:
     weight: float = 1.0
 
 
-def heads_for(cfg: dict, train=None) -> list[Head]:
+def heads_for(cfg: Config, train=None) -> list[Head]:
     """Main target head(s) from ``competition.target`` and auxiliary heads from ``competition.aux_targets``.
 
     An auxiliary target is a column name (a regression head) or a mapping
     ``{name, columns, task, num_classes, weight}``; ``task: vector`` regresses several columns at once.
     """
-    comp = cfg["competition"]
-    weights = cfg["train"]["loss_weights"] or {}
+    comp = cfg.competition
+    weights = cfg.train.loss_weights or {}
     heads = []
-    if get_task(comp["task"]).label_sets:  # one head over every label (its columns, in label order)
+    if get_task(comp.task).label_sets:  # one head over every label (its columns, in label order)
         name = main_head(cfg)
-        heads.append(_head(name, label_columns(cfg), comp["task"], None, train, weights.get(name, 1.0), cfg))
+        heads.append(_head(name, label_columns(cfg), comp.task, None, train, weights.get(name, 1.0), cfg))
     for col in [] if heads else targets(cfg):
-        heads.append(_head(col, [col], comp["task"], comp["num_classes"], train, weights.get(col, 1.0), cfg))
-    for aux in comp["aux_targets"]:
+        heads.append(_head(col, [col], comp.task, comp.num_classes, train, weights.get(col, 1.0), cfg))
+    for aux in comp.aux_targets:
         if isinstance(aux, str):
             aux = {"name": aux, "columns": [aux], "task": "regression"}
         name = aux.get("name") or aux["columns"][0]

@@ -133,24 +133,25 @@ def _channels(values, in_chans: int) -> list[float]:
     return [values[i % len(values)] for i in range(in_chans)]
 
 
-def with_normalization(cfg: dict) -> dict:
+def with_normalization(cfg):
     """``cfg`` with ``data.mean``/``data.std`` resolved from ``data.normalize``: ``model`` (the weights'
     ``pretrained_cfg``; the default with ``model.pretrained``), ``imagenet``, ``none`` (pixels / 255) or
     ``dataset`` (``data.mean``/``data.std`` as given, 0.5 when unset; the default without pretrained
     weights). Training records the result in every checkpoint, so features, the Predictor and a Kaggle
     bundle preprocess exactly as training did."""
-    data, model = cfg["data"], cfg["model"]
-    mode = data.get("normalize", "auto")
+    data, model = cfg.data, cfg.model
+    mode = data.normalize
     if mode == "auto":
-        mode = "model" if model.get("pretrained") else "dataset"
+        mode = "model" if model.pretrained else "dataset"
     if mode == "dataset":
         return cfg
     if mode == "model":
-        pc = pretrained_cfg(model.get("pretrained"), model["backbone"])
+        pc = pretrained_cfg(model.pretrained, model.backbone)
         mean, std = pc["mean"], pc["std"]
     elif mode == "imagenet":
         mean, std = IMAGENET
     else:  # none
         mean, std = (0.0,) * 3, (1.0,) * 3
-    c = data["in_chans"]
-    return {**cfg, "data": {**data, "mean": _channels(mean, c), "std": _channels(std, c)}}
+    c = data.in_chans
+    # the resolved values, not a user's setting: data.mean/std beside data.normalize=model would be refused
+    return cfg.model_copy(update={"data": data.model_copy(update={"mean": _channels(mean, c), "std": _channels(std, c)})})
