@@ -72,7 +72,7 @@ def main():
     feats = work / "features" / name
     per = pd.read_parquet(feats / "test_folds.parquet")
     cols = [c for c in per.columns if c.endswith("__mean")]
-    k = cfg["folds"]["n_splits"]
+    k = cfg.folds.n_splits
     models = [g for f, g in per.groupby("fold", sort=False) if f != "full"]
 
     def one_model(gs):  # each fold model alone on the private rows, averaged

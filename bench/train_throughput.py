@@ -47,7 +47,7 @@ def measure(args, extra: list[str]):
                                         f"data.image_size={args.size}", *extra)
     device = trainer.device
     hand_model = build_model(cfg, heads).to(device)
-    if cfg["train"]["channels_last"]:
+    if cfg.train.channels_last:
         hand_model = hand_model.to(memory_format=torch.channels_last)
     cache, trainer.train_ds._cache = trainer.train_ds._cache, None  # first: decode every image from disk
     t0 = time.perf_counter()
@@ -61,7 +61,7 @@ def measure(args, extra: list[str]):
     n = sum(len(x) for x, _, _ in loader)
     loader_ips = n / (time.perf_counter() - t0)
     trainer.train_epoch(0)  # warm-up
-    hand_loop(hand_model, loader, device, trainer.amp_dtype, cfg["train"]["channels_last"])
+    hand_loop(hand_model, loader, device, trainer.amp_dtype, cfg.train.channels_last)
     ours, hand = [], []
     for r in range(args.repeats):
         t0 = time.perf_counter()
@@ -70,7 +70,7 @@ def measure(args, extra: list[str]):
             torch.cuda.synchronize()
         ours.append(len(trainer.train_ds) / (time.perf_counter() - t0))
         hand.append(hand_loop(hand_model, trainer.loader(trainer.train_ds, True, r + 1), device, trainer.amp_dtype,
-                              cfg["train"]["channels_last"]))
+                              cfg.train.channels_last))
     return statistics.median(ours), statistics.median(hand), (loader_ips, disk_ips, loader.num_workers), device
 
 

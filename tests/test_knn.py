@@ -139,7 +139,7 @@ def test_with_repeats_each_repeat_has_its_own_oof_and_nested_thresholds(monkeypa
     seen = []
     monkeypatch.setattr(neighbours, "tune_threshold", lambda metric, yy, score, scale, new: seen.append(
         (len(yy), float(score[:, 0].sum()))) or 0.5)
-    kc = {"new_threshold": None, "scale": 30.0}
+    kc = load_config(None, ["knn.scale=30"]).knn  # no new_threshold: tuned
     oofs, thresholds, test_t = _oof(matrix, [[0, 1, 2], [3, 4, 5]], y, oof_score, c, kc, 3, get_metric("accuracy"))
     assert len(oofs) == 2 and set(thresholds) == set(range(6)) and test_t == 0.5
     for r in range(2):

@@ -21,7 +21,7 @@ def level1(workdir):
 
 
 def test_stack_uses_same_folds_and_writes_a_feature_set(level1):
-    out = S.run({**level1, "stack": {**level1["stack"], "model": "lgbm"}})
+    out = S.run(level1.updated({"stack.model": "lgbm"}))
     assert out.name == "tiny-l2"
     oof = pd.read_parquet(out / "oof.parquet")
     folds = pd.read_csv("folds/demo.csv", dtype={"id": str})
@@ -121,7 +121,7 @@ def test_weighted_level2_puts_its_weight_on_the_informative_experiment(level1):
 
 
 def test_refit_mode(level1):
-    mean_dir = S.run({**level1, "stack": {**level1["stack"], "model": "lgbm"}})
+    mean_dir = S.run(level1.updated({"stack.model": "lgbm"}))
     refit = S.run(tiny_cfg(level1["competition"]["root"], "stack.model=lgbm", "stack.test_mode=refit", "stack.refit_coef=1.2",
                            "train.epochs=2", "features.tta=hflip", "stack.name=refit"))
     meta = read_parquet_meta(refit / "oof.parquet")

@@ -561,13 +561,15 @@ def test_stage_keys_ignore_how_images_are_read_and_match_keys_from_before_cache_
     # the key before cache=auto, normalize, jpeg_draft, model.pretrained, layer_decay, the margin heads and the
     # asymmetric loss's options existed:
     # models trained then stay up to date while those keep their defaults
-    old = {k: v for k, v in cfg["data"].items() if k not in ("num_workers", "normalize", "jpeg_draft")} | {"cache": False}
-    model = {k: v for k, v in cfg["model"].items() if k != "pretrained" and not k.startswith("head")}
-    train = {k: v for k, v in cfg["train"].items()
-             if k not in (*FM.RUN_ONLY, "ema_warmup", "layer_decay") and not k.startswith("asl_")}
-    comp = {k: v for k, v in cfg["competition"].items() if k not in ("train_image", "test_image", "path_column")}
+    old = {k: v for k, v in cfg["data"].model_dump().items()
+           if k not in ("num_workers", "normalize", "jpeg_draft")} | {"cache": False}
+    model = {k: v for k, v in cfg["model"].model_dump().items() if k != "pretrained" and not k.startswith("head")}
+    train = {k: v for k, v in cfg["train"].model_dump().items()
+             if k not in (*FM.RUN_ONLY, "ema_warmup", "layer_decay", "scheduler_args") and not k.startswith("asl_")}
+    comp = {k: v for k, v in cfg["competition"].model_dump().items() if k not in ("train_image", "test_image", "path_column")}
     assert keys == {config_hash([comp, old, model, train, cfg["seed"], "f", "t"])}
-    for changed in ("data.normalize=imagenet", "data.jpeg_draft=false", "train.layer_decay=0.7", "model.head=arcface"):
+    for changed in ("data.normalize=imagenet", "data.jpeg_draft=false", "train.layer_decay=0.7", "model.head=arcface",
+                    "train.scheduler_args={cycle_limit: 2}"):
         assert FM.stage_key(tiny_cfg(workdir / "comp", changed), "f", "t") not in keys, changed
     assert FM.stage_key(tiny_cfg(workdir / "comp", "data.image_size=20"), "f", "t") not in keys
 
@@ -582,9 +584,9 @@ def test_the_default_configs_train_key_is_the_one_of_the_previous_release():
 
 def test_ema_update_is_the_decayed_average_of_float_weights_and_copies_integer_buffers():
 
-    from pipeline.training.averaging import ModelEma
-
     from timm.utils.model_ema import ModelEmaV3
+
+    from pipeline.training.averaging import ModelEma
 
     net = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.BatchNorm1d(2))
     ema = ModelEma(net, decay=0.5)
