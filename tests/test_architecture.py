@@ -213,7 +213,7 @@ def _dict_reads_of_the_config(tree) -> list[int]:
     def rooted_at_cfg(node) -> bool:
         while isinstance(node, ast.Attribute):
             node = node.value
-        return isinstance(node, ast.Name) and node.id in ("cfg", "self.cfg")
+        return isinstance(node, ast.Name) and node.id == "cfg"
 
     def self_cfg(node) -> bool:
         while isinstance(node, ast.Attribute):

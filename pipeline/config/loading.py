@@ -16,7 +16,7 @@ from typing import Any
 
 import yaml
 
-from pipeline.config.schema import DEFAULTS, Config
+from pipeline.config.schema import DEFAULTS, Config, with_values
 from pipeline.config.schema import validate as _validate_schema
 from pipeline.errors import ConfigError
 from pipeline.store.io import config_hash, dump_yaml  # noqa: F401  (re-exported: the config's hash and YAML form)
@@ -193,10 +193,7 @@ def apply_overrides(cfg: dict, overrides: Iterable[str]) -> dict:
         free_parent = next((".".join(parts[:i]) for i in range(1, len(parts)) if ".".join(parts[:i]) in FREE_FORM), None)
         if key not in flat_known and free_parent is None:
             raise ConfigError(f"command line: unknown config key '{key}'.{_suggest(key)}")
-        node = cfg
-        for part in parts[:-1]:
-            node = node.setdefault(part, {})
-        node[parts[-1]] = value
+        cfg = with_values(cfg, {key: value})
     return cfg
 
 
